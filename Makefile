@@ -1,0 +1,17 @@
+# Convenience targets; the scripts under scripts/ are the source of truth.
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X main.version=$(VERSION)
+
+.PHONY: build test demo deps fmt vet
+build:
+	go build -ldflags "$(LDFLAGS)" -o bin/csi-encdisk ./cmd/csi-encdisk
+deps:
+	scripts/install-deps.sh
+test:
+	scripts/test.sh
+demo:
+	scripts/demo.sh
+fmt:
+	gofmt -w $$(git ls-files '*.go')
+vet:
+	go vet ./...

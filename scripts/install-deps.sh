@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs, with apt, the system packages that the demo and the tests need.
+# Safe to run again: apt skips what is already installed.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps: must run as root (apt-get install)" >&2
+  exit 1
+fi
+
+packages=(
+  cryptsetup-bin   # luksFormat/luksDump/reencrypt oracles for LUKS2 compatibility tests
+  openssl          # aes-256-xts speed reference
+  e2fsprogs        # mkfs.ext4, e2fsck, resize2fs
+  xfsprogs         # mkfs.xfs, xfs_growfs
+  btrfs-progs      # reflink-capable pool filesystem in tests
+  util-linux       # losetup, blkid, mount
+  fio              # data-path benchmarks and verify tests
+  softhsm2         # PKCS#11 token for the KMS plugin tests
+  opensc           # pkcs11-tool, to inspect SoftHSM tokens
+  fuse3            # FUSE userspace tools (fusermount3)
+  python3-cryptography # independent AES-XTS (OpenSSL EVP) oracle
+  rsync
+  kmod
+  procps
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+modprobe loop 2>/dev/null || true
+modprobe fuse 2>/dev/null || true
+echo "install-deps: ok"
