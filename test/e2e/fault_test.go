@@ -1,0 +1,196 @@
+//go:build encdisk_node_wip
+
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+)
+
+// health returns the node's health entries for a volume.
+func (d *driver) health(t *testing.T, v *volume) []*csi.VolumeHealth_VolumeHealthEntry {
+	t.Helper()
+	resp, err := d.node.NodeGetVolumeHealth(ctxT(t), &csi.NodeGetVolumeHealthRequest{VolumeId: v.id(), StagingTargetPath: v.staging})
+	if err != nil {
+		t.Fatalf("NodeGetVolumeHealth: %v", err)
+	}
+	return resp.GetVolumeHealth().GetHealthStatuses()
+}
+
+func processAlive(pid int) bool {
+	stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		return false
+	}
+	i := bytes.LastIndexByte(stat, ')')
+	return i < 0 || i+2 >= len(stat) || stat[i+2] != 'Z'
+}
+
+// TestKillNodePluginDuringIO kills the driver with SIGKILL while fio writes
+// with verification through a published encrypted volume: fio goes on and
+// verifies, the restarted driver re-adopts the engine, and the volume then
+// unstages cleanly.
+func TestKillNodePluginDuringIO(t *testing.T) {
+	dir := workDir(t)
+	d := startDriver(t, dir)
+	v := d.createVolume(t, "fio", 96*mib, false, map[string]string{"encrypted": "true"}, "")
+	d.stageAndPublish(t, v)
+	enginePID := d.enginePID(t, v.id())
+
+	var out bytes.Buffer
+	fio := exec.Command("fio", "--name=verify", "--filename="+filepath.Join(v.target, "fio.dat"),
+		"--size=48M", "--rw=randwrite", "--bs=4k", "--ioengine=libaio", "--iodepth=8", "--direct=1",
+		"--verify=crc32c", "--verify_backlog=512", "--verify_fatal=1", "--do_verify=1",
+		"--time_based", "--runtime=12")
+	fio.Stdout, fio.Stderr = &out, &out
+	fio.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := fio.Start(); err != nil {
+		t.Fatalf("start fio: %v", err)
+	}
+	fioDone := make(chan error, 1)
+	go func() { fioDone <- fio.Wait() }()
+	t.Cleanup(func() {
+		_ = syscall.Kill(-fio.Process.Pid, syscall.SIGKILL)
+		<-fioDone
+	})
+
+	time.Sleep(3 * time.Second)
+	d.kill9()
+	t.Log("driver killed with SIGKILL while fio runs")
+	time.Sleep(2 * time.Second)
+	if !processAlive(enginePID) {
+		t.Fatalf("the engine (pid %d) died with the driver", enginePID)
+	}
+	d.restart()
+	if got := d.enginePID(t, v.id()); got != enginePID {
+		t.Fatalf("after restart the state names engine %d, want the adopted %d", got, enginePID)
+	}
+	if h := d.health(t, v); len(h) != 0 {
+		t.Fatalf("adopted volume reports health problems: %v", h)
+	}
+
+	select {
+	case err := <-fioDone:
+		if err != nil {
+			t.Fatalf("fio failed across the driver restart: %v\n%s", err, out.String())
+		}
+	case <-time.After(90 * time.Second):
+		t.Fatalf("fio did not finish\n%s", out.String())
+	}
+	if s := out.String(); strings.Contains(s, "verify: bad") || strings.Contains(s, "bad magic") || !strings.Contains(s, "WRITE:") {
+		t.Fatalf("fio output shows a verify problem or no writes:\n%s", s)
+	}
+
+	d.unpublish(t, v)
+	d.unstage(t, v)
+	deadline := time.Now().Add(10 * time.Second)
+	for processAlive(enginePID) && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if processAlive(enginePID) {
+		t.Fatalf("engine %d still runs after unstage", enginePID)
+	}
+	if m := mountsUnder(dir); len(m) != 0 {
+		t.Fatalf("mounts left after unstage: %v", m)
+	}
+	if l := loopsUnder(dir); len(l) != 0 {
+		t.Fatalf("loop devices left after unstage: %v", l)
+	}
+}
+
+// TestKillEngine kills a volume's engine: the node reports the volume
+// INACCESSIBLE, and writes fail with an error instead of being acknowledged
+// and lost; the volume still unstages.
+func TestKillEngine(t *testing.T) {
+	dir := workDir(t)
+	d := startDriver(t, dir)
+	v := d.createVolume(t, "victim", 64*mib, false, map[string]string{"encrypted": "true"}, "")
+	d.stageAndPublish(t, v)
+	marker := newMarker(t)
+	writeMarker(t, v.target, marker)
+	if h := d.health(t, v); len(h) != 0 {
+		t.Fatalf("healthy volume reports problems: %v", h)
+	}
+
+	pid := d.enginePID(t, v.id())
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatalf("kill engine: %v", err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for processAlive(pid) && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	h := d.health(t, v)
+	if len(h) == 0 {
+		t.Fatal("NodeGetVolumeHealth reports no problem after the engine was killed")
+	}
+	if h[0].GetStatus() != csi.VolumeHealthErrorType_INACCESSIBLE || h[0].GetMessage() == "" {
+		t.Fatalf("health after engine kill: %v, want INACCESSIBLE with a message", h)
+	}
+	t.Logf("health after engine kill: %s: %s", h[0].GetReason(), h[0].GetMessage())
+
+	// A direct write must fail rather than be acknowledged.
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	errc := make(chan error, 2)
+	go func() {
+		f, err := os.OpenFile(filepath.Join(v.target, "direct"), os.O_CREATE|os.O_WRONLY|unix.O_DIRECT, 0o644)
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer f.Close()
+		buf := alignedBuf(64 << 10)
+		copy(buf, marker)
+		if _, err := f.Write(buf); err != nil {
+			errc <- err
+			return
+		}
+		errc <- f.Sync()
+	}()
+	go func() {
+		f, err := os.OpenFile(filepath.Join(v.target, "buffered"), os.O_CREATE|os.O_WRONLY, 0o644)
+		if err != nil {
+			errc <- err
+			return
+		}
+		defer f.Close()
+		if _, err := f.Write(bytes.Repeat(marker, 4096)); err != nil {
+			errc <- err
+			return
+		}
+		errc <- f.Sync()
+	}()
+	for i := range 2 {
+		select {
+		case err := <-errc:
+			if err == nil {
+				t.Fatalf("write %d after the engine died was acknowledged (no error)", i)
+			}
+			t.Logf("write after engine death failed as it must: %v", err)
+		case <-ctx.Done():
+			t.Fatal("write after engine death hung instead of failing")
+		}
+	}
+
+	d.unpublish(t, v)
+	d.unstage(t, v)
+	if m := mountsUnder(dir); len(m) != 0 {
+		t.Fatalf("mounts left after unstage: %v", m)
+	}
+	if l := loopsUnder(dir); len(l) != 0 {
+		t.Fatalf("loop devices left after unstage: %v", l)
+	}
+}
