@@ -100,7 +100,7 @@ func TestRawBlockEncrypted(t *testing.T) {
 	for _, discards := range []bool{false, true} {
 		name := "block-discards-" + strconv.FormatBool(discards)
 		t.Run(name, func(t *testing.T) {
-			v := d.createVolume(t, name, size, true, map[string]string{
+			v := d.createVolume(t, name, size, blockAccess, map[string]string{
 				"encrypted": "true", "allowDiscards": strconv.FormatBool(discards)}, "")
 			d.stageAndPublish(t, v)
 			fi, err := os.Stat(v.target)

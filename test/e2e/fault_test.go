@@ -44,7 +44,7 @@ func processAlive(pid int) bool {
 func TestKillNodePluginDuringIO(t *testing.T) {
 	dir := workDir(t)
 	d := startDriver(t, dir)
-	v := d.createVolume(t, "fio", 96*mib, false, map[string]string{"encrypted": "true"}, "")
+	v := d.createVolume(t, "fio", 96*mib, "ext4", map[string]string{"encrypted": "true"}, "")
 	d.stageAndPublish(t, v)
 	enginePID := d.enginePID(t, v.id())
 
@@ -115,7 +115,7 @@ func TestKillNodePluginDuringIO(t *testing.T) {
 func TestKillEngine(t *testing.T) {
 	dir := workDir(t)
 	d := startDriver(t, dir)
-	v := d.createVolume(t, "victim", 64*mib, false, map[string]string{"encrypted": "true"}, "")
+	v := d.createVolume(t, "victim", 64*mib, "ext4", map[string]string{"encrypted": "true"}, "")
 	d.stageAndPublish(t, v)
 	marker := newMarker(t)
 	writeMarker(t, v.target, marker)

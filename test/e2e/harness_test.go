@@ -349,24 +349,29 @@ type volume struct {
 
 func (v *volume) id() string { return v.vol.GetVolumeId() }
 
-func capability(block bool) *csi.VolumeCapability {
+// blockAccess asks createVolume for a raw block volume.
+const blockAccess = "block"
+
+// capability is SINGLE_NODE_WRITER with raw block access (access "block")
+// or a filesystem of type access.
+func capability(access string) *csi.VolumeCapability {
 	c := &csi.VolumeCapability{AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER}}
-	if block {
+	if access == blockAccess {
 		c.AccessType = &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}}
 	} else {
-		c.AccessType = &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: "ext4"}}
+		c.AccessType = &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: access}}
 	}
 	return c
 }
 
 // createVolume creates a volume (optionally from a snapshot) and deletes it
-// at cleanup.
-func (d *driver) createVolume(t *testing.T, name string, size int64, block bool, params map[string]string, fromSnapshot string) *volume {
+// at cleanup. access is "block" or a filesystem type.
+func (d *driver) createVolume(t *testing.T, name string, size int64, access string, params map[string]string, fromSnapshot string) *volume {
 	t.Helper()
 	req := &csi.CreateVolumeRequest{
 		Name:               name,
 		CapacityRange:      &csi.CapacityRange{RequiredBytes: size},
-		VolumeCapabilities: []*csi.VolumeCapability{capability(block)},
+		VolumeCapabilities: []*csi.VolumeCapability{capability(access)},
 		Parameters:         params,
 	}
 	if fromSnapshot != "" {
@@ -379,10 +384,10 @@ func (d *driver) createVolume(t *testing.T, name string, size int64, block bool,
 	}
 	v := &volume{
 		vol:     resp.GetVolume(),
-		block:   block,
+		block:   access == blockAccess,
 		staging: filepath.Join(d.dir, "staging", name),
 		target:  filepath.Join(d.dir, "pods", name, "target"),
-		cap:     capability(block),
+		cap:     capability(access),
 	}
 	t.Cleanup(func() {
 		if d.conn == nil {

@@ -45,7 +45,7 @@ func hexUpper(b []byte) string {
 func TestNoSecretLeaks(t *testing.T) {
 	dir := workDir(t)
 	d := startDriver(t, dir)
-	v := d.createVolume(t, "secret", 64*mib, false, map[string]string{"encrypted": "true"}, "")
+	v := d.createVolume(t, "secret", 64*mib, "ext4", map[string]string{"encrypted": "true"}, "")
 	d.stageAndPublish(t, v)
 	writeMarker(t, v.target, newMarker(t))
 	image := d.imagePath(t, v.id())

@@ -67,8 +67,8 @@ func TestEncryptedVolumeLifecycle(t *testing.T) {
 	dir := workDir(t)
 	d := startDriver(t, dir)
 
-	enc := d.createVolume(t, "enc", 64*mib, false, map[string]string{"encrypted": "true"}, "")
-	plain := d.createVolume(t, "plain", 64*mib, false, map[string]string{"encrypted": "false"}, "")
+	enc := d.createVolume(t, "enc", 64*mib, "ext4", map[string]string{"encrypted": "true"}, "")
+	plain := d.createVolume(t, "plain", 64*mib, "ext4", map[string]string{"encrypted": "false"}, "")
 	marker := newMarker(t)
 	plainMarker := newMarker(t)
 
@@ -107,7 +107,7 @@ func TestEncryptedVolumeLifecycle(t *testing.T) {
 			_, _ = d.ctrl.DeleteSnapshot(ctxT(t), &csi.DeleteSnapshotRequest{SnapshotId: snapID})
 		}
 	})
-	restored := d.createVolume(t, "restored", 64*mib, false, map[string]string{"encrypted": "true"}, snapID)
+	restored := d.createVolume(t, "restored", 64*mib, "ext4", map[string]string{"encrypted": "true"}, snapID)
 	if restored.vol.GetVolumeContext()["encrypted"] != "true" {
 		t.Fatalf("restored volume context %v does not say encrypted", restored.vol.GetVolumeContext())
 	}
