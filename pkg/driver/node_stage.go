@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -71,12 +72,12 @@ func (n *NodeServer) NodeStageVolume(ctx context.Context, req *csi.NodeStageVolu
 			if old.AccessType != vc.access || (vc.fsType != "" && old.FSType != vc.fsType) || old.ReadOnly != vc.readOnly {
 				return nil, status.Errorf(codes.AlreadyExists, "volume %q is already staged at %s with an incompatible capability (%s %s, read-only %t)", id, staging, old.AccessType, old.FSType, old.ReadOnly)
 			}
-			if problem := n.stagedProblem(ctx, old); problem == "" {
+			problem := n.stagedProblem(ctx, old)
+			if problem == "" {
 				log.V(2).Info("volume already staged")
 				return &csi.NodeStageVolumeResponse{}, nil
-			} else {
-				log.Info("staged volume is broken, staging again", "problem", problem)
 			}
+			log.Info("staged volume is broken, staging again", "problem", problem)
 		}
 		if len(old.Targets) > 0 {
 			return nil, status.Errorf(codes.FailedPrecondition, "volume %q is still published at %s and cannot be staged again", id, strings.Join(old.Targets, ", "))
@@ -272,12 +273,18 @@ func (n *NodeServer) startEngine(ctx context.Context, v *nodestate.Volume, volCt
 		}
 		return nil, 0, status.Errorf(code, "volume %q: unwrap the passphrase through KMS %q: %v", v.VolumeID, tok.KMSID, err)
 	}
+	lockMemory(passphrase)
 	vk, err := hdr.Unlock(passphrase)
 	clear(passphrase)
+	unlockMemory(passphrase)
 	if err != nil {
 		return nil, 0, status.Errorf(codes.Internal, "volume %q: unlock keyslot: %v", v.VolumeID, err)
 	}
-	defer clear(vk)
+	lockMemory(vk)
+	defer func() {
+		clear(vk)
+		unlockMemory(vk)
+	}()
 
 	allowDiscards := false
 	if s, ok := volCtx[ctxAllowDiscards]; ok && s != "" {
@@ -308,6 +315,20 @@ func (n *NodeServer) startEngine(ctx context.Context, v *nodestate.Volume, volCt
 		DataOffset:    hdr.DataOffset(),
 		AllowDiscards: allowDiscards,
 	}, hdr.SectorSize(), nil
+}
+
+// lockMemory keeps a secret out of swap where the OS allows (best effort:
+// RLIMIT_MEMLOCK may forbid it); unlockMemory undoes it after zeroing.
+func lockMemory(b []byte) {
+	if len(b) > 0 {
+		_ = unix.Mlock(b)
+	}
+}
+
+func unlockMemory(b []byte) {
+	if len(b) > 0 {
+		_ = unix.Munlock(b)
+	}
 }
 
 // requestUID makes the per-request UID the KMS v2 API asks for.
