@@ -109,7 +109,7 @@ func (n *NodeServer) NodePublishVolume(ctx context.Context, req *csi.NodePublish
 	if err := n.state.Save(v); err != nil {
 		return nil, status.Errorf(codes.Internal, "volume %q: %v", id, err)
 	}
-	if err := blockdev.BindMount(ctx, source, target, readOnly); err != nil {
+	if err := bindMount(source, target, readOnly); err != nil {
 		v.RemoveTarget(target)
 		_ = n.state.Save(v)
 		return nil, status.Errorf(codes.Internal, "volume %q: bind mount %s at %s: %v", id, source, target, err)

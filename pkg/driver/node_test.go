@@ -290,6 +290,22 @@ func TestNodePlainVolumeLifecycle(t *testing.T) {
 		t.Fatalf("file written at the target is not on the staged filesystem: %q %v", b, err)
 	}
 
+	// A read-only publish at a second target refuses writes.
+	roTarget := filepath.Join(dir, "pod2", "target")
+	if _, err := n.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: "plain", StagingTargetPath: staging,
+		TargetPath: roTarget, VolumeCapability: vc, Readonly: true}); err != nil {
+		t.Fatalf("read-only NodePublishVolume: %v", err)
+	}
+	if b, err := os.ReadFile(filepath.Join(roTarget, "hello")); err != nil || string(b) != "world" {
+		t.Fatalf("read-only target does not show the volume: %q %v", b, err)
+	}
+	if err := os.WriteFile(filepath.Join(roTarget, "nope"), []byte("x"), 0o644); err == nil {
+		t.Fatal("write through a read-only publish succeeded")
+	}
+	if _, err := n.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "plain", TargetPath: roTarget}); err != nil {
+		t.Fatal(err)
+	}
+
 	stats, err := n.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: "plain", VolumePath: target})
 	if err != nil {
 		t.Fatal(err)
