@@ -4,6 +4,10 @@ package driver
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -23,4 +27,44 @@ func bindMount(source, target string, readOnly bool) error {
 		return fmt.Errorf("remount %s read-only: %w", target, err)
 	}
 	return nil
+}
+
+// isMountPoint reports whether something is mounted exactly at path, from
+// /proc/self/mountinfo; it never touches path itself, so it works on a
+// mount whose FUSE server died. A missing path is not mounted.
+func isMountPoint(path string) (bool, error) {
+	p := filepath.Clean(path)
+	if resolved, err := filepath.EvalSymlinks(p); err == nil {
+		p = resolved
+	}
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return false, fmt.Errorf("read mount table: %w", err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 5 && unescapeMountPath(f[4]) == p {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// unescapeMountPath undoes the octal escapes of /proc/self/mountinfo.
+func unescapeMountPath(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var out strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				out.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		out.WriteByte(s[i])
+	}
+	return out.String()
 }

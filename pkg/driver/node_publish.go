@@ -12,7 +12,6 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/csi-encdisk/csi-encdisk/pkg/blockdev"
 	"github.com/csi-encdisk/csi-encdisk/pkg/nodestate"
 )
 
@@ -70,7 +69,7 @@ func (n *NodeServer) NodePublishVolume(ctx context.Context, req *csi.NodePublish
 		}
 	}
 
-	mounted, err := blockdev.IsMountPoint(target)
+	mounted, err := isMountPoint(target)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return nil, status.Errorf(codes.Internal, "volume %q: check target %s: %v", id, target, err)
 	}

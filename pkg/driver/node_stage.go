@@ -369,7 +369,7 @@ func (n *NodeServer) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstage
 	}
 	var still []string
 	for _, t := range v.Targets {
-		if mounted, _ := blockdev.IsMountPoint(t); mounted {
+		if mounted, _ := isMountPoint(t); mounted {
 			still = append(still, t)
 		}
 	}
@@ -420,7 +420,7 @@ func (n *NodeServer) teardown(ctx context.Context, v *nodestate.Volume) error {
 
 // unmountIfMounted unmounts path if something is mounted there.
 func unmountIfMounted(ctx context.Context, path string) error {
-	mounted, err := blockdev.IsMountPoint(path)
+	mounted, err := isMountPoint(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
 	}

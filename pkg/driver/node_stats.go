@@ -124,7 +124,7 @@ func (n *NodeServer) volumeHealth(ctx context.Context, v *nodestate.Volume) []*c
 			"loop device %s is no longer attached to %s", v.Loop, backing))
 	}
 	if v.AccessType == nodestate.AccessMount {
-		if mounted, err := blockdev.IsMountPoint(v.StagingPath); err != nil || !mounted {
+		if mounted, err := isMountPoint(v.StagingPath); err != nil || !mounted {
 			out = append(out, healthEntry(csi.VolumeHealthErrorType_INACCESSIBLE, "NotMounted",
 				"the filesystem is not mounted at %s", v.StagingPath))
 		}
@@ -321,12 +321,12 @@ func (n *NodeServer) recoverOne(ctx context.Context, v *nodestate.Volume) (keep 
 	}
 	inUse := false
 	if v.AccessType == nodestate.AccessMount {
-		if m, _ := blockdev.IsMountPoint(v.StagingPath); m {
+		if m, _ := isMountPoint(v.StagingPath); m {
 			inUse = true
 		}
 	}
 	for _, t := range v.Targets {
-		if m, _ := blockdev.IsMountPoint(t); m {
+		if m, _ := isMountPoint(t); m {
 			inUse = true
 		}
 	}

@@ -411,3 +411,15 @@ func TestNodeRecoverTearsDownHalfStage(t *testing.T) {
 		t.Fatal("Recover left the state of a half-finished stage")
 	}
 }
+
+func TestUnescapeMountPath(t *testing.T) {
+	if got := unescapeMountPath(`/a\040b\134c`); got != `/a b\c` {
+		t.Fatalf("unescapeMountPath = %q", got)
+	}
+	if m, err := isMountPoint("/proc"); err != nil || !m {
+		t.Fatalf("isMountPoint(/proc) = %v, %v", m, err)
+	}
+	if m, err := isMountPoint(filepath.Join(t.TempDir(), "missing")); err != nil || m {
+		t.Fatalf("isMountPoint(missing) = %v, %v", m, err)
+	}
+}
