@@ -7,7 +7,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -273,11 +275,59 @@ func (n *NodeServer) NodeExpandVolume(ctx context.Context, req *csi.NodeExpandVo
 	}
 	if v.AccessType == nodestate.AccessMount {
 		if err := blockdev.ResizeFilesystem(ctx, v.Loop, v.StagingPath, v.FSType); err != nil {
-			return nil, status.Errorf(codes.Internal, "volume %q: grow %s filesystem: %v", id, v.FSType, err)
+			if v.FSType != "ext4" || n.publishedAnywhere(v) {
+				return nil, status.Errorf(codes.Internal, "volume %q: grow %s filesystem online: %v", id, v.FSType, err)
+			}
+			// ext4's online resize needs CAP_SYS_RESOURCE, which some node
+			// containers lack. Nothing uses the volume yet (kubelet expands
+			// between stage and publish), so grow it offline instead.
+			log.Info("online ext4 resize refused, growing offline", "error", err.Error())
+			if err := n.growExt4Offline(ctx, v); err != nil {
+				return nil, status.Errorf(codes.Internal, "volume %q: grow ext4 filesystem offline: %v", id, err)
+			}
 		}
 	}
 	log.Info("volume expanded", "bytes", dataSize)
 	return &csi.NodeExpandVolumeResponse{CapacityBytes: dataSize}, nil
+}
+
+// publishedAnywhere reports whether any publish target of v is mounted.
+func (n *NodeServer) publishedAnywhere(v *nodestate.Volume) bool {
+	for _, t := range v.Targets {
+		if m, _ := isMountPoint(t); m {
+			return true
+		}
+	}
+	return false
+}
+
+// growExt4Offline unmounts the staged ext4 filesystem, checks it (preen
+// mode: only safe fixes), grows it to the device and mounts it again.
+func (n *NodeServer) growExt4Offline(ctx context.Context, v *nodestate.Volume) error {
+	if err := blockdev.Unmount(ctx, v.StagingPath); err != nil {
+		return fmt.Errorf("unmount %s: %w", v.StagingPath, err)
+	}
+	var errs []error
+	if out, err := exec.CommandContext(ctx, "e2fsck", "-f", "-p", v.Loop).CombinedOutput(); err != nil {
+		// Exit code 1 means "errors corrected", which is fine.
+		var ee *exec.ExitError
+		if !errors.As(err, &ee) || ee.ExitCode() > 1 {
+			errs = append(errs, fmt.Errorf("e2fsck -f -p %s: %w: %s", v.Loop, err, strings.TrimSpace(string(out))))
+		}
+	}
+	if len(errs) == 0 {
+		if out, err := exec.CommandContext(ctx, "resize2fs", v.Loop).CombinedOutput(); err != nil {
+			errs = append(errs, fmt.Errorf("resize2fs %s: %w: %s", v.Loop, err, strings.TrimSpace(string(out))))
+		}
+	}
+	opts := slices.Clone(v.MountFlags)
+	if v.ReadOnly {
+		opts = append(opts, "ro")
+	}
+	if err := blockdev.Mount(ctx, v.Loop, v.StagingPath, v.FSType, opts); err != nil {
+		errs = append(errs, fmt.Errorf("mount %s again at %s: %w", v.Loop, v.StagingPath, err))
+	}
+	return errors.Join(errs...)
 }
 
 // Recover runs once at start. It re-adopts the engines of staged volumes

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -421,5 +422,52 @@ func TestUnescapeMountPath(t *testing.T) {
 	}
 	if m, err := isMountPoint(filepath.Join(t.TempDir(), "missing")); err != nil || m {
 		t.Fatalf("isMountPoint(missing) = %v, %v", m, err)
+	}
+}
+
+// TestNodeExpandExt4BeforePublish grows a staged, not yet published ext4
+// volume (kubelet expands between stage and publish): online where the node
+// may, else offline.
+func TestNodeExpandExt4BeforePublish(t *testing.T) {
+	requireRoot(t)
+	n, pool := newTestNode(t)
+	ctx := context.Background()
+	img := filepath.Join(pool, "e4.img")
+	if err := os.WriteFile(img, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(img, 64<<20); err != nil {
+		t.Fatal(err)
+	}
+	staging := filepath.Join(t.TempDir(), "staging")
+	t.Cleanup(func() {
+		_, _ = n.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: "e4", StagingTargetPath: staging})
+	})
+	if _, err := n.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{VolumeId: "e4", StagingTargetPath: staging,
+		VolumeCapability: mountCap("ext4"), VolumeContext: map[string]string{"encrypted": "false"}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(staging, "keep"), []byte("me"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	size := func() int64 {
+		var st unix.Statfs_t
+		if err := unix.Statfs(staging, &st); err != nil {
+			t.Fatal(err)
+		}
+		return int64(st.Blocks) * st.Bsize
+	}
+	before := size()
+	if err := os.Truncate(img, 192<<20); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := n.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: "e4", VolumePath: staging}); err != nil {
+		t.Fatalf("NodeExpandVolume: %v", err)
+	}
+	if after := size(); after < before*2 {
+		t.Fatalf("ext4 did not grow: %d -> %d", before, after)
+	}
+	if b, err := os.ReadFile(filepath.Join(staging, "keep")); err != nil || string(b) != "me" {
+		t.Fatalf("file lost across the resize: %q %v", b, err)
 	}
 }
