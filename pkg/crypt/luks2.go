@@ -214,6 +214,9 @@ func (h *Header) Damaged() string { return h.damaged }
 func readCopy(r io.ReaderAt, off uint64, primary bool) (*Header, error) {
 	bin := make([]byte, binHeaderSize)
 	if _, err := r.ReadAt(bin, int64(off)); err != nil {
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			return nil, errNoMagic // nothing there: no header copy at off
+		}
 		return nil, fmt.Errorf("read binary header at %d: %w", off, err)
 	}
 	magic := magicPrimary
