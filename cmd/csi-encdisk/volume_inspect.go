@@ -3,9 +3,22 @@ package main
 import (
 	"context"
 	"errors"
+	"os"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/volumetool"
 )
 
-// runVolumeInspect is a placeholder until its issue lands.
-func runVolumeInspect(_ context.Context, _ []string) error {
-	return errors.New("not implemented yet")
+func runVolumeInspect(_ context.Context, args []string) error {
+	fs := newFlagSet("volume inspect", "volume inspect IMAGE [--json]",
+		"Prints an image's LUKS2 header: segment, keyslots (parameters only, never key material),\n"+
+			"digests and tokens (the KMS token's wrapped passphrase is shortened). Works on any LUKS2 image.")
+	asJSON := fs.Bool("json", false, "print JSON instead of text")
+	pos, err := parseInterspersed(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 {
+		return errors.New("want exactly one IMAGE argument")
+	}
+	return volumetool.Inspect(pos[0], *asJSON, os.Stdout)
 }
