@@ -182,14 +182,15 @@ func loopsUnder(root string) []string {
 
 // driver is one running `csi-encdisk driver --mode all`.
 type driver struct {
-	t       *testing.T
-	dir     string // work dir of the test
-	dataDir string
-	sock    string
-	logPath string
-	cmd     *exec.Cmd
-	done    chan struct{}
-	conn    *grpc.ClientConn
+	t        *testing.T
+	dir      string // work dir of the test
+	dataDir  string
+	stateDir string
+	sock     string
+	logPath  string
+	cmd      *exec.Cmd
+	done     chan struct{}
+	conn     *grpc.ClientConn
 
 	ctrl     csi.ControllerClient
 	node     csi.NodeClient
@@ -201,11 +202,12 @@ type driver struct {
 func startDriver(t *testing.T, dir string) *driver {
 	t.Helper()
 	d := &driver{
-		t:       t,
-		dir:     dir,
-		dataDir: filepath.Join(dir, "data"),
-		sock:    filepath.Join(dir, "csi.sock"),
-		logPath: filepath.Join(dir, "driver.log"),
+		t:        t,
+		dir:      dir,
+		dataDir:  filepath.Join(dir, "data"),
+		stateDir: filepath.Join(dir, "state"),
+		sock:     filepath.Join(dir, "csi.sock"),
+		logPath:  filepath.Join(dir, "driver.log"),
 	}
 	d.start()
 	return d
@@ -225,7 +227,9 @@ func (d *driver) start() {
 		"--mode", "all",
 		"--endpoint", "unix://"+d.sock,
 		"--data-dir", d.dataDir,
+		"--state-dir", d.stateDir,
 		"--node-id", "e2e-node",
+		"--region", "e2e-region",
 		"-v", "10",
 	)
 	d.cmd.Stdout, d.cmd.Stderr = logf, logf
@@ -453,12 +457,12 @@ func (d *driver) stageAndPublish(t *testing.T, v *volume) {
 	d.publish(t, v)
 }
 
-// nodeState finds the node's JSON state of a volume anywhere under the
-// data directory.
+// nodeState finds the node's JSON state of a volume under the state
+// directory.
 func (d *driver) nodeState(t *testing.T, volumeID string) map[string]any {
 	t.Helper()
 	var found map[string]any
-	_ = filepath.WalkDir(d.dataDir, func(p string, e fs.DirEntry, err error) error {
+	_ = filepath.WalkDir(d.stateDir, func(p string, e fs.DirEntry, err error) error {
 		if err != nil || e.IsDir() || !strings.HasSuffix(p, ".json") || found != nil {
 			return nil
 		}
@@ -473,7 +477,7 @@ func (d *driver) nodeState(t *testing.T, volumeID string) map[string]any {
 		return nil
 	})
 	if found == nil {
-		t.Fatalf("no node state for volume %s under %s", volumeID, d.dataDir)
+		t.Fatalf("no node state for volume %s under %s", volumeID, d.stateDir)
 	}
 	return found
 }

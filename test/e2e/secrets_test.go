@@ -40,7 +40,8 @@ func hexUpper(b []byte) string {
 // TestNoSecretLeaks stages an encrypted volume with the driver logging at
 // -v=10, then recovers its passphrase (through the driver's own KMS socket)
 // and volume key, and looks for them, raw, hex and base64, in the image,
-// every file of the data directory (pool, node state, KMS store), the
+// every file of the data and state directories (pool, KMS store, node
+// state), the
 // driver's log, and /proc/PID/cmdline and environ of driver and engine.
 func TestNoSecretLeaks(t *testing.T) {
 	dir := workDir(t)
@@ -100,15 +101,17 @@ func TestNoSecretLeaks(t *testing.T) {
 		}
 	}
 	check("the image", image)
-	_ = filepath.WalkDir(d.dataDir, func(p string, e fs.DirEntry, err error) error {
-		if err != nil {
+	for _, root := range []string{d.dataDir, d.stateDir} {
+		_ = filepath.WalkDir(root, func(p string, e fs.DirEntry, err error) error {
+			if err != nil {
+				return nil
+			}
+			if e.Type().IsRegular() && p != image {
+				check("the data or state directory", p)
+			}
 			return nil
-		}
-		if e.Type().IsRegular() && p != image {
-			check("the data directory", p)
-		}
-		return nil
-	})
+		})
+	}
 	check("the driver log (-v=10)", d.logPath)
 	for _, pid := range []int{d.pid(), enginePID} {
 		for _, file := range []string{"cmdline", "environ"} {
