@@ -245,57 +245,86 @@ func mulXk(src string, k int, dst string) {
 	p("VPXOR Y11, %s, %s", dst, dst)
 }
 
-// genVAES writes the 256-bit loop: Y0-Y7 data (16 blocks), Y8 round key
-// (broadcast to both lanes), Y14 the tweaks [T(i), T(i+1)] of the next two
-// blocks, Y15 xtsPoly, Y13/X13 the doubling mask, Y9-Y12 scratch. The
-// tweaks of a batch are saved at 0(SP)..224(SP).
+// mulX16 sets dst to src·x^16 in both 128-bit lanes, with Y15 holding
+// xtsPoly and tmp as scratch: a 2-byte shift of each lane, with the 16 bits
+// shifted out folded back in as their carry-less product with 0x87.
+func mulX16(src, dst, tmp string) {
+	p("VPSRLDQ $14, %s, %s", src, tmp)
+	p("VPSLLDQ $2, %s, %s", src, dst)
+	p("VPCLMULQDQ $0x00, Y15, %s, %s", tmp, tmp)
+	p("VPXOR %s, %s, %s", tmp, dst, dst)
+}
+
+// tweakAES encrypts the unit number in R8 with the tweak key into xmm t
+// (VEX forms: memory operands need no alignment).
+func tweakAES(t, lbl string) {
+	p("MOVQ R8, %s", t)
+	p("VPXOR %d(BX), %s, %s", offTwk, t, t)
+	for r := 1; r < 14; r++ {
+		if r == 10 {
+			p("CMPQ R11, $14")
+			p("JNE %s", lbl)
+		}
+		p("VAESENC %d(BX), %s, %s", offTwk+16*r, t, t)
+	}
+	label(lbl)
+	p("VAESENCLAST (R13), %s, %s", t, t)
+}
+
+// genVAES writes the 256-bit loop. Y0-Y7 data (16 blocks, two per
+// register), Y8 round key (broadcast to both lanes), Y12 round key 0,
+// Y13 last round key, Y14 (X14) the tweak of the next unit, Y15 xtsPoly,
+// Y9-Y11 scratch. The stack holds the tweak pairs of the current 16
+// blocks at 0(SP)..224(SP) (pair j is the tweaks of blocks 2j, 2j+1) and
+// the same XORed with the last round key at 256(SP)..480(SP), which the
+// last round takes as its key, so the final tweak XOR costs nothing. The
+// tweaks of the next 16 blocks are computed (·x^16) between the rounds, and
+// the next unit's tweak is encrypted while this unit's blocks are.
 func genVAES(dec bool) {
 	name, keyOff, round, last := "xtsEncVAES", offEnc, "VAESENC", "VAESENCLAST"
 	if dec {
 		name, keyOff, round, last = "xtsDecVAES", offDec, "VAESDEC", "VAESDECLAST"
 	}
 	raw(fmt.Sprintf("\n// func %s(ks *keySchedule, dst, src *byte, units, unitBlocks int, tweak, step uint64)\n", name))
-	raw(fmt.Sprintf("TEXT ·%s(SB), NOSPLIT, $256-56\n", name))
+	raw(fmt.Sprintf("TEXT ·%s(SB), NOSPLIT, $512-56\n", name))
 	s := out.Len()
 	loadArgs()
 	fixKeyOff(s, keyOff)
-	p("VMOVDQU xtsDoubleMask<>(SB), X13")
 	p("VMOVDQU xtsPoly<>(SB), Y15")
+	tweakAES("X14", "firsttweaklast")
+
 	label("unit")
-	p("MOVQ R8, X9")
-	p("VPXOR %d(BX), X9, X9", offTwk)
-	for r := 1; r < 14; r++ {
-		if r == 10 {
-			p("CMPQ R11, $14")
-			p("JNE tweaklast")
-		}
-		p("VAESENC %d(BX), X9, X9", offTwk+16*r)
-	}
-	label("tweaklast")
-	p("VAESENCLAST (R13), X9, X9")
+	p("VMOVDQA X14, X9")
+	p("ADDQ R9, R8")
+	// Start the next unit's tweak now; nothing below waits for it.
+	tweakAES("X14", "nexttweaklast")
 	p("MOVQ DX, R10")
 	p("CMPQ R10, $16")
 	p("JB tail")
-	// Y14 = [T0, T0·x]
-	p("VMOVDQA X9, X12")
-	vdouble("X12")
-	p("VINSERTI128 $1, X12, Y9, Y14")
+	p("VBROADCASTI128 %d(BX), Y12", keyOff)
+	p("VBROADCASTI128 (R12), Y13")
+	// Tweak pairs of the first 16 blocks: [T0, T0·x], then ·x^(2j).
+	p("VMOVDQU xtsDoubleMask<>(SB), X10")
+	p("VMOVDQA X9, X11")
+	p("VPSHUFD $0x13, X11, X8")
+	p("VPSRAD $31, X8, X8")
+	p("VPAND X10, X8, X8")
+	p("VPADDQ X11, X11, X11")
+	p("VPXOR X8, X11, X11")
+	p("VINSERTI128 $1, X11, Y9, Y9")
+	p("VMOVDQU Y9, 0(SP)")
+	for j := 1; j < 8; j++ {
+		mulXk("Y9", 2*j, "Y8")
+		p("VMOVDQU Y8, %d(SP)", 32*j)
+	}
 
 	label("loop16")
-	// Tweak pairs j = 0..7 are Y14·x^(2j); save them and whiten the data.
-	p("VMOVDQU Y14, 0(SP)")
-	p("VPXOR 0(SI), Y14, Y0")
-	for j := 1; j < 8; j++ {
-		mulXk("Y14", 2*j, fmt.Sprintf("Y%d", j))
-		p("VMOVDQU Y%d, %d(SP)", j, 32*j)
-		p("VPXOR %d(SI), Y%d, Y%d", 32*j, j, j)
-	}
-	// Next batch starts 16 blocks on.
-	mulXk("Y14", 16, "Y12")
-	p("VMOVDQA Y12, Y14")
-	p("VBROADCASTI128 %d(BX), Y8", keyOff)
 	for j := 0; j < 8; j++ {
-		p("VPXOR Y8, Y%d, Y%d", j, j)
+		p("VMOVDQU %d(SP), Y9", 32*j)
+		p("VPXOR %d(SI), Y9, Y%d", 32*j, j)
+		p("VPXOR Y13, Y9, Y9")
+		p("VMOVDQU Y9, %d(SP)", 256+32*j)
+		p("VPXOR Y12, Y%d, Y%d", j, j)
 	}
 	for r := 1; r < 14; r++ {
 		if r == 10 {
@@ -306,14 +335,17 @@ func genVAES(dec bool) {
 		for j := 0; j < 8; j++ {
 			p("%s Y8, Y%d, Y%d", round, j, j)
 		}
+		if r <= 8 {
+			// Advance tweak pair r-1 to the next 16 blocks.
+			j := r - 1
+			p("VMOVDQU %d(SP), Y9", 32*j)
+			mulX16("Y9", "Y10", "Y11")
+			p("VMOVDQU Y10, %d(SP)", 32*j)
+		}
 	}
 	label("last16")
-	p("VBROADCASTI128 (R12), Y8")
 	for j := 0; j < 8; j++ {
-		p("%s Y8, Y%d, Y%d", last, j, j)
-	}
-	for j := 0; j < 8; j++ {
-		p("VPXOR %d(SP), Y%d, Y%d", 32*j, j, j)
+		p("%s %d(SP), Y%d, Y%d", last, 256+32*j, j, j)
 		p("VMOVDQU Y%d, %d(DI)", j, 32*j)
 	}
 	p("ADDQ $256, SI")
@@ -321,12 +353,13 @@ func genVAES(dec bool) {
 	p("SUBQ $16, R10")
 	p("CMPQ R10, $16")
 	p("JAE loop16")
-	// The running tweak for the remaining blocks is Y14's low lane.
-	p("VMOVDQA X14, X9")
+	// The running tweak for the remaining blocks: the first of the next 16.
+	p("VMOVDQU 0(SP), X9")
 
 	label("tail")
 	p("TESTQ R10, R10")
 	p("JZ unitdone")
+	p("VMOVDQU xtsDoubleMask<>(SB), X13")
 	label("loop1")
 	p("VPXOR (SI), X9, X0")
 	p("VPXOR %d(BX), X0, X0", keyOff)
@@ -348,7 +381,6 @@ func genVAES(dec bool) {
 	p("JNZ loop1")
 
 	label("unitdone")
-	p("ADDQ R9, R8")
 	p("DECQ CX")
 	p("JNZ unit")
 	p("VZEROUPPER")
