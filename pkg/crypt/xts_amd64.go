@@ -27,8 +27,8 @@ type keySchedule struct {
 // state), but their 256-bit VEX forms need only AVX2, so the two bits are
 // read from CPUID leaf 7 (ECX bits 9 and 10) directly.
 var (
-	hasAESNI = cpu.X86.HasAES
-	hasVAES  = hasAESNI && cpu.X86.HasAVX2 && cpu.X86.HasPCLMULQDQ && cpuHasVAESVPCLMUL()
+	hasAESNI = cpu.X86.HasAES && cpu.X86.HasPCLMULQDQ
+	hasVAES  = hasAESNI && cpu.X86.HasAVX2 && cpuHasVAESVPCLMUL()
 )
 
 func cpuHasVAESVPCLMUL() bool {
@@ -79,7 +79,7 @@ func supportedImpls() []xtsImpl {
 // detection silently drops one.
 func expectedImpls() []xtsImpl {
 	var want []xtsImpl
-	if cpu.X86.HasAES {
+	if cpu.X86.HasAES && cpu.X86.HasPCLMULQDQ {
 		want = append(want, implAESNI)
 	}
 	if cpu.X86.HasAVX512VAES && cpu.X86.HasAVX512VPCLMULQDQ && cpu.X86.HasAVX2 {

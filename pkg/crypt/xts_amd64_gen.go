@@ -105,53 +105,74 @@ func loadArgs() {
 	p("LEAQ KEYOFF(BX)(R12*1), R12")
 }
 
-// genAESNI writes the 128-bit AES-NI loop. Legacy SSE memory operands must
-// be 16-byte aligned, so round keys and saved tweaks go through registers.
-// X0-X7 data, X8 round key, X9 running tweak, X10 doubling mask, X11 and
-// X12 scratch; the 8 tweaks of a batch are saved at 0(SP)..112(SP).
+// tweakAESNI encrypts the unit number in R8 with the tweak key into xmm t,
+// with X8 as scratch (legacy SSE: round keys go through a register).
+func tweakAESNI(t, lbl string) {
+	p("MOVQ R8, %s", t)
+	p("MOVOU %d(BX), X8", offTwk)
+	p("PXOR X8, %s", t)
+	for r := 1; r < 14; r++ {
+		if r == 10 {
+			p("CMPQ R11, $14")
+			p("JNE %s", lbl)
+		}
+		p("MOVOU %d(BX), X8", offTwk+16*r)
+		p("AESENC X8, %s", t)
+	}
+	label(lbl)
+	p("MOVOU (R13), X8")
+	p("AESENCLAST X8, %s", t)
+}
+
+// genAESNI writes the 128-bit AES-NI loop: X0-X7 data (8 blocks), X8 round
+// key, X12 round key 0, X13 last round key, X14 the next unit's tweak, X15
+// xtsPoly, X9-X11 scratch. R14 points at a 16-byte aligned stack area (legacy
+// SSE memory operands must be aligned) holding the tweaks of the current 8
+// blocks at 0(R14)..112(R14) and the same XORed with the last round key at
+// 128(R14)..240(R14), which the last round takes as its key. The tweaks of
+// the next 8 blocks are computed (·x^8) between the rounds, and the next
+// unit's tweak is encrypted while this unit's blocks are.
 func genAESNI(dec bool) {
 	name, keyOff, round, last := "xtsEncAESNI", offEnc, "AESENC", "AESENCLAST"
 	if dec {
 		name, keyOff, round, last = "xtsDecAESNI", offDec, "AESDEC", "AESDECLAST"
 	}
 	raw(fmt.Sprintf("\n// func %s(ks *keySchedule, dst, src *byte, units, unitBlocks int, tweak, step uint64)\n", name))
-	raw(fmt.Sprintf("TEXT ·%s(SB), NOSPLIT, $128-56\n", name))
+	raw(fmt.Sprintf("TEXT ·%s(SB), NOSPLIT, $272-56\n", name))
 	s := out.Len()
 	loadArgs()
 	fixKeyOff(s, keyOff)
-	p("MOVOU xtsDoubleMask<>(SB), X10")
+	p("LEAQ 15(SP), R14")
+	p("ANDQ $~15, R14")
+	p("MOVOU xtsPoly<>(SB), X15")
+	tweakAESNI("X14", "firsttweaklast")
+
 	label("unit")
-	// Tweak of this unit: AES-encrypt its number with the tweak key.
-	p("MOVQ R8, X9")
-	p("MOVOU %d(BX), X12", offTwk)
-	p("PXOR X12, X9")
-	for r := 1; r < 14; r++ {
-		if r == 10 {
-			p("CMPQ R11, $14")
-			p("JNE tweaklast")
-		}
-		p("MOVOU %d(BX), X12", offTwk+16*r)
-		p("AESENC X12, X9")
-	}
-	label("tweaklast")
-	p("MOVOU (R13), X12")
-	p("AESENCLAST X12, X9")
+	p("MOVOA X14, X9")
+	p("ADDQ R9, R8")
+	tweakAESNI("X14", "nexttweaklast")
 	p("MOVQ DX, R10")
 	p("CMPQ R10, $8")
 	p("JB tail")
+	p("MOVOU %d(BX), X12", keyOff)
+	p("MOVOU (R12), X13")
+	// Tweaks of the first 8 blocks by doubling.
+	p("MOVOU xtsDoubleMask<>(SB), X10")
+	for j := 0; j < 8; j++ {
+		p("MOVOA X9, %d(R14)", 16*j)
+		if j < 7 {
+			double("X9")
+		}
+	}
 
 	label("loop8")
 	for j := 0; j < 8; j++ {
 		p("MOVOU %d(SI), X%d", 16*j, j)
-	}
-	for j := 0; j < 8; j++ {
-		p("MOVOU X9, %d(SP)", 16*j)
+		p("MOVOA %d(R14), X9", 16*j)
 		p("PXOR X9, X%d", j)
-		double("X9")
-	}
-	p("MOVOU %d(BX), X8", keyOff)
-	for j := 0; j < 8; j++ {
-		p("PXOR X8, X%d", j)
+		p("PXOR X13, X9")
+		p("MOVOA X9, %d(R14)", 128+16*j)
+		p("PXOR X12, X%d", j)
 	}
 	for r := 1; r < 14; r++ {
 		if r == 10 {
@@ -162,15 +183,22 @@ func genAESNI(dec bool) {
 		for j := 0; j < 8; j++ {
 			p("%s X8, X%d", round, j)
 		}
+		if r <= 8 {
+			// Advance tweak r-1 by x^8: a 1-byte shift, the byte shifted
+			// out folded back in as its carry-less product with 0x87.
+			j := r - 1
+			p("MOVOA %d(R14), X9", 16*j)
+			p("MOVOA X9, X10")
+			p("PSRLO $15, X10")
+			p("PSLLO $1, X9")
+			p("PCLMULQDQ $0x00, X15, X10")
+			p("PXOR X10, X9")
+			p("MOVOA X9, %d(R14)", 16*j)
+		}
 	}
 	label("last8")
-	p("MOVOU (R12), X8")
 	for j := 0; j < 8; j++ {
-		p("%s X8, X%d", last, j)
-	}
-	for j := 0; j < 8; j++ {
-		p("MOVOU %d(SP), X12", 16*j)
-		p("PXOR X12, X%d", j)
+		p("%s %d(R14), X%d", last, 128+16*j, j)
 		p("MOVOU X%d, %d(DI)", j, 16*j)
 	}
 	p("ADDQ $128, SI")
@@ -178,10 +206,13 @@ func genAESNI(dec bool) {
 	p("SUBQ $8, R10")
 	p("CMPQ R10, $8")
 	p("JAE loop8")
+	// The running tweak for the remaining blocks: the first of the next 8.
+	p("MOVOA 0(R14), X9")
 
 	label("tail")
 	p("TESTQ R10, R10")
 	p("JZ unitdone")
+	p("MOVOU xtsDoubleMask<>(SB), X10")
 	label("loop1")
 	p("MOVOU (SI), X0")
 	p("PXOR X9, X0")
@@ -207,7 +238,6 @@ func genAESNI(dec bool) {
 	p("JNZ loop1")
 
 	label("unitdone")
-	p("ADDQ R9, R8")
 	p("DECQ CX")
 	p("JNZ unit")
 	p("RET")
