@@ -7,6 +7,7 @@
 package main
 
 import (
+	"flag"
 	"fmt"
 	"log"
 	"os"
@@ -426,12 +427,14 @@ func fixKeyOff(s int, off int) {
 }
 
 func main() {
+	output := flag.String("o", "xts_amd64.s", "output file")
+	flag.Parse()
 	raw(header)
 	genAESNI(false)
 	genAESNI(true)
 	genVAES(false)
 	genVAES(true)
-	if err := os.WriteFile("xts_amd64.s", []byte(out.String()), 0o644); err != nil {
+	if err := os.WriteFile(*output, []byte(out.String()), 0o644); err != nil {
 		log.Fatal(err)
 	}
 }
