@@ -15,3 +15,8 @@ fmt:
 	gofmt -w $$(git ls-files '*.go')
 vet:
 	go vet ./...
+
+# Regenerate deploy/csi-encdisk.yaml from charts/csi-encdisk (builds helm once, cached).
+.PHONY: manifests
+manifests:
+	go run ./test/k8s/cmd/manifests
