@@ -1,0 +1,632 @@
+package driver
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/subtle"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/timestamppb"
+	"k8s.io/klog/v2"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/backend"
+	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
+)
+
+const (
+	// defaultVolumeSize is used when a request names no capacity.
+	defaultVolumeSize = 1 << 30
+	volumeKeySize     = 64 // aes-xts-plain64 with two AES-256 keys
+	passphraseSize    = 32 // 256 random bits, wrapped by the KMS
+)
+
+// conversionRefused is the message of both refused conversions.
+const conversionRefused = "an encrypted volume cannot be made from an unencrypted %s, nor an unencrypted one from an encrypted %s: " +
+	"conversion is not possible; create a new volume of the wanted kind and copy the data into it " +
+	"(e.g. mount both PVCs in one pod and rsync between them)"
+
+// ControllerServer implements csi.ControllerServer on a backend.Pool.
+type ControllerServer struct {
+	csi.UnimplementedControllerServer
+
+	pool   backend.Pool
+	kms    kmsSet
+	region string
+}
+
+var _ csi.ControllerServer = (*ControllerServer)(nil)
+
+// newControllerServer returns a controller serving one region.
+func newControllerServer(pool backend.Pool, kms kmsSet, region string) *ControllerServer {
+	return &ControllerServer{pool: pool, kms: kms, region: region}
+}
+
+// ControllerGetCapabilities lists what the controller does.
+func (c *ControllerServer) ControllerGetCapabilities(context.Context, *csi.ControllerGetCapabilitiesRequest) (*csi.ControllerGetCapabilitiesResponse, error) {
+	types := []csi.ControllerServiceCapability_RPC_Type{
+		csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME,
+		csi.ControllerServiceCapability_RPC_CREATE_DELETE_SNAPSHOT,
+		csi.ControllerServiceCapability_RPC_LIST_SNAPSHOTS,
+		csi.ControllerServiceCapability_RPC_LIST_VOLUMES,
+		csi.ControllerServiceCapability_RPC_GET_CAPACITY,
+		csi.ControllerServiceCapability_RPC_CLONE_VOLUME,
+		csi.ControllerServiceCapability_RPC_EXPAND_VOLUME,
+	}
+	resp := &csi.ControllerGetCapabilitiesResponse{}
+	for _, t := range types {
+		resp.Capabilities = append(resp.Capabilities, &csi.ControllerServiceCapability{
+			Type: &csi.ControllerServiceCapability_Rpc{Rpc: &csi.ControllerServiceCapability_RPC{Type: t}},
+		})
+	}
+	return resp, nil
+}
+
+// checkCapabilities refuses access modes a single-node loop device cannot
+// give and filesystems the node cannot make.
+func checkCapabilities(caps []*csi.VolumeCapability) error {
+	if len(caps) == 0 {
+		return invalid("volume_capabilities: at least one capability is required")
+	}
+	for _, vc := range caps {
+		if vc == nil {
+			return invalid("volume_capabilities: empty capability")
+		}
+		switch mode := vc.GetAccessMode().GetMode(); mode {
+		case csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER, csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY:
+		default:
+			return invalid("volume_capabilities: access mode %s is not supported (accepted: SINGLE_NODE_WRITER, SINGLE_NODE_READER_ONLY)", mode)
+		}
+		switch {
+		case vc.GetBlock() != nil:
+		case vc.GetMount() != nil:
+			if fs := vc.GetMount().GetFsType(); fs != "" && fs != "ext4" && fs != "xfs" {
+				return invalid("volume_capabilities: fs_type %q is not supported (accepted: ext4, xfs)", fs)
+			}
+		default:
+			return invalid("volume_capabilities: access type must be block or mount")
+		}
+	}
+	return nil
+}
+
+// roundUp rounds n up to a multiple of unit.
+func roundUp(n, unit int64) int64 { return (n + unit - 1) / unit * unit }
+
+// wantedSize returns the size to give a volume, at least minSize, rounded
+// up to the sector size, within the request's range.
+func wantedSize(r *csi.CapacityRange, minSize int64, sector int) (int64, error) {
+	req, lim := r.GetRequiredBytes(), r.GetLimitBytes()
+	if req < 0 || lim < 0 {
+		return 0, invalid("capacity_range: bytes must not be negative")
+	}
+	if lim > 0 && req > lim {
+		return 0, status.Errorf(codes.OutOfRange, "capacity_range: required_bytes %d exceeds limit_bytes %d", req, lim)
+	}
+	size := req
+	if size == 0 {
+		size = defaultVolumeSize
+		if lim > 0 && lim < size {
+			size = lim
+		}
+	}
+	size = max(roundUp(size, int64(sector)), minSize)
+	if lim > 0 && size > lim {
+		return 0, status.Errorf(codes.OutOfRange, "capacity_range: the volume needs %d bytes (sector size %d, source size %d), more than limit_bytes %d", size, sector, minSize, lim)
+	}
+	return size, nil
+}
+
+// source is the object a new volume is made from.
+type source struct {
+	meta *backend.Meta
+	kind string // "snapshot" or "volume", for messages
+}
+
+func (c *ControllerServer) contentSource(ctx context.Context, cs *csi.VolumeContentSource) (*source, error) {
+	if cs == nil {
+		return nil, nil
+	}
+	var kind backend.Kind
+	var id string
+	switch {
+	case cs.GetSnapshot() != nil:
+		kind, id = backend.KindSnapshot, cs.GetSnapshot().GetSnapshotId()
+	case cs.GetVolume() != nil:
+		kind, id = backend.KindVolume, cs.GetVolume().GetVolumeId()
+	default:
+		return nil, invalid("volume_content_source: must name a snapshot or a volume")
+	}
+	if id == "" {
+		return nil, invalid("volume_content_source: empty %s ID", kind)
+	}
+	m, err := c.pool.Get(ctx, kind, id)
+	if errors.Is(err, backend.ErrNotFound) {
+		return nil, status.Errorf(codes.NotFound, "volume_content_source: %s %q does not exist", kind, id)
+	}
+	if err != nil {
+		return nil, toStatus(err, "volume_content_source")
+	}
+	return &source{meta: m, kind: string(kind)}, nil
+}
+
+// checkTopology returns an error when the request's accessibility
+// requirements exclude this controller's region.
+func (c *ControllerServer) checkTopology(req *csi.TopologyRequirement) error {
+	if req == nil || c.region == "" {
+		return nil
+	}
+	all := append(append([]*csi.Topology{}, req.GetRequisite()...), req.GetPreferred()...)
+	if len(all) == 0 {
+		return nil
+	}
+	for _, t := range all {
+		if r, ok := t.GetSegments()[TopologyRegionKey]; !ok || r == c.region {
+			return nil
+		}
+	}
+	return status.Errorf(codes.ResourceExhausted, "accessibility_requirements: this controller serves region %q (%s), which no requisite or preferred topology allows", c.region, TopologyRegionKey)
+}
+
+func (c *ControllerServer) topology() []*csi.Topology {
+	if c.region == "" {
+		return nil
+	}
+	return []*csi.Topology{{Segments: map[string]string{TopologyRegionKey: c.region}}}
+}
+
+func (c *ControllerServer) csiVolume(m *backend.Meta) *csi.Volume {
+	v := &csi.Volume{
+		VolumeId:           m.ID,
+		CapacityBytes:      m.Size,
+		VolumeContext:      volumeContext(m.Encrypted, m.KMSID, m.SectorSize, m.AllowDiscards, m.Region),
+		AccessibleTopology: c.topology(),
+	}
+	if m.Region != "" {
+		v.AccessibleTopology = []*csi.Topology{{Segments: map[string]string{TopologyRegionKey: m.Region}}}
+	}
+	switch {
+	case m.SourceSnapshotID != "":
+		v.ContentSource = &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
+			Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: m.SourceSnapshotID}}}
+	case m.SourceVolumeID != "":
+		v.ContentSource = &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{
+			Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: m.SourceVolumeID}}}
+	}
+	return v
+}
+
+// CreateVolume makes a new volume: a LUKS2 image whose passphrase the KMS
+// wraps, a raw sparse image, or a copy of a snapshot or volume that keeps
+// the source's encryption and key.
+func (c *ControllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolumeRequest) (*csi.CreateVolumeResponse, error) {
+	name := req.GetName()
+	if name == "" {
+		return nil, invalid("name: must not be empty")
+	}
+	if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
+		return nil, err
+	}
+	params, err := parseParams(req.GetParameters())
+	if err != nil {
+		return nil, invalid("%v", err)
+	}
+	if err := c.checkTopology(req.GetAccessibilityRequirements()); err != nil {
+		return nil, err
+	}
+	unlock, err := c.pool.Lock(ctx, backend.KindVolume, name)
+	if err != nil {
+		return nil, toStatus(err, "CreateVolume")
+	}
+	defer unlock()
+
+	src, err := c.contentSource(ctx, req.GetVolumeContentSource())
+	if err != nil {
+		return nil, err
+	}
+	meta := backend.Meta{
+		Name:          name,
+		Kind:          backend.KindVolume,
+		Encrypted:     params.Encrypted,
+		KMSID:         params.KMSID,
+		SectorSize:    params.SectorSize,
+		AllowDiscards: params.AllowDiscards,
+		Region:        c.region,
+		Parameters:    req.GetParameters(),
+	}
+	var minSize int64
+	if src != nil {
+		if err := c.checkSource(src, params); err != nil {
+			return nil, err
+		}
+		meta.Encrypted, meta.KMSID, meta.SectorSize = src.meta.Encrypted, src.meta.KMSID, src.meta.SectorSize
+		if src.meta.Kind == backend.KindSnapshot {
+			meta.SourceSnapshotID = src.meta.ID
+		} else {
+			meta.SourceVolumeID = src.meta.ID
+		}
+		minSize = src.meta.Size
+	}
+	size, err := wantedSize(req.GetCapacityRange(), minSize, meta.SectorSize)
+	if err != nil {
+		return nil, err
+	}
+	meta.Size = size
+
+	if old, err := c.pool.Get(ctx, backend.KindVolume, c.pool.ID(backend.KindVolume, name)); err == nil {
+		if err := sameVolume(old, &meta, req.GetCapacityRange()); err != nil {
+			return nil, err
+		}
+		return &csi.CreateVolumeResponse{Volume: c.csiVolume(old)}, nil
+	} else if !errors.Is(err, backend.ErrNotFound) {
+		return nil, toStatus(err, "CreateVolume")
+	}
+
+	var m *backend.Meta
+	switch {
+	case src != nil:
+		m, err = c.createFromSource(ctx, meta, src)
+	case meta.Encrypted:
+		m, err = c.createEncrypted(ctx, meta)
+	default:
+		m, err = c.pool.Create(ctx, backend.CreateRequest{Meta: meta, ImageSize: meta.Size})
+	}
+	if err != nil {
+		return nil, toStatus(err, "CreateVolume "+name)
+	}
+	klog.FromContext(ctx).Info("Created volume", "name", name, "volumeID", m.ID, "encrypted", m.Encrypted,
+		"kmsID", m.KMSID, "size", m.Size, "sourceSnapshot", m.SourceSnapshotID, "sourceVolume", m.SourceVolumeID)
+	return &csi.CreateVolumeResponse{Volume: c.csiVolume(m)}, nil
+}
+
+// checkSource refuses conversions and cross-region restores of encrypted
+// sources.
+func (c *ControllerServer) checkSource(src *source, params *volumeParams) error {
+	if params.EncryptedSet && params.Encrypted != src.meta.Encrypted {
+		return invalid("%s %s is %s but parameter %q is %q: "+conversionRefused, src.kind, src.meta.ID,
+			map[bool]string{true: "encrypted", false: "unencrypted"}[src.meta.Encrypted],
+			ParamEncrypted, strconv.FormatBool(params.Encrypted), src.kind, src.kind)
+	}
+	if src.meta.Encrypted && c.region != "" && src.meta.Region != "" && src.meta.Region != c.region {
+		return status.Errorf(codes.FailedPrecondition,
+			"%s %s is encrypted with a key of region %q; it cannot be restored in region %q (keys stay in their region)",
+			src.kind, src.meta.ID, src.meta.Region, c.region)
+	}
+	return nil
+}
+
+// sameVolume says whether an existing volume answers a repeated request.
+func sameVolume(old, want *backend.Meta, r *csi.CapacityRange) error {
+	switch {
+	case old.Size < r.GetRequiredBytes() || (r.GetLimitBytes() > 0 && old.Size > r.GetLimitBytes()):
+		return status.Errorf(codes.AlreadyExists, "volume %q exists with %d bytes, outside the requested range", old.Name, old.Size)
+	case old.Encrypted != want.Encrypted || old.SectorSize != want.SectorSize || (old.Encrypted && old.KMSID != want.KMSID):
+		return status.Errorf(codes.AlreadyExists, "volume %q exists with other parameters (encrypted %t, sectorSize %d, kmsID %q)",
+			old.Name, old.Encrypted, old.SectorSize, old.KMSID)
+	case old.SourceSnapshotID != want.SourceSnapshotID || old.SourceVolumeID != want.SourceVolumeID:
+		return status.Errorf(codes.AlreadyExists, "volume %q exists with another content source", old.Name)
+	}
+	return nil
+}
+
+// randomKeys returns a fresh volume key and passphrase, locked in memory
+// where the OS allows. The caller zeroes and unlocks them.
+func randomKeys() (vk, pass []byte, err error) {
+	buf := make([]byte, volumeKeySize+passphraseSize)
+	_ = unix.Mlock(buf) // best effort: RLIMIT_MEMLOCK may refuse
+	vk, pass = buf[:volumeKeySize:volumeKeySize], buf[volumeKeySize:]
+	for {
+		if _, err := rand.Read(buf); err != nil {
+			return nil, nil, fmt.Errorf("random key: %w", err)
+		}
+		// XTS refuses keys whose halves are equal; 2^-256, but checked.
+		if subtle.ConstantTimeCompare(vk[:32], vk[32:]) == 0 {
+			return vk, pass, nil
+		}
+	}
+}
+
+func zeroKeys(vk, pass []byte) {
+	clear(vk)
+	clear(pass)
+	buf := vk[:volumeKeySize+passphraseSize : volumeKeySize+passphraseSize]
+	_ = unix.Munlock(buf)
+}
+
+// kmsUID is a random UID for a KMS request (tracing only).
+func kmsUID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// createEncrypted wraps a new passphrase with the KMS before touching the
+// pool (so an unreachable KMS leaves nothing behind), then formats a LUKS2
+// image with the wrapped passphrase as token 0.
+func (c *ControllerServer) createEncrypted(ctx context.Context, meta backend.Meta) (*backend.Meta, error) {
+	kms, err := c.kms.Get(meta.KMSID)
+	if err != nil {
+		return nil, err
+	}
+	vk, pass, err := randomKeys()
+	if err != nil {
+		return nil, err
+	}
+	defer zeroKeys(vk, pass)
+	token, err := kms.Wrap(ctx, kmsUID(), pass)
+	if err != nil {
+		return nil, err
+	}
+	token.KMSID = meta.KMSID
+	return c.pool.Create(ctx, backend.CreateRequest{
+		Meta:      meta,
+		ImageSize: crypt.DefaultDataOffset + meta.Size,
+		Build: func(_ context.Context, img *os.File) error {
+			_, err := crypt.Format(img, meta.Size, crypt.FormatOptions{
+				SectorSize: meta.SectorSize,
+				VolumeKey:  vk,
+				Passphrase: pass,
+				Token:      token,
+				Label:      backend.ObjectID(backend.KindVolume, meta.Name),
+			})
+			if err != nil {
+				return fmt.Errorf("format LUKS2 image: %w", err)
+			}
+			return nil
+		},
+	})
+}
+
+// createFromSource copies a snapshot or volume (header and data, hence the
+// same volume key) and grows the copy to the wanted size.
+func (c *ControllerServer) createFromSource(ctx context.Context, meta backend.Meta, src *source) (*backend.Meta, error) {
+	imageSize := meta.Size
+	if meta.Encrypted {
+		off, err := c.dataOffset(ctx, src.meta)
+		if err != nil {
+			return nil, err
+		}
+		imageSize = off + meta.Size
+	}
+	return c.pool.Create(ctx, backend.CreateRequest{
+		Meta:      meta,
+		Source:    src.meta,
+		ImageSize: imageSize,
+		Build: func(_ context.Context, img *os.File) error {
+			if !meta.Encrypted {
+				return nil
+			}
+			h, err := crypt.ReadHeader(img)
+			if err != nil {
+				return fmt.Errorf("header of the copy of %s: %w", src.meta.ID, err)
+			}
+			if _, ok := h.KMSToken(); !ok {
+				return fmt.Errorf("the copy of %s has no KMS token", src.meta.ID)
+			}
+			return nil
+		},
+	})
+}
+
+// dataOffset reads the data offset of an encrypted object's header.
+func (c *ControllerServer) dataOffset(ctx context.Context, m *backend.Meta) (int64, error) {
+	f, err := c.pool.OpenImage(ctx, m.Kind, m.ID)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	h, err := crypt.ReadHeader(f)
+	if err != nil {
+		return 0, fmt.Errorf("header of %s %s: %w", m.Kind, m.ID, err)
+	}
+	return h.DataOffset(), nil
+}
+
+// shredder returns the hook that crypto-shreds an encrypted image before
+// it is removed.
+func shredder(m *backend.Meta) backend.BuildFunc {
+	if !m.Encrypted {
+		return nil
+	}
+	return func(_ context.Context, img *os.File) error {
+		if err := crypt.Wipe(img); err != nil {
+			return fmt.Errorf("crypto-shred %s: %w", m.ID, err)
+		}
+		return nil
+	}
+}
+
+// DeleteVolume crypto-shreds an encrypted volume's header and keyslots,
+// then removes its image. Snapshots keep their own copies.
+func (c *ControllerServer) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
+	id := req.GetVolumeId()
+	if id == "" {
+		return nil, invalid("volume_id: must not be empty")
+	}
+	m, err := c.pool.Get(ctx, backend.KindVolume, id)
+	if errors.Is(err, backend.ErrNotFound) {
+		return &csi.DeleteVolumeResponse{}, nil
+	}
+	if err != nil {
+		return nil, toStatus(err, "DeleteVolume")
+	}
+	unlock, err := c.pool.Lock(ctx, backend.KindVolume, m.Name)
+	if err != nil {
+		return nil, toStatus(err, "DeleteVolume")
+	}
+	defer unlock()
+	if err := c.pool.Delete(ctx, backend.KindVolume, id, shredder(m)); err != nil {
+		return nil, toStatus(err, "DeleteVolume "+id)
+	}
+	klog.FromContext(ctx).Info("Deleted volume", "volumeID", id, "name", m.Name, "shredded", m.Encrypted)
+	return &csi.DeleteVolumeResponse{}, nil
+}
+
+// ValidateVolumeCapabilities confirms capabilities (and parameters, when
+// given) that the volume supports.
+func (c *ControllerServer) ValidateVolumeCapabilities(ctx context.Context, req *csi.ValidateVolumeCapabilitiesRequest) (*csi.ValidateVolumeCapabilitiesResponse, error) {
+	id := req.GetVolumeId()
+	if id == "" {
+		return nil, invalid("volume_id: must not be empty")
+	}
+	if len(req.GetVolumeCapabilities()) == 0 {
+		return nil, invalid("volume_capabilities: at least one capability is required")
+	}
+	m, err := c.pool.Get(ctx, backend.KindVolume, id)
+	if errors.Is(err, backend.ErrNotFound) {
+		return nil, status.Errorf(codes.NotFound, "volume %q does not exist", id)
+	}
+	if err != nil {
+		return nil, toStatus(err, "ValidateVolumeCapabilities")
+	}
+	if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
+		return &csi.ValidateVolumeCapabilitiesResponse{Message: status.Convert(err).Message()}, nil
+	}
+	if len(req.GetParameters()) > 0 {
+		p, err := parseParams(req.GetParameters())
+		if err != nil {
+			return &csi.ValidateVolumeCapabilitiesResponse{Message: err.Error()}, nil
+		}
+		if p.EncryptedSet && p.Encrypted != m.Encrypted {
+			return &csi.ValidateVolumeCapabilitiesResponse{Message: fmt.Sprintf("volume %s has encrypted=%t", id, m.Encrypted)}, nil
+		}
+	}
+	return &csi.ValidateVolumeCapabilitiesResponse{Confirmed: &csi.ValidateVolumeCapabilitiesResponse_Confirmed{
+		VolumeContext:      req.GetVolumeContext(),
+		VolumeCapabilities: req.GetVolumeCapabilities(),
+		Parameters:         req.GetParameters(),
+	}}, nil
+}
+
+// GetCapacity reports the free bytes of the pool (zero for a topology of
+// another region).
+func (c *ControllerServer) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (*csi.GetCapacityResponse, error) {
+	if len(req.GetParameters()) > 0 {
+		if _, err := parseParams(req.GetParameters()); err != nil {
+			return nil, invalid("%v", err)
+		}
+	}
+	if len(req.GetVolumeCapabilities()) > 0 {
+		if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
+			return &csi.GetCapacityResponse{}, nil
+		}
+	}
+	if t := req.GetAccessibleTopology(); t != nil && c.region != "" {
+		if r, ok := t.GetSegments()[TopologyRegionKey]; ok && r != c.region {
+			return &csi.GetCapacityResponse{}, nil
+		}
+	}
+	free, err := c.pool.Capacity(ctx)
+	if err != nil {
+		return nil, toStatus(err, "GetCapacity")
+	}
+	return &csi.GetCapacityResponse{AvailableCapacity: free}, nil
+}
+
+// ControllerExpandVolume grows a volume's image; the node grows the
+// engine, the loop device and the filesystem.
+func (c *ControllerServer) ControllerExpandVolume(ctx context.Context, req *csi.ControllerExpandVolumeRequest) (*csi.ControllerExpandVolumeResponse, error) {
+	id := req.GetVolumeId()
+	if id == "" {
+		return nil, invalid("volume_id: must not be empty")
+	}
+	if req.GetCapacityRange() == nil {
+		return nil, invalid("capacity_range: must be set")
+	}
+	m, err := c.pool.Get(ctx, backend.KindVolume, id)
+	if errors.Is(err, backend.ErrNotFound) {
+		return nil, status.Errorf(codes.NotFound, "volume %q does not exist", id)
+	}
+	if err != nil {
+		return nil, toStatus(err, "ControllerExpandVolume")
+	}
+	if vc := req.GetVolumeCapability(); vc != nil {
+		if err := checkCapabilities([]*csi.VolumeCapability{vc}); err != nil {
+			return nil, err
+		}
+	}
+	unlock, err := c.pool.Lock(ctx, backend.KindVolume, m.Name)
+	if err != nil {
+		return nil, toStatus(err, "ControllerExpandVolume")
+	}
+	defer unlock()
+	size, err := wantedSize(req.GetCapacityRange(), 0, m.SectorSize)
+	if err != nil {
+		return nil, err
+	}
+	if size <= m.Size {
+		return &csi.ControllerExpandVolumeResponse{CapacityBytes: m.Size, NodeExpansionRequired: true}, nil
+	}
+	imageSize := size
+	if m.Encrypted {
+		off, err := c.dataOffset(ctx, m)
+		if err != nil {
+			return nil, toStatus(err, "ControllerExpandVolume")
+		}
+		imageSize = off + size
+	}
+	m, err = c.pool.Resize(ctx, id, imageSize, size)
+	if err != nil {
+		return nil, toStatus(err, "ControllerExpandVolume "+id)
+	}
+	klog.FromContext(ctx).Info("Expanded volume", "volumeID", id, "size", m.Size)
+	return &csi.ControllerExpandVolumeResponse{CapacityBytes: m.Size, NodeExpansionRequired: true}, nil
+}
+
+// ListVolumes pages through the volumes by ID.
+func (c *ControllerServer) ListVolumes(ctx context.Context, req *csi.ListVolumesRequest) (*csi.ListVolumesResponse, error) {
+	all, err := c.pool.List(ctx, backend.KindVolume)
+	if err != nil {
+		return nil, toStatus(err, "ListVolumes")
+	}
+	page, next, err := paginate(all, req.GetStartingToken(), req.GetMaxEntries())
+	if err != nil {
+		return nil, err
+	}
+	resp := &csi.ListVolumesResponse{NextToken: next}
+	for _, m := range page {
+		resp.Entries = append(resp.Entries, &csi.ListVolumesResponse_Entry{Volume: c.csiVolume(m)})
+	}
+	return resp, nil
+}
+
+// paginate returns the entries from the one whose ID is the token on (IDs
+// are sorted; a token whose entry was deleted meanwhile still continues in
+// order), at most max of them, and the next token.
+func paginate(all []*backend.Meta, token string, maxEntries int32) ([]*backend.Meta, string, error) {
+	if maxEntries < 0 {
+		return nil, "", invalid("max_entries: must not be negative")
+	}
+	start := 0
+	if token != "" {
+		if !backend.ValidID(backend.KindVolume, token) && !backend.ValidID(backend.KindSnapshot, token) {
+			return nil, "", status.Errorf(codes.Aborted, "starting_token %q is not a token this driver issued", token)
+		}
+		for start < len(all) && all[start].ID < token {
+			start++
+		}
+	}
+	rest := all[start:]
+	if maxEntries == 0 || int(maxEntries) >= len(rest) {
+		return rest, "", nil
+	}
+	return rest[:maxEntries], rest[maxEntries].ID, nil
+}
+
+// csiSnapshot describes a snapshot.
+func csiSnapshot(m *backend.Meta) *csi.Snapshot {
+	return &csi.Snapshot{
+		SnapshotId:     m.ID,
+		SourceVolumeId: m.SourceVolumeID,
+		SizeBytes:      m.Size,
+		CreationTime:   timestamppb.New(m.CreatedAt),
+		ReadyToUse:     true,
+	}
+}

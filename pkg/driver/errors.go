@@ -1,0 +1,52 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/backend"
+)
+
+// errKMSUnavailable marks a KMS plugin that cannot be reached (or did not
+// answer in time); it maps to codes.Unavailable.
+var errKMSUnavailable = errors.New("KMS plugin unavailable")
+
+// errUnknownKMS marks a kmsID that no configured plugin has; it maps to
+// codes.InvalidArgument.
+var errUnknownKMS = errors.New("unknown kmsID")
+
+// toStatus turns an error of the backend or the KMS into a gRPC status with
+// the right code; what says which operation failed. Errors that already are
+// statuses pass through. No error text here carries key material: the
+// packages below never put it into their errors.
+func toStatus(err error, what string) error {
+	if err == nil {
+		return nil
+	}
+	if _, ok := status.FromError(err); ok {
+		return err
+	}
+	code := codes.Internal
+	switch {
+	case errors.Is(err, backend.ErrNotFound):
+		code = codes.NotFound
+	case errors.Is(err, errKMSUnavailable):
+		code = codes.Unavailable
+	case errors.Is(err, errUnknownKMS):
+		code = codes.InvalidArgument
+	case errors.Is(err, context.DeadlineExceeded):
+		code = codes.DeadlineExceeded
+	case errors.Is(err, context.Canceled):
+		code = codes.Canceled
+	}
+	return status.Error(code, fmt.Sprintf("%s: %v", what, err))
+}
+
+// invalid is an InvalidArgument status.
+func invalid(format string, args ...any) error {
+	return status.Errorf(codes.InvalidArgument, format, args...)
+}
