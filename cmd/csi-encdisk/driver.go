@@ -2,10 +2,58 @@ package main
 
 import (
 	"context"
-	"errors"
+	"fmt"
+
+	"k8s.io/klog/v2"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/driver"
 )
 
-// runDriver is a placeholder until its issue lands.
-func runDriver(_ context.Context, _ []string) error {
-	return errors.New("not implemented yet")
+// runDriver serves the CSI endpoint until SIGTERM or SIGINT.
+func runDriver(ctx context.Context, args []string) error {
+	fs := newFlagSet("driver",
+		"driver --mode controller|node|all --endpoint unix://PATH --data-dir DIR --node-id ID --region R [--kms-config FILE | --kms-endpoint unix://PATH] [--metrics-address ADDR] [--state-dir DIR]",
+		"Serve the CSI Identity service and the Controller and/or Node services on a unix socket.\n"+
+			"Without --kms-config or --kms-endpoint the built-in KMS plugin runs in-process on\n"+
+			"unix://DATA_DIR/kms/kms.sock with its keystore in DATA_DIR/kms/keys.")
+	mode := fs.String("mode", "all", "services to serve: controller, node or all")
+	endpoint := fs.String("endpoint", "unix:///csi/csi.sock", "CSI endpoint (unix:///path)")
+	dataDir := fs.String("data-dir", "/var/lib/csi-encdisk", "data directory: the volume pool (DIR/pool) and the built-in KMS (DIR/kms)")
+	stateDir := fs.String("state-dir", "", "node state directory (default DATA_DIR/state)")
+	nodeID := fs.String("node-id", "", "node ID (required in node and all modes)")
+	region := fs.String("region", "", "region of this controller/node (topology.encdisk.csi.io/region)")
+	kmsConfig := fs.String("kms-config", "", "YAML or JSON file listing KMS plugins by kmsID")
+	kmsEndpoint := fs.String("kms-endpoint", "", "socket of the \"default\" KMS v2 plugin (unix:///path)")
+	kmsTimeout := fs.Duration("kms-timeout", 0, "timeout of each KMS call (0: client default)")
+	metricsAddr := fs.String("metrics-address", "", "serve Prometheus metrics on this host:port (/metrics)")
+	maxVolumes := fs.Int64("max-volumes", 0, "volumes per node reported to the CO (0: no limit)")
+	klog.InitFlags(fs)
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	m, err := driver.ParseMode(*mode)
+	if err != nil {
+		return fmt.Errorf("--mode: %w", err)
+	}
+	defer klog.Flush()
+	d, err := driver.New(ctx, driver.Config{
+		Mode:           m,
+		NodeID:         *nodeID,
+		Region:         *region,
+		Version:        version,
+		DataDir:        *dataDir,
+		StateDir:       *stateDir,
+		KMSConfigFile:  *kmsConfig,
+		KMSEndpoint:    *kmsEndpoint,
+		KMSTimeout:     *kmsTimeout,
+		MetricsAddress: *metricsAddr,
+		MaxVolumes:     *maxVolumes,
+	})
+	if err != nil {
+		return err
+	}
+	return d.Run(ctx, *endpoint)
 }

@@ -320,8 +320,8 @@ func sameVolume(old, want *backend.Meta, r *csi.CapacityRange) error {
 // where the OS allows. The caller zeroes and unlocks them.
 func randomKeys() (vk, pass []byte, err error) {
 	buf := make([]byte, volumeKeySize+passphraseSize)
-	_ = unix.Mlock(buf) // best effort: RLIMIT_MEMLOCK may refuse
-	vk, pass = buf[:volumeKeySize:volumeKeySize], buf[volumeKeySize:]
+	_ = unix.Mlock(buf)                                 // best effort: RLIMIT_MEMLOCK may refuse
+	vk, pass = buf[:volumeKeySize], buf[volumeKeySize:] // vk keeps buf's capacity for zeroKeys
 	for {
 		if _, err := rand.Read(buf); err != nil {
 			return nil, nil, fmt.Errorf("random key: %w", err)
@@ -336,7 +336,7 @@ func randomKeys() (vk, pass []byte, err error) {
 func zeroKeys(vk, pass []byte) {
 	clear(vk)
 	clear(pass)
-	buf := vk[:volumeKeySize+passphraseSize : volumeKeySize+passphraseSize]
+	buf := vk[:volumeKeySize+passphraseSize]
 	_ = unix.Munlock(buf)
 }
 

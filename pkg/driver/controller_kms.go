@@ -3,6 +3,8 @@ package driver
 import (
 	"context"
 
+	"k8s.io/klog/v2"
+
 	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
 )
 
@@ -24,4 +26,22 @@ type kmsSet interface {
 	// Get returns the plugin of kmsID ("" is "default"); an unknown ID gives
 	// an error wrapping errUnknownKMS that names the known IDs.
 	Get(kmsID string) (kmsWrapper, error)
+}
+
+// kmsSetup is the driver's KMS wiring: the set the controller uses, the
+// registry the node uses, and what to close at the end.
+type kmsSetup struct {
+	set      kmsSet
+	registry any
+	describe string
+	closers  []func() error
+}
+
+func (k *kmsSetup) close() {
+	for i := len(k.closers) - 1; i >= 0; i-- {
+		if err := k.closers[i](); err != nil {
+			klog.ErrorS(err, "Closing KMS")
+		}
+	}
+	k.closers = nil
 }

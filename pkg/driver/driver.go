@@ -1,0 +1,262 @@
+// Package driver holds the CSI servers of csi-encdisk: Identity, Controller
+// (on a backend.Pool, with keys wrapped by a KMS plugin) and Node, and the
+// Driver that serves them on a unix socket.
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"google.golang.org/grpc"
+	"k8s.io/klog/v2"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/backend"
+)
+
+// Mode says which CSI services a Driver serves.
+type Mode string
+
+// The modes of --mode.
+const (
+	ModeController Mode = "controller"
+	ModeNode       Mode = "node"
+	ModeAll        Mode = "all"
+)
+
+// ParseMode checks a --mode value.
+func ParseMode(s string) (Mode, error) {
+	switch m := Mode(s); m {
+	case ModeController, ModeNode, ModeAll:
+		return m, nil
+	}
+	return "", fmt.Errorf("mode %q: accepted values are controller, node, all", s)
+}
+
+func (m Mode) controller() bool { return m == ModeController || m == ModeAll }
+func (m Mode) node() bool       { return m == ModeNode || m == ModeAll }
+
+// Config configures a Driver.
+type Config struct {
+	Mode    Mode
+	NodeID  string
+	Region  string
+	Version string
+	// DataDir holds the file pool (DataDir/pool) and, with the embedded KMS
+	// plugin, its socket and keystore (DataDir/kms).
+	DataDir string
+	// StateDir holds the node's per-volume state (default DataDir/state).
+	StateDir string
+	// KMSConfigFile lists the KMS plugins by kmsID (kmsclient.LoadConfig).
+	KMSConfigFile string
+	// KMSEndpoint is the unix:// socket of the "default" KMS plugin. With
+	// neither KMSConfigFile nor KMSEndpoint the driver runs the built-in
+	// plugin in-process on unix://DataDir/kms/kms.sock.
+	KMSEndpoint string
+	// KMSTimeout bounds each KMS call (0: the client's default).
+	KMSTimeout time.Duration
+	// MetricsAddress, when set, serves Prometheus metrics on /metrics.
+	MetricsAddress string
+	// EngineBinary is the csi-encdisk executable the node starts as engine
+	// (default: this executable).
+	EngineBinary string
+	// MaxVolumes is the node's volume limit (0: none).
+	MaxVolumes int64
+	// PoolOptions tune the file pool (tests inject faults through it).
+	PoolOptions backend.Options
+}
+
+// Driver is a configured CSI endpoint.
+type Driver struct {
+	cfg        Config
+	registry   *prometheus.Registry
+	pool       *backend.FilePool
+	kms        *kmsSetup
+	identity   *IdentityServer
+	controller *ControllerServer
+	node       *NodeServer
+	metrics    *callMetrics
+}
+
+// New checks cfg, opens the pool and the KMS clients (starting the built-in
+// plugin when none is configured) and builds the servers of cfg.Mode.
+func New(ctx context.Context, cfg Config) (*Driver, error) {
+	if _, err := ParseMode(string(cfg.Mode)); err != nil {
+		return nil, err
+	}
+	if cfg.DataDir == "" {
+		return nil, errors.New("driver: data directory must be set")
+	}
+	if cfg.Mode.node() && cfg.NodeID == "" {
+		return nil, errors.New("driver: node ID must be set in node mode")
+	}
+	if cfg.KMSConfigFile != "" && cfg.KMSEndpoint != "" {
+		return nil, errors.New("driver: give a KMS config file or a KMS endpoint, not both")
+	}
+	if cfg.StateDir == "" {
+		cfg.StateDir = filepath.Join(cfg.DataDir, "state")
+	}
+	if cfg.EngineBinary == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return nil, fmt.Errorf("driver: find own executable: %w", err)
+		}
+		cfg.EngineBinary = exe
+	}
+	pool, err := backend.NewFilePool(filepath.Join(cfg.DataDir, "pool"), cfg.PoolOptions)
+	if err != nil {
+		return nil, fmt.Errorf("driver: %w", err)
+	}
+	d := &Driver{cfg: cfg, pool: pool, registry: prometheus.NewRegistry()}
+	d.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	if d.metrics, err = newCallMetrics(d.registry); err != nil {
+		return nil, fmt.Errorf("driver: metrics: %w", err)
+	}
+	if d.kms, err = setupKMS(ctx, cfg, d.registry); err != nil {
+		return nil, fmt.Errorf("driver: %w", err)
+	}
+	d.identity = &IdentityServer{version: cfg.Version, pool: pool, kms: d.kms.set, controller: cfg.Mode.controller()}
+	if cfg.Mode.controller() {
+		d.controller = newControllerServer(pool, d.kms.set, cfg.Region)
+	}
+	if cfg.Mode.node() {
+		d.node, err = NewNodeServer(NodeConfig{
+			NodeID:       cfg.NodeID,
+			Region:       cfg.Region,
+			StateDir:     cfg.StateDir,
+			ImagePath:    pool.ImagePath,
+			KMS:          d.kms.registry,
+			EngineBinary: cfg.EngineBinary,
+			MaxVolumes:   cfg.MaxVolumes,
+		})
+		if err != nil {
+			d.kms.close()
+			return nil, fmt.Errorf("driver: %w", err)
+		}
+	}
+	return d, nil
+}
+
+// Pool is the driver's volume store.
+func (d *Driver) Pool() *backend.FilePool { return d.pool }
+
+// Registry holds the driver's Prometheus metrics.
+func (d *Driver) Registry() *prometheus.Registry { return d.registry }
+
+// listen opens a unix:// endpoint, replacing a stale socket file.
+func listen(endpoint string) (net.Listener, string, error) {
+	u, err := url.Parse(endpoint)
+	if err != nil || u.Scheme != "unix" {
+		return nil, "", fmt.Errorf("endpoint %q: must be unix:///path/to/socket", endpoint)
+	}
+	path := u.Path
+	if path == "" {
+		path = u.Opaque
+	}
+	if path == "" {
+		return nil, "", fmt.Errorf("endpoint %q: no socket path", endpoint)
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, "", fmt.Errorf("endpoint directory: %w", err)
+	}
+	if c, err := net.Dial("unix", path); err == nil {
+		c.Close()
+		return nil, "", fmt.Errorf("endpoint %s: another process is serving on it", path)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, "", fmt.Errorf("remove stale socket %s: %w", path, err)
+	}
+	l, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, "", fmt.Errorf("listen on %s: %w", path, err)
+	}
+	return l, path, nil
+}
+
+// Run serves the CSI endpoint (and the metrics, if configured) until ctx
+// ends, then stops gracefully: in-flight calls finish, the built-in KMS
+// plugin stops, the socket is removed. The node service re-adopts its
+// volumes first.
+func (d *Driver) Run(ctx context.Context, endpoint string) error {
+	defer d.kms.close()
+	log := klog.FromContext(ctx)
+	if d.node != nil {
+		if err := d.node.Recover(ctx); err != nil {
+			return fmt.Errorf("driver: node recovery: %w", err)
+		}
+	}
+	l, path, err := listen(endpoint)
+	if err != nil {
+		return fmt.Errorf("driver: %w", err)
+	}
+	defer os.Remove(path)
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(d.metrics.interceptor))
+	csi.RegisterIdentityServer(srv, d.identity)
+	if d.controller != nil {
+		csi.RegisterControllerServer(srv, d.controller)
+	}
+	if d.node != nil {
+		csi.RegisterNodeServer(srv, d.node)
+	}
+
+	var wg sync.WaitGroup
+	var metricsSrv *http.Server
+	if d.cfg.MetricsAddress != "" {
+		ml, err := net.Listen("tcp", d.cfg.MetricsAddress)
+		if err != nil {
+			l.Close()
+			return fmt.Errorf("driver: metrics address: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(d.registry, promhttp.HandlerOpts{}))
+		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		wg.Go(func() {
+			if err := metricsSrv.Serve(ml); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error(err, "Metrics server stopped")
+			}
+		})
+		log.Info("Serving metrics", "address", ml.Addr().String())
+	}
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(l) }()
+	log.Info("Serving CSI", "endpoint", endpoint, "mode", d.cfg.Mode, "driver", DriverName, "version", d.cfg.Version,
+		"region", d.cfg.Region, "nodeID", d.cfg.NodeID, "kms", d.kms.describe)
+
+	select {
+	case <-ctx.Done():
+		log.Info("Stopping: in-flight calls finish first")
+	case err = <-serveErr:
+	}
+	stopped := make(chan struct{})
+	go func() { srv.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(30 * time.Second):
+		srv.Stop()
+	}
+	if metricsSrv != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_ = metricsSrv.Shutdown(sctx)
+		cancel()
+	}
+	wg.Wait()
+	if err != nil && !errors.Is(err, grpc.ErrServerStopped) {
+		return fmt.Errorf("driver: serve: %w", err)
+	}
+	return nil
+}
+
+// trimUnix strips a unix:// scheme for messages.
+func trimUnix(ep string) string { return strings.TrimPrefix(ep, "unix://") }
