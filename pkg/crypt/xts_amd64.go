@@ -130,18 +130,30 @@ func expandKey(key []byte, rk *[240]byte) int {
 	return nr
 }
 
+// asmChunk bounds the bytes one assembly call handles: a goroutine cannot
+// be preempted inside it, so a huge buffer is cut into calls of about 64 KiB
+// (tens of microseconds each) to keep GC pauses and scheduling short.
+const asmChunk = 64 << 10
+
 func (x *XTS) cryptAsm(dst, src []byte, unit int, tweak, step uint64, decrypt bool) {
-	units, blocks := len(src)/unit, unit/16
-	d, s := unsafe.SliceData(dst), unsafe.SliceData(src)
-	switch {
-	case x.impl == implVAES && decrypt:
-		xtsDecVAES(&x.ks, d, s, units, blocks, tweak, step)
-	case x.impl == implVAES:
-		xtsEncVAES(&x.ks, d, s, units, blocks, tweak, step)
-	case decrypt:
-		xtsDecAESNI(&x.ks, d, s, units, blocks, tweak, step)
-	default:
-		xtsEncAESNI(&x.ks, d, s, units, blocks, tweak, step)
+	blocks := unit / 16
+	perCall := max(1, asmChunk/unit)
+	for len(src) > 0 {
+		units := min(len(src)/unit, perCall)
+		d, s := unsafe.SliceData(dst), unsafe.SliceData(src)
+		switch {
+		case x.impl == implVAES && decrypt:
+			xtsDecVAES(&x.ks, d, s, units, blocks, tweak, step)
+		case x.impl == implVAES:
+			xtsEncVAES(&x.ks, d, s, units, blocks, tweak, step)
+		case decrypt:
+			xtsDecAESNI(&x.ks, d, s, units, blocks, tweak, step)
+		default:
+			xtsEncAESNI(&x.ks, d, s, units, blocks, tweak, step)
+		}
+		n := units * unit
+		src, dst = src[n:], dst[n:]
+		tweak += uint64(units) * step
 	}
 }
 
