@@ -3,13 +3,14 @@
 // AES-XTS for amd64: an AES-NI loop on 128-bit registers with 8 blocks in
 // flight, and a VAES/VPCLMULQDQ loop on 256-bit registers (two blocks per
 // instruction) with 16 blocks in flight. No branch or memory index depends
-// on key or data: the GF(2^128) tweak doubling uses arithmetic masks
-// (AES-NI) or carry-less multiplication (VAES).
+// on key or data: tweaks are multiplied by x with arithmetic masks, and by
+// x^8 or x^16 with byte shifts plus a carry-less multiplication by 0x87.
 //
 // Arguments of the XTS loops (ks+0 .. step+48):
 //   BX ks (keySchedule), DI dst, SI src, CX units left, DX blocks per unit,
 //   R8 tweak of the current unit, R9 tweak step, R10 blocks left in the unit,
-//   R11 rounds, R12 last data round key, R13 last tweak round key.
+//   R11 rounds, R12 last data round key, R13 last tweak round key,
+//   R14 (AES-NI only) a 16-byte aligned scratch area in the frame.
 
 #include "textflag.h"
 
