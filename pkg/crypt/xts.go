@@ -63,6 +63,7 @@ type XTS struct {
 	impl       xtsImpl
 	gen        genericXTS  // used by implGeneric
 	ks         keySchedule // used by the assembly implementations
+	wiped      bool
 }
 
 // NewXTS returns an XTS engine for key (32 bytes: AES-128-XTS, 64 bytes:
@@ -107,6 +108,16 @@ func buildXTS(key []byte, sectorSize int, impl xtsImpl) (*XTS, error) {
 	return x, nil
 }
 
+// Wipe overwrites the expanded keys held by x (the assembly paths' round
+// keys; the generic path drops its crypto/aes ciphers, whose memory Go does
+// not let us clear). x must not be used afterwards: calls panic. Wipe must
+// not run concurrently with other calls on x.
+func (x *XTS) Wipe() {
+	x.ks = keySchedule{}
+	x.gen = genericXTS{}
+	x.wiped = true
+}
+
 // SectorSize returns the data unit size in bytes.
 func (x *XTS) SectorSize() int { return x.sectorSize }
 
@@ -133,6 +144,9 @@ func (x *XTS) cryptUnit(dst, src []byte, tweak uint64, decrypt bool) {
 	if len(src) == 0 || len(src)%16 != 0 || len(dst) < len(src) {
 		panic("crypt: XTS data unit must be a non-empty multiple of 16 bytes")
 	}
+	if x.wiped {
+		panic("crypt: XTS used after Wipe")
+	}
 	checkOverlap(dst, src)
 	x.crypt(dst[:len(src)], src, len(src), tweak, 0, decrypt)
 }
@@ -151,6 +165,9 @@ func (x *XTS) crypt(dst, src []byte, unit int, tweak, step uint64, decrypt bool)
 }
 
 func (x *XTS) check(dst, src []byte, firstSector uint64) {
+	if x.wiped {
+		panic("crypt: XTS used after Wipe")
+	}
 	if len(src)%x.sectorSize != 0 {
 		panic("crypt: XTS input not a multiple of the sector size")
 	}

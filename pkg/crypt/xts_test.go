@@ -392,6 +392,20 @@ func TestXTSPanicsOnMisuse(t *testing.T) {
 		}
 		// Empty input is fine and touches nothing.
 		x4.EncryptSectors(nil, nil, 8)
+		// After Wipe the keys are gone and every call panics.
+		w := xtsMust(t, key, 512, impl)
+		w.Wipe()
+		if impl != implGeneric && w.ks != (keySchedule{}) {
+			t.Error("Wipe left round keys behind")
+		}
+		func() {
+			defer func() {
+				if r := recover(); r == nil || !strings.Contains(fmt.Sprint(r), "after Wipe") {
+					t.Errorf("use after Wipe: panic %v", r)
+				}
+			}()
+			w.EncryptSectors(buf[:512], buf[:512], 0)
+		}()
 	})
 }
 
