@@ -3,9 +3,67 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/kmsplugin"
 )
 
-// runKMSPlugin is a placeholder until its issue lands.
-func runKMSPlugin(_ context.Context, _ []string) error {
-	return errors.New("not implemented yet")
+const keystoreHelp = "where master keys live: dir:/abs/path (0600 files) or pkcs11:/path/module.so?token=LABEL&pin-file=/path/pin (keys stay in the token)"
+
+func runKMSPlugin(ctx context.Context, args []string) error {
+	if len(args) > 0 && args[0] == "rotate" {
+		return runKMSRotate(args[1:])
+	}
+	fs := newFlagSet("kms-plugin", "kms-plugin --listen unix://PATH --region REGION --keystore SPEC\n       csi-encdisk kms-plugin rotate --keystore SPEC --region REGION",
+		"Serves the Kubernetes KMS v2 plugin API (Status, Encrypt, Decrypt) on a unix socket with one\n"+
+			"AES-256-GCM master key per region, created on the region's first Encrypt and never deleted.\n"+
+			"'rotate' adds a new master key version: Encrypt uses it, Decrypt still opens older ones.\n"+
+			"Stops gracefully on SIGTERM and removes its socket.")
+	listen := fs.String("listen", "", "unix socket to serve on, unix:///abs/path (required)")
+	region := fs.String("region", "", "region whose master key this plugin uses (required)")
+	keystore := fs.String("keystore", "", keystoreHelp+" (required)")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	if *listen == "" || *region == "" || *keystore == "" {
+		return errors.New("--listen, --region and --keystore are required")
+	}
+	ks, err := kmsplugin.OpenKeystore(*keystore)
+	if err != nil {
+		return err
+	}
+	defer ks.Close()
+	svc, err := kmsplugin.NewService(*region, ks)
+	if err != nil {
+		return err
+	}
+	return kmsplugin.Serve(ctx, *listen, svc)
+}
+
+func runKMSRotate(args []string) error {
+	fs := newFlagSet("kms-plugin rotate", "kms-plugin rotate --keystore SPEC --region REGION",
+		"Adds a new master key version to REGION and prints its key_id. A running plugin on the same\n"+
+			"keystore uses it for the next Encrypt; every older version still decrypts.")
+	region := fs.String("region", "", "region to rotate (required)")
+	keystore := fs.String("keystore", "", keystoreHelp+" (required)")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if *region == "" || *keystore == "" {
+		return errors.New("--region and --keystore are required")
+	}
+	ks, err := kmsplugin.OpenKeystore(*keystore)
+	if err != nil {
+		return err
+	}
+	defer ks.Close()
+	id, err := kmsplugin.Rotate(ks, *region)
+	if err != nil {
+		return err
+	}
+	fmt.Println(id)
+	return nil
 }

@@ -1,0 +1,286 @@
+package kmsplugin
+
+import (
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"os"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/miekg/pkcs11"
+)
+
+// labelPrefix starts the CKA_LABEL of every master key object we make.
+const labelPrefix = "csi-encdisk-kms/"
+
+// PKCS11Keystore keeps master keys inside a PKCS#11 token as AES-256 secret
+// keys generated in the token, sensitive and not extractable; sealing and
+// opening run in the token (CKM_AES_GCM). The PIN comes from a file.
+type PKCS11Keystore struct {
+	ctx     *pkcs11.Ctx
+	session pkcs11.SessionHandle
+	// mu serialises the session: a PKCS#11 session runs one operation at a time.
+	mu sync.Mutex
+}
+
+// OpenPKCS11Keystore loads module, finds the token labelled token, and logs
+// in as user with the PIN read from pinFile.
+func OpenPKCS11Keystore(module, token, pinFile string) (*PKCS11Keystore, error) {
+	if module == "" || token == "" || pinFile == "" {
+		return nil, errors.New("pkcs11 keystore: want pkcs11:MODULE?token=LABEL&pin-file=PATH")
+	}
+	pin, err := os.ReadFile(pinFile)
+	if err != nil {
+		return nil, fmt.Errorf("pkcs11 keystore: read pin file: %w", err)
+	}
+	defer clear(pin)
+	pinText := strings.TrimRight(string(pin), "\r\n")
+	ctx := pkcs11.New(module)
+	if ctx == nil {
+		return nil, fmt.Errorf("pkcs11 keystore: cannot load module %s", module)
+	}
+	if err := ctx.Initialize(); err != nil {
+		ctx.Destroy()
+		return nil, fmt.Errorf("pkcs11 keystore: initialize %s: %w", module, err)
+	}
+	ks := &PKCS11Keystore{ctx: ctx}
+	fail := func(err error) (*PKCS11Keystore, error) {
+		ctx.Finalize()
+		ctx.Destroy()
+		return nil, err
+	}
+	slots, err := ctx.GetSlotList(true)
+	if err != nil {
+		return fail(fmt.Errorf("pkcs11 keystore: slots: %w", err))
+	}
+	slot, found := uint(0), false
+	for _, s := range slots {
+		info, err := ctx.GetTokenInfo(s)
+		if err == nil && strings.TrimRight(info.Label, " \x00") == token {
+			slot, found = s, true
+			break
+		}
+	}
+	if !found {
+		return fail(fmt.Errorf("pkcs11 keystore: no token labelled %q in %s", token, module))
+	}
+	ks.session, err = ctx.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	if err != nil {
+		return fail(fmt.Errorf("pkcs11 keystore: open session: %w", err))
+	}
+	if err := ctx.Login(ks.session, pkcs11.CKU_USER, pinText); err != nil {
+		return fail(fmt.Errorf("pkcs11 keystore: login to token %q failed (check the pin file): %v", token, pkcs11Code(err)))
+	}
+	return ks, nil
+}
+
+// pkcs11Code keeps only the PKCS#11 return code of err.
+func pkcs11Code(err error) string {
+	var e pkcs11.Error
+	if errors.As(err, &e) {
+		return e.Error()
+	}
+	return "error"
+}
+
+func keyLabel(region string, v int) string { return labelPrefix + KeyID(region, v) }
+
+// find returns the handles of secret keys whose label matches label.
+func (p *PKCS11Keystore) find(label string) ([]pkcs11.ObjectHandle, error) {
+	tmpl := []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+	}
+	if label != "" {
+		tmpl = append(tmpl, pkcs11.NewAttribute(pkcs11.CKA_LABEL, label))
+	}
+	if err := p.ctx.FindObjectsInit(p.session, tmpl); err != nil {
+		return nil, fmt.Errorf("pkcs11: find: %w", err)
+	}
+	defer p.ctx.FindObjectsFinal(p.session)
+	var all []pkcs11.ObjectHandle
+	for {
+		objs, _, err := p.ctx.FindObjects(p.session, 64)
+		if err != nil {
+			return nil, fmt.Errorf("pkcs11: find: %w", err)
+		}
+		if len(objs) == 0 {
+			return all, nil
+		}
+		all = append(all, objs...)
+	}
+}
+
+// Versions lists the region's key versions from the objects' labels.
+func (p *PKCS11Keystore) Versions(region string) ([]int, error) {
+	if err := ValidateRegion(region); err != nil {
+		return nil, err
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	objs, err := p.find("")
+	if err != nil {
+		return nil, err
+	}
+	prefix := labelPrefix + region + "/v"
+	var vs []int
+	for _, o := range objs {
+		attrs, err := p.ctx.GetAttributeValue(p.session, o, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)})
+		if err != nil || len(attrs) == 0 {
+			continue
+		}
+		rest, ok := strings.CutPrefix(string(attrs[0].Value), prefix)
+		if !ok {
+			continue
+		}
+		if v, err := strconv.Atoi(rest); err == nil && v > 0 {
+			vs = append(vs, v)
+		}
+	}
+	sort.Ints(vs)
+	return vs, nil
+}
+
+// Create generates an AES-256 key inside the token: a token object,
+// sensitive, not extractable, usable only to encrypt and decrypt.
+func (p *PKCS11Keystore) Create(region string, v int) error {
+	if err := ValidateRegion(region); err != nil {
+		return err
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	label := keyLabel(region, v)
+	if objs, err := p.find(label); err != nil {
+		return err
+	} else if len(objs) > 0 {
+		return fmt.Errorf("pkcs11: %s exists: master keys are never replaced", KeyID(region, v))
+	}
+	tmpl := []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
+		pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, 32),
+		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
+		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
+		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
+		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
+		pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
+		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
+	}
+	if _, err := p.ctx.GenerateKey(p.session, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)}, tmpl); err != nil {
+		return fmt.Errorf("pkcs11: generate %s: %w", KeyID(region, v), err)
+	}
+	return nil
+}
+
+func (p *PKCS11Keystore) handle(region string, v int) (pkcs11.ObjectHandle, error) {
+	objs, err := p.find(keyLabel(region, v))
+	if err != nil {
+		return 0, err
+	}
+	if len(objs) != 1 {
+		return 0, errNoKey
+	}
+	return objs[0], nil
+}
+
+const gcmNonceSize = 12
+
+// Seal runs AES-256-GCM in the token with a random 12-byte nonce; the
+// result is nonce || ciphertext || tag.
+func (p *PKCS11Keystore) Seal(region string, v int, plaintext, aad []byte) ([]byte, error) {
+	nonce := make([]byte, gcmNonceSize)
+	if _, err := rand.Read(nonce); err != nil {
+		return nil, err
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	h, err := p.handle(region, v)
+	if err != nil {
+		return nil, err
+	}
+	params := pkcs11.NewGCMParams(nonce, aad, 128)
+	defer params.Free()
+	if err := p.ctx.EncryptInit(p.session, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, h); err != nil {
+		return nil, fmt.Errorf("pkcs11: encrypt init: %w", err)
+	}
+	ct, err := p.ctx.Encrypt(p.session, plaintext)
+	if err != nil {
+		return nil, fmt.Errorf("pkcs11: encrypt: %w", err)
+	}
+	return append(nonce, ct...), nil
+}
+
+// Open reverses Seal in the token.
+func (p *PKCS11Keystore) Open(region string, v int, ciphertext, aad []byte) ([]byte, error) {
+	if len(ciphertext) < gcmNonceSize+16 {
+		return nil, errors.New("ciphertext too short")
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	h, err := p.handle(region, v)
+	if err != nil {
+		return nil, err
+	}
+	params := pkcs11.NewGCMParams(append([]byte(nil), ciphertext[:gcmNonceSize]...), aad, 128)
+	defer params.Free()
+	if err := p.ctx.DecryptInit(p.session, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, h); err != nil {
+		return nil, fmt.Errorf("pkcs11: decrypt init: %w", err)
+	}
+	pt, err := p.ctx.Decrypt(p.session, ciphertext[gcmNonceSize:])
+	if err != nil {
+		// SoftHSM reports a failed tag check as CKR_GENERAL_ERROR.
+		return nil, errors.New("pkcs11: ciphertext does not authenticate")
+	}
+	return pt, nil
+}
+
+// KeyAttributes reports the CKA_SENSITIVE and CKA_EXTRACTABLE attributes of
+// a key version, so tests and operators can check the key cannot leave.
+func (p *PKCS11Keystore) KeyAttributes(region string, v int) (sensitive, extractable bool, err error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	h, err := p.handle(region, v)
+	if err != nil {
+		return false, false, err
+	}
+	attrs, err := p.ctx.GetAttributeValue(p.session, h, []*pkcs11.Attribute{
+		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, nil),
+		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, nil),
+	})
+	if err != nil {
+		return false, false, fmt.Errorf("pkcs11: attributes: %w", err)
+	}
+	return len(attrs[0].Value) == 1 && attrs[0].Value[0] == 1, len(attrs[1].Value) == 1 && attrs[1].Value[0] == 1, nil
+}
+
+// ReadKeyValue tries to read CKA_VALUE of a key version; for our keys the
+// token must refuse. For tests.
+func (p *PKCS11Keystore) ReadKeyValue(region string, v int) ([]byte, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	h, err := p.handle(region, v)
+	if err != nil {
+		return nil, err
+	}
+	attrs, err := p.ctx.GetAttributeValue(p.session, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE, nil)})
+	if err != nil {
+		return nil, err
+	}
+	return attrs[0].Value, nil
+}
+
+// Close logs out and unloads the module.
+func (p *PKCS11Keystore) Close() error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.ctx.Logout(p.session)
+	p.ctx.CloseSession(p.session)
+	err := p.ctx.Finalize()
+	p.ctx.Destroy()
+	return err
+}

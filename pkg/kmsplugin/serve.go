@@ -1,0 +1,124 @@
+package kmsplugin
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"k8s.io/klog/v2"
+	"k8s.io/kms/pkg/service"
+)
+
+// OpenKeystore opens a keystore from its spec: "dir:/abs/path" or
+// "pkcs11:/path/to/module.so?token=LABEL&pin-file=/path/to/pin".
+func OpenKeystore(spec string) (Keystore, error) {
+	kind, rest, ok := strings.Cut(spec, ":")
+	if !ok {
+		return nil, fmt.Errorf("keystore %q: want dir:PATH or pkcs11:MODULE?token=LABEL&pin-file=PATH", spec)
+	}
+	switch kind {
+	case "dir":
+		return OpenDirKeystore(rest)
+	case "pkcs11":
+		module, query, _ := strings.Cut(rest, "?")
+		q, err := url.ParseQuery(query)
+		if err != nil {
+			return nil, fmt.Errorf("keystore %q: %w", spec, err)
+		}
+		for k := range q {
+			if k != "token" && k != "pin-file" {
+				return nil, fmt.Errorf("keystore %q: unknown option %q (token, pin-file)", spec, k)
+			}
+		}
+		return OpenPKCS11Keystore(module, q.Get("token"), q.Get("pin-file"))
+	}
+	return nil, fmt.Errorf("keystore %q: unknown kind %q (dir, pkcs11)", spec, kind)
+}
+
+// SocketPath returns the path of a "unix:///path" endpoint.
+func SocketPath(listen string) (string, error) {
+	path, ok := strings.CutPrefix(listen, "unix://")
+	if !ok || !filepath.IsAbs(path) {
+		return "", fmt.Errorf("listen address %q: want unix:///absolute/path", listen)
+	}
+	return path, nil
+}
+
+// Serve runs the plugin on listen until ctx ends, then stops gracefully and
+// removes the socket. It refuses a socket that a live plugin answers on and
+// removes a stale one.
+func Serve(ctx context.Context, listen string, svc *Service) error {
+	return ServeNotify(ctx, listen, svc, nil)
+}
+
+// ServeNotify is Serve that closes ready (if not nil) once the socket
+// accepts connections: for running the plugin in-process.
+func ServeNotify(ctx context.Context, listen string, svc *Service, ready chan<- struct{}) error {
+	path, err := SocketPath(listen)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return fmt.Errorf("socket directory: %w", err)
+	}
+	if _, err := os.Lstat(path); err == nil {
+		if conn, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			conn.Close()
+			return fmt.Errorf("socket %s is held by a live plugin; refusing to start", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return fmt.Errorf("remove stale socket %s: %w", path, err)
+		}
+	}
+	grpcSvc := service.NewGRPCService(path, 30*time.Second, svc)
+	errc := make(chan error, 1)
+	go func() { errc <- grpcSvc.ListenAndServe() }()
+	// Wait for the socket, tighten its mode, then announce readiness.
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		if _, err := os.Stat(path); err == nil {
+			break
+		}
+		select {
+		case err := <-errc:
+			return fmt.Errorf("kms plugin on %s: %w", path, err)
+		case <-time.After(10 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			grpcSvc.Close()
+			return fmt.Errorf("kms plugin on %s: socket did not appear", path)
+		}
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		grpcSvc.Close()
+		return fmt.Errorf("socket mode: %w", err)
+	}
+	klog.InfoS("KMS plugin serving", "socket", path, "region", svc.Region())
+	if ready != nil {
+		close(ready)
+	}
+	select {
+	case err := <-errc:
+		os.Remove(path)
+		return fmt.Errorf("kms plugin on %s: %w", path, err)
+	case <-ctx.Done():
+	}
+	stopped := make(chan struct{})
+	go func() { grpcSvc.Shutdown(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(10 * time.Second):
+		grpcSvc.Close()
+	}
+	<-errc
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove socket: %w", err)
+	}
+	klog.InfoS("KMS plugin stopped", "socket", path)
+	return nil
+}
