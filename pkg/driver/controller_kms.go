@@ -2,10 +2,19 @@ package driver
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"k8s.io/klog/v2"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
+	"github.com/csi-encdisk/csi-encdisk/pkg/kmsclient"
+	"github.com/csi-encdisk/csi-encdisk/pkg/kmsplugin"
 )
 
 // kmsWrapper is the part of one KMS plugin's client the controller uses:
@@ -28,11 +37,55 @@ type kmsSet interface {
 	Get(kmsID string) (kmsWrapper, error)
 }
 
+// registrySet is a kmsSet on a kmsclient.Registry.
+type registrySet struct{ r *kmsclient.Registry }
+
+func (s registrySet) Get(kmsID string) (kmsWrapper, error) {
+	c, err := s.r.Get(kmsID)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", errUnknownKMS, err)
+	}
+	return clientWrapper{c}, nil
+}
+
+// clientWrapper adapts a kmsclient.Client. Its errors keep the client's
+// text (which names the endpoint) but not its gRPC code: the driver picks
+// the code (Unavailable for an unreachable plugin, Internal otherwise).
+type clientWrapper struct{ c *kmsclient.Client }
+
+func (w clientWrapper) Endpoint() string { return w.c.Endpoint() }
+
+func kmsError(err error) error {
+	if kmsclient.IsUnavailable(err) {
+		return fmt.Errorf("%w: %v", errKMSUnavailable, err)
+	}
+	return errors.New(err.Error())
+}
+
+func (w clientWrapper) Status(ctx context.Context) error {
+	st, err := w.c.Status(ctx)
+	if err != nil {
+		return kmsError(err)
+	}
+	if st.Healthz != "ok" {
+		return fmt.Errorf("kms plugin at %s: healthz %q", w.c.Endpoint(), st.Healthz)
+	}
+	return nil
+}
+
+func (w clientWrapper) Wrap(ctx context.Context, uid string, passphrase []byte) (*crypt.KMSToken, error) {
+	wr, err := w.c.Encrypt(ctx, uid, passphrase)
+	if err != nil {
+		return nil, kmsError(err)
+	}
+	return &crypt.KMSToken{KeyID: wr.KeyID, Ciphertext: wr.Ciphertext, Annotations: wr.Annotations}, nil
+}
+
 // kmsSetup is the driver's KMS wiring: the set the controller uses, the
 // registry the node uses, and what to close at the end.
 type kmsSetup struct {
 	set      kmsSet
-	registry any
+	registry *kmsclient.Registry
 	describe string
 	closers  []func() error
 }
@@ -44,4 +97,93 @@ func (k *kmsSetup) close() {
 		}
 	}
 	k.closers = nil
+}
+
+// embeddedRegion is the built-in plugin's region when the driver has none.
+const embeddedRegion = "default"
+
+// setupKMS builds the registry of cfg: from a config file, from one
+// endpoint, or, with neither, on the built-in plugin started in-process on
+// unix://DataDir/kms/kms.sock (or already served there by another driver
+// process sharing the data directory).
+func setupKMS(ctx context.Context, cfg Config, reg prometheus.Registerer) (*kmsSetup, error) {
+	ks := &kmsSetup{}
+	var kcfg *kmsclient.Config
+	switch {
+	case cfg.KMSConfigFile != "":
+		c, err := kmsclient.LoadConfig(cfg.KMSConfigFile)
+		if err != nil {
+			return nil, err
+		}
+		kcfg, ks.describe = c, "config "+cfg.KMSConfigFile
+	case cfg.KMSEndpoint != "":
+		kcfg, ks.describe = kmsclient.SingleEndpoint(cfg.KMSEndpoint, cfg.KMSTimeout), cfg.KMSEndpoint
+	default:
+		endpoint, stop, err := startEmbeddedKMS(ctx, cfg)
+		if err != nil {
+			return nil, err
+		}
+		if stop != nil {
+			ks.closers = append(ks.closers, stop)
+		}
+		kcfg, ks.describe = kmsclient.SingleEndpoint(endpoint, cfg.KMSTimeout), "built-in "+endpoint
+	}
+	r, err := kmsclient.NewRegistry(kcfg, kmsclient.Options{Timeout: cfg.KMSTimeout, Metrics: kmsclient.NewMetrics(reg)})
+	if err != nil {
+		ks.close()
+		return nil, err
+	}
+	ks.registry, ks.set = r, registrySet{r}
+	ks.closers = append(ks.closers, r.Close)
+	return ks, nil
+}
+
+// startEmbeddedKMS runs the built-in plugin on DataDir/kms. It returns a
+// nil stop function when a live plugin already serves that socket.
+func startEmbeddedKMS(ctx context.Context, cfg Config) (string, func() error, error) {
+	dir, err := filepath.Abs(filepath.Join(cfg.DataDir, "kms"))
+	if err != nil {
+		return "", nil, fmt.Errorf("built-in KMS: %w", err)
+	}
+	sock := filepath.Join(dir, "kms.sock")
+	endpoint := "unix://" + sock
+	if c, err := net.DialTimeout("unix", sock, time.Second); err == nil {
+		c.Close()
+		klog.FromContext(ctx).Info("Using the built-in KMS plugin another process serves", "endpoint", endpoint)
+		return endpoint, nil, nil
+	}
+	keys := filepath.Join(dir, "keys")
+	if err := os.MkdirAll(keys, 0o700); err != nil {
+		return "", nil, fmt.Errorf("built-in KMS: %w", err)
+	}
+	store, err := kmsplugin.OpenKeystore("dir:" + keys)
+	if err != nil {
+		return "", nil, fmt.Errorf("built-in KMS: %w", err)
+	}
+	region := cfg.Region
+	if region == "" {
+		region = embeddedRegion
+	}
+	svc, err := kmsplugin.NewService(region, store)
+	if err != nil {
+		store.Close()
+		return "", nil, fmt.Errorf("built-in KMS: %w", err)
+	}
+	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	ready := make(chan struct{})
+	done := make(chan error, 1)
+	go func() { done <- kmsplugin.ServeNotify(sctx, endpoint, svc, ready) }()
+	select {
+	case <-ready:
+	case err := <-done:
+		cancel()
+		store.Close()
+		return "", nil, fmt.Errorf("built-in KMS: %w", err)
+	}
+	stop := func() error {
+		cancel()
+		err := <-done
+		return errors.Join(err, store.Close())
+	}
+	return endpoint, stop, nil
 }

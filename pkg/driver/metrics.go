@@ -12,6 +12,8 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"k8s.io/klog/v2"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/kmsclient"
 )
 
 // callMetrics counts the CSI calls by method and gRPC code and their
@@ -48,7 +50,7 @@ func newCallMetrics(reg prometheus.Registerer) (*callMetrics, error) {
 func (m *callMetrics) interceptor(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	method := info.FullMethod[strings.LastIndex(info.FullMethod, "/")+1:]
 	log := klog.FromContext(ctx).WithValues("method", method)
-	ctx = klog.NewContext(ctx, log)
+	ctx = kmsclient.WithOperation(klog.NewContext(ctx, log), method)
 	if log.V(4).Enabled() {
 		log.V(4).Info("CSI call", "request", sanitize(req))
 	}

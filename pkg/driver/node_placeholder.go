@@ -12,6 +12,8 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/kmsclient"
 )
 
 // TopologyRegionKey is the topology segment volumes and nodes carry.
@@ -29,7 +31,7 @@ type NodeConfig struct {
 	NodeID, Region string
 	StateDir       string
 	ImagePath      func(volumeID string) (string, error)
-	KMS            any
+	KMS            *kmsclient.Registry
 	EngineBinary   string
 	MaxVolumes     int64
 }
