@@ -9,6 +9,10 @@
 # side runs ROUNDS times (default 3), alternating, and the best of each is
 # kept. Prints GB/s (10^9 bytes/s) and the ratio Go/OpenSSL.
 #
+# `openssl speed` divides by the CPU time it used (its default; -elapsed
+# would use wall time), Go's benchmark by wall time, so time stolen by other
+# processes counts against Go only: on a busy machine the ratio errs low.
+#
 # Usage: bench/xts.sh            (ROUNDS=5 bench/xts.sh for more rounds)
 set -euo pipefail
 
