@@ -22,6 +22,8 @@ type keySchedule struct {
 }
 
 // CPU features, read once at package initialisation and never changed.
+// The AES-NI loop needs AES and PCLMULQDQ (SSE only); the VAES loop also
+// needs AVX2 (which x/sys/cpu reports only with OS support for YMM state).
 // golang.org/x/sys/cpu reports VAES and VPCLMULQDQ only as AVX-512
 // sub-features (HasAVX512VAES is false on a CPU or kernel without AVX-512
 // state), but their 256-bit VEX forms need only AVX2, so the two bits are
