@@ -111,6 +111,9 @@ func wantedSize(r *csi.CapacityRange, minSize int64, sector int) (int64, error) 
 		return 0, status.Errorf(codes.OutOfRange, "capacity_range: required_bytes %d exceeds limit_bytes %d", req, lim)
 	}
 	size := req
+	if size == 0 && minSize > 0 {
+		size = minSize // a copy is as large as its source
+	}
 	if size == 0 {
 		size = defaultVolumeSize
 		if lim > 0 && lim < size {
