@@ -60,7 +60,6 @@ pkcs11:{{ .Values.kms.builtin.pkcs11.module }}?token={{ .Values.kms.builtin.pkcs
     - --listen=unix:///kms/kms.sock
     - --keystore={{ include "encdisk.keystore" . }}
     - --region={{ .Values.region }}
-    - --v={{ .Values.logLevel }}
   {{- with .Values.kms.builtin.pkcs11.extraEnv }}
   {{- if eq $.Values.kms.builtin.keystore "pkcs11" }}
   env:
