@@ -4,10 +4,12 @@
 // csi-snapshotter, snapshot-controller), all built from their Go modules.
 //
 // The tool modules live under test/k8s/tools (one go.mod each, so the
-// project's own go.mod stays clean). Binaries are cached under
-// test/k8s/.cache/bin, keyed by a hash of the tool module's go.mod, go.sum,
-// sources, the Go version and the link flags, so only the first run pays for
-// the build.
+// project's own go.mod stays clean). Binaries are cached in the user's cache
+// directory ($XDG_CACHE_HOME or ~/.cache, under csi-encdisk-k8s/bin; the
+// environment variable CSI_ENCDISK_K8S_CACHE overrides it), keyed by a hash of
+// the tool module's go.mod, go.sum, sources, the Go version and the link
+// flags, so only the first run on a machine pays for the build, even from a
+// fresh clone.
 package harness
 
 import (
@@ -129,6 +131,12 @@ func RepoRoot() (string, error) {
 
 // CacheDir is where built binaries are kept.
 func (b *Builder) CacheDir() string {
+	if d := os.Getenv("CSI_ENCDISK_K8S_CACHE"); d != "" {
+		return d
+	}
+	if d, err := os.UserCacheDir(); err == nil {
+		return filepath.Join(d, "csi-encdisk-k8s")
+	}
 	return filepath.Join(b.Root, "test", "k8s", ".cache")
 }
 
