@@ -245,8 +245,9 @@ func (n *NodeServer) startEngine(ctx context.Context, v *nodestate.Volume, volCt
 	if err != nil {
 		return nil, 0, status.Errorf(codes.Internal, "volume %q: open image: %v", v.VolumeID, err)
 	}
+	// The header reads its keyslot area from f at Unlock: keep f open.
+	defer f.Close()
 	hdr, err := crypt.ReadHeader(f)
-	f.Close()
 	if err != nil {
 		return nil, 0, status.Errorf(codes.FailedPrecondition, "volume %q is marked encrypted but its image has no usable LUKS2 header: %v", v.VolumeID, err)
 	}

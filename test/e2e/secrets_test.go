@@ -56,8 +56,8 @@ func TestNoSecretLeaks(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	defer f.Close()
 	hdr, err := crypt.ReadHeader(f)
-	f.Close()
 	if err != nil {
 		t.Fatalf("read LUKS2 header of %s: %v", image, err)
 	}
