@@ -1,0 +1,154 @@
+package blockdev
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"time"
+
+	"k8s.io/klog/v2"
+)
+
+// Stats are an engine's counters since it started.
+type Stats struct {
+	ReadOps    uint64 `json:"readOps"`
+	WriteOps   uint64 `json:"writeOps"`
+	ReadBytes  uint64 `json:"readBytes"`
+	WriteBytes uint64 `json:"writeBytes"`
+	IOErrors   uint64 `json:"ioErrors"`
+	Size       int64  `json:"size"`     // bytes served (the data segment)
+	DirectIO   bool   `json:"directIO"` // the image is read and written with O_DIRECT
+}
+
+// The control protocol: one JSON request and one JSON reply per connection
+// on a unix socket that only root can reach (mode 0600).
+type controlRequest struct {
+	Op   string `json:"op"` // health | stats | resize | shutdown
+	Size int64  `json:"size,omitempty"`
+}
+
+type controlReply struct {
+	Error string `json:"error,omitempty"`
+	Stats *Stats `json:"stats,omitempty"`
+}
+
+const controlTimeout = 10 * time.Second
+
+func listenControl(path string) (net.Listener, error) {
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("engine: stale control socket: %w", err)
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("engine: control socket: %w", err)
+	}
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("engine: control socket: %w", err)
+	}
+	return ln, nil
+}
+
+// serveControl answers requests until ln is closed.
+func serveControl(ln net.Listener, e *engine, shutdown func() error) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(controlTimeout))
+			var req controlRequest
+			var rep controlReply
+			if err := json.NewDecoder(c).Decode(&req); err != nil {
+				rep.Error = fmt.Sprintf("bad request: %v", err)
+			} else {
+				klog.V(4).InfoS("Control request", "op", req.Op, "size", req.Size)
+				switch req.Op {
+				case "health", "stats":
+					rep.Stats = e.stats()
+				case "resize":
+					if err := e.resize(req.Size); err != nil {
+						rep.Error = err.Error()
+					}
+					rep.Stats = e.stats()
+				case "shutdown":
+					if err := shutdown(); err != nil {
+						rep.Error = err.Error()
+					}
+				default:
+					rep.Error = fmt.Sprintf("unknown op %q (health, stats, resize, shutdown)", req.Op)
+				}
+			}
+			json.NewEncoder(c).Encode(&rep)
+		}()
+	}
+}
+
+// Control is a client of an engine's control socket.
+type Control struct{ socket string }
+
+// DialControl returns a client for the engine listening on socket. It does
+// not connect: each call makes its own connection.
+func DialControl(socket string) *Control { return &Control{socket: socket} }
+
+func (c *Control) call(ctx context.Context, req controlRequest) (*controlReply, error) {
+	ctx, cancel := context.WithTimeout(ctx, controlTimeout)
+	defer cancel()
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", c.socket)
+	if err != nil {
+		return nil, fmt.Errorf("engine control %s: %w", c.socket, err)
+	}
+	defer conn.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		conn.SetDeadline(dl)
+	}
+	if err := json.NewEncoder(conn).Encode(&req); err != nil {
+		return nil, fmt.Errorf("engine control %s: %s: %w", c.socket, req.Op, err)
+	}
+	var rep controlReply
+	if err := json.NewDecoder(conn).Decode(&rep); err != nil {
+		return nil, fmt.Errorf("engine control %s: %s: reading reply: %w", c.socket, req.Op, err)
+	}
+	if rep.Error != "" {
+		return &rep, fmt.Errorf("engine control %s: %s: %s", c.socket, req.Op, rep.Error)
+	}
+	return &rep, nil
+}
+
+// Health returns nil if the engine answers.
+func (c *Control) Health(ctx context.Context) error {
+	_, err := c.call(ctx, controlRequest{Op: "health"})
+	return err
+}
+
+// Stats returns the engine's counters.
+func (c *Control) Stats(ctx context.Context) (*Stats, error) {
+	rep, err := c.call(ctx, controlRequest{Op: "stats"})
+	if err != nil {
+		return nil, err
+	}
+	if rep.Stats == nil {
+		return nil, fmt.Errorf("engine control %s: stats: empty reply", c.socket)
+	}
+	return rep.Stats, nil
+}
+
+// Resize makes the engine re-read the image size after it was grown and serve
+// dataSize bytes (0: everything the image holds after the data offset).
+func (c *Control) Resize(ctx context.Context, dataSize int64) error {
+	_, err := c.call(ctx, controlRequest{Op: "resize", Size: dataSize})
+	return err
+}
+
+// Shutdown unmounts the engine's FUSE mount; the engine then exits. It fails
+// (and the engine keeps serving) while the file is in use, e.g. by a loop device.
+func (c *Control) Shutdown(ctx context.Context) error {
+	_, err := c.call(ctx, controlRequest{Op: "shutdown"})
+	return err
+}

@@ -1,0 +1,557 @@
+package blockdev
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
+)
+
+var execLookPath = exec.LookPath
+
+// testVolume is a LUKS2 image with a known volume key.
+type testVolume struct {
+	image      string
+	key        []byte
+	dataOffset int64
+	sectorSize int
+	runDir     string
+}
+
+func newTestVolume(t *testing.T, dataSize int64, sectorSize int, fill bool) *testVolume {
+	t.Helper()
+	dir := t.TempDir()
+	v := &testVolume{image: filepath.Join(dir, "vol.img"), key: make([]byte, 64), sectorSize: sectorSize,
+		runDir: filepath.Join(dir, "run")}
+	rand.Read(v.key)
+	f, err := os.OpenFile(v.image, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h, err := crypt.Format(f, dataSize, crypt.FormatOptions{SectorSize: sectorSize, VolumeKey: v.key, Passphrase: []byte("test passphrase")})
+	if err != nil {
+		t.Fatalf("format: %v", err)
+	}
+	v.dataOffset = h.DataOffset()
+	if fill { // no holes in the data segment to begin with
+		chunk := make([]byte, 1<<20)
+		for off := int64(0); off < dataSize; off += int64(len(chunk)) {
+			rand.Read(chunk)
+			if _, err := f.WriteAt(chunk[:min(int64(len(chunk)), dataSize-off)], v.dataOffset+off); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	return v
+}
+
+func (v *testVolume) spec(discards bool) EngineSpec {
+	return EngineSpec{VolumeID: "test-" + filepath.Base(filepath.Dir(v.image)), Image: v.image, DataOffset: v.dataOffset,
+		SectorSize: v.sectorSize, AllowDiscards: discards, RunDir: v.runDir}
+}
+
+// start runs an engine (the test binary in engine mode) and tears it down
+// at the end of the test in the right order, whatever happened.
+func (v *testVolume) start(t *testing.T, spec EngineSpec) *Engine {
+	t.Helper()
+	t.Setenv(engineEnv, "1")
+	eng, err := StartEngine(context.Background(), os.Args[0], spec, v.key)
+	os.Unsetenv(engineEnv)
+	if err != nil {
+		t.Fatalf("StartEngine: %v", err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := UnmountEngine(ctx, spec.RunDir); err != nil {
+			t.Errorf("UnmountEngine: %v", err)
+			syscall.Kill(eng.PID, syscall.SIGKILL)
+			cleanupDeadEngine(spec.RunDir)
+		}
+		waitGone(t, eng.PID)
+	})
+	return eng
+}
+
+func waitGone(t *testing.T, pid int) {
+	t.Helper()
+	for i := 0; i < 500; i++ {
+		if err := syscall.Kill(pid, 0); errors.Is(err, syscall.ESRCH) {
+			return
+		}
+		var ws syscall.WaitStatus
+		syscall.Wait4(pid, &ws, syscall.WNOHANG, nil)
+		time.Sleep(10 * time.Millisecond)
+	}
+	t.Errorf("process %d still alive", pid)
+}
+
+// attach attaches a loop device and detaches it at cleanup (registered after
+// the engine's cleanup, so it runs first).
+func attach(t *testing.T, file string, sectorSize int) string {
+	t.Helper()
+	dev, err := LoopAttach(context.Background(), file, sectorSize, false)
+	if err != nil {
+		t.Fatalf("LoopAttach: %v", err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := LoopDetach(ctx, dev); err != nil {
+			t.Errorf("LoopDetach: %v", err)
+		}
+	})
+	return dev
+}
+
+func mountTmp(t *testing.T, dev string) string {
+	t.Helper()
+	mnt := t.TempDir()
+	if err := Mount(context.Background(), dev, mnt, "ext4", nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := Unmount(context.Background(), mnt); err != nil {
+			t.Errorf("unmount: %v", err)
+			unix.Unmount(mnt, unix.MNT_DETACH)
+		}
+	})
+	return mnt
+}
+
+func readImage(t *testing.T, v *testVolume, off int64, n int) []byte {
+	t.Helper()
+	f, err := os.Open(v.image)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	b := make([]byte, n)
+	if _, err := f.ReadAt(b, v.dataOffset+off); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestRoundTripThroughLoop(t *testing.T) {
+	requireRoot(t)
+	for _, ss := range []int{4096, 512} {
+		t.Run(fmt.Sprint(ss), func(t *testing.T) {
+			v := newTestVolume(t, 32<<20, ss, false)
+			eng := v.start(t, v.spec(false))
+			st, err := os.Stat(eng.File)
+			if err != nil || st.Size() != 32<<20 {
+				t.Fatalf("plaintext file: %v, size %d, want %d", err, st.Size(), 32<<20)
+			}
+			dev := attach(t, eng.File, ss)
+			if b, _ := os.ReadFile(loopSys(dev, "dio")); strings.TrimSpace(string(b)) != "1" {
+				t.Errorf("loop direct I/O = %q, want 1", b)
+			}
+			if b, _ := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "queue/logical_block_size")); strings.TrimSpace(string(b)) != fmt.Sprint(ss) {
+				t.Errorf("loop logical block size = %q, want %d", b, ss)
+			}
+			if found, err := LoopFindByFile(context.Background(), eng.File); err != nil || found != dev {
+				t.Errorf("LoopFindByFile = %q, %v; want %s", found, err, dev)
+			}
+
+			// O_DIRECT on the device so the read back reaches the engine.
+			pool := newBufPool()
+			plain, got := *pool.get(), *pool.get()
+			copy(plain, bytes.Repeat([]byte("MARKER-csi-encdisk-roundtrip-"), 40000))
+			const off = 3<<20 + 8192
+			d, err := os.OpenFile(dev, os.O_RDWR|unix.O_DIRECT, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer d.Close()
+			if _, err := d.WriteAt(plain, off); err != nil {
+				t.Fatal(err)
+			}
+			if err := d.Sync(); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := d.ReadAt(got, off); err != nil || !bytes.Equal(got, plain) {
+				t.Fatalf("read back through the loop device differs (err %v)", err)
+			}
+			// The image holds exactly dm-crypt's ciphertext: XTS at tweak = offset/512.
+			x, err := crypt.NewXTS(v.key, ss)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := make([]byte, len(plain))
+			x.EncryptSectors(want, plain, off/512)
+			if ct := readImage(t, v, off, len(plain)); !bytes.Equal(ct, want) {
+				t.Fatal("image ciphertext differs from XTS of the plaintext at tweak offset/512")
+			}
+			img, err := os.ReadFile(v.image)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if bytes.Contains(img, []byte("MARKER-csi-encdisk")) {
+				t.Fatal("plaintext marker found in the image")
+			}
+			s, err := DialControl(eng.ControlSocket).Stats(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if s.WriteBytes < uint64(len(plain)) || s.ReadBytes < uint64(len(plain)) || s.IOErrors != 0 || s.Size != 32<<20 {
+				t.Errorf("stats %+v", s)
+			}
+		})
+	}
+}
+
+func TestMisalignedIOAndFallocate(t *testing.T) {
+	requireRoot(t)
+	for _, discards := range []bool{false, true} {
+		t.Run(fmt.Sprintf("discards=%v", discards), func(t *testing.T) {
+			v := newTestVolume(t, 8<<20, 4096, true)
+			eng := v.start(t, v.spec(discards))
+			f, err := os.OpenFile(eng.File, os.O_RDWR, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			pattern := bytes.Repeat([]byte{0xA5}, 3*4096)
+			if _, err := f.WriteAt(pattern, 4096); err != nil {
+				t.Fatal(err)
+			}
+			before := readImage(t, v, 0, 5*4096)
+			for _, c := range []struct {
+				off int64
+				n   int
+			}{{4096 + 100, 4096}, {4096, 100}, {8192 - 512, 4096}} {
+				if _, err := f.WriteAt(make([]byte, c.n), c.off); !errors.Is(err, syscall.EINVAL) {
+					t.Errorf("write %d@%d: %v, want EINVAL", c.n, c.off, err)
+				}
+				if _, err := f.ReadAt(make([]byte, c.n), c.off); !errors.Is(err, syscall.EINVAL) {
+					t.Errorf("read %d@%d: %v, want EINVAL", c.n, c.off, err)
+				}
+			}
+			if !bytes.Equal(readImage(t, v, 0, 5*4096), before) {
+				t.Fatal("misaligned writes changed the image")
+			}
+			got := make([]byte, len(pattern))
+			if _, err := f.ReadAt(got, 4096); err != nil || !bytes.Equal(got, pattern) {
+				t.Fatalf("neighbours changed: %v", err)
+			}
+
+			err = unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, 8192, 4096)
+			if !discards {
+				if !errors.Is(err, syscall.EOPNOTSUPP) {
+					t.Fatalf("punch hole without discards: %v, want EOPNOTSUPP", err)
+				}
+				if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_ZERO_RANGE, 8192, 4096); !errors.Is(err, syscall.EOPNOTSUPP) {
+					t.Fatalf("zero range without discards: %v, want EOPNOTSUPP", err)
+				}
+				if !bytes.Equal(readImage(t, v, 0, 5*4096), before) {
+					t.Fatal("refused fallocate changed the image")
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("punch hole with discards: %v", err)
+			}
+			if _, err := f.ReadAt(got, 4096); err != nil {
+				t.Fatal(err)
+			}
+			want := append(append(bytes.Clone(pattern[:4096]), make([]byte, 4096)...), pattern[:4096]...)
+			if !bytes.Equal(got, want) {
+				t.Fatal("punched sector does not read as zeros, or its neighbours changed")
+			}
+			if !bytes.Equal(readImage(t, v, 8192, 4096), make([]byte, 4096)) {
+				t.Fatal("image not zero where the hole was punched")
+			}
+			if err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, 8192+512, 4096); !errors.Is(err, syscall.EINVAL) {
+				t.Fatalf("misaligned punch: %v, want EINVAL", err)
+			}
+		})
+	}
+}
+
+// firstHole returns the first hole at or after off in file (its size if none).
+func firstHole(t *testing.T, file string, off int64) int64 {
+	t.Helper()
+	f, err := os.Open(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	h, err := unix.Seek(int(f.Fd()), off, unix.SEEK_HOLE)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return h
+}
+
+func TestExt4OnEngine(t *testing.T) {
+	requireRoot(t, "mkfs.ext4", "e2fsck", "blkid", "mount")
+	const size = 96 << 20
+	v := newTestVolume(t, size, 4096, true)
+	imgSize := v.dataOffset + size
+	if h := firstHole(t, v.image, v.dataOffset); h != imgSize {
+		t.Fatalf("prefilled image has a hole at %d", h)
+	}
+	eng := v.start(t, v.spec(false))
+	dev := attach(t, eng.File, 4096)
+	ctx := context.Background()
+	if fs, err := DetectFilesystem(ctx, dev); err != nil || fs != "" {
+		t.Fatalf("DetectFilesystem on random data = %q, %v", fs, err)
+	}
+	if err := MakeFilesystem(ctx, dev, "ext4"); err != nil {
+		t.Fatal(err)
+	}
+	if fs, err := DetectFilesystem(ctx, dev); err != nil || fs != "ext4" {
+		t.Fatalf("DetectFilesystem = %q, %v", fs, err)
+	}
+	if err := MakeFilesystem(ctx, dev, "ext4"); err == nil {
+		t.Fatal("MakeFilesystem over an existing filesystem succeeded")
+	}
+	mnt := t.TempDir()
+	if err := Mount(ctx, dev, mnt, "ext4", nil); err != nil {
+		t.Fatal(err)
+	}
+	mounted := true
+	defer func() {
+		if mounted {
+			Unmount(ctx, mnt)
+		}
+	}()
+	if ok, err := IsMountPoint(mnt); !ok || err != nil {
+		t.Fatalf("IsMountPoint = %v, %v", ok, err)
+	}
+	data := bytes.Repeat([]byte("EXT4-MARKER-csi-encdisk "), 200000)
+	if err := os.WriteFile(filepath.Join(mnt, "f"), data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	st, err := FilesystemStats(mnt)
+	if err != nil || st.UsedBytes < int64(len(data)) || st.TotalBytes < 80<<20 || st.UsedInodes == 0 {
+		t.Fatalf("FilesystemStats = %+v, %v", st, err)
+	}
+	if err := Unmount(ctx, mnt); err != nil {
+		t.Fatal(err)
+	}
+	mounted = false
+	if ok, _ := IsMountPoint(mnt); ok {
+		t.Fatal("still mounted")
+	}
+	if out, err := exec.Command("e2fsck", "-fn", dev).CombinedOutput(); err != nil {
+		t.Fatalf("e2fsck -fn: %v\n%s", err, out)
+	}
+	if h := firstHole(t, v.image, v.dataOffset); h != imgSize {
+		t.Fatalf("image data segment has a hole at %d without discards", h-v.dataOffset)
+	}
+	img, err := os.ReadFile(v.image)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(img, []byte("EXT4-MARKER")) {
+		t.Fatal("plaintext in the image")
+	}
+}
+
+func TestKillEngineGivesErrors(t *testing.T) {
+	requireRoot(t, "mkfs.ext4")
+	v := newTestVolume(t, 64<<20, 4096, false)
+	eng := v.start(t, v.spec(false))
+	dev := attach(t, eng.File, 4096)
+	ctx := context.Background()
+	if err := MakeFilesystem(ctx, dev, "ext4"); err != nil {
+		t.Fatal(err)
+	}
+	mnt := mountTmp(t, dev)
+	if err := syscall.Kill(eng.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitGone(t, eng.PID)
+	// Writes are not acknowledged.
+	f, err := os.Create(filepath.Join(mnt, "after-kill"))
+	if err == nil {
+		_, err = f.Write(make([]byte, 1<<20))
+		if err == nil {
+			err = f.Sync()
+		}
+		f.Close()
+	}
+	if err == nil {
+		t.Fatal("write + fsync after the engine died succeeded")
+	}
+	// Reads of the device fail rather than returning zeros.
+	d, err := os.OpenFile(dev, os.O_RDONLY|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	buf := (*newBufPool().get())[:4096]
+	if _, err := d.ReadAt(buf, 32<<20); err == nil {
+		t.Fatal("read from the loop device after the engine died succeeded")
+	}
+	if err := DialControl(eng.ControlSocket).Health(ctx); err == nil {
+		t.Fatal("health OK after kill")
+	}
+}
+
+func TestResize(t *testing.T) {
+	requireRoot(t)
+	v := newTestVolume(t, 16<<20, 4096, false)
+	eng := v.start(t, v.spec(false))
+	dev := attach(t, eng.File, 4096)
+	ctx := context.Background()
+	ctl := DialControl(eng.ControlSocket)
+	if err := ctl.Resize(ctx, 64<<20); err == nil {
+		t.Fatal("resize beyond the image succeeded")
+	}
+	if err := os.Truncate(v.image, v.dataOffset+48<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := ctl.Resize(ctx, 48<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := LoopSetCapacity(ctx, dev); err != nil {
+		t.Fatal(err)
+	}
+	d, err := os.Open(dev)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	n, err := d.Seek(0, io.SeekEnd)
+	if err != nil || n != 48<<20 {
+		t.Fatalf("loop device size %d (%v), want %d", n, err, 48<<20)
+	}
+	s, err := ctl.Stats(ctx)
+	if err != nil || s.Size != 48<<20 {
+		t.Fatalf("stats %+v, %v", s, err)
+	}
+	if err := ctl.Resize(ctx, 16<<20); err == nil {
+		t.Fatal("shrinking succeeded")
+	}
+}
+
+func TestKeyNotInProcOrLog(t *testing.T) {
+	requireRoot(t)
+	v := newTestVolume(t, 8<<20, 512, false)
+	eng := v.start(t, v.spec(false))
+	pid := fmt.Sprint(eng.PID)
+	for _, name := range []string{"cmdline", "environ"} {
+		b, err := os.ReadFile(filepath.Join("/proc", pid, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, enc := range [][]byte{v.key, v.key[:16], []byte(hex.EncodeToString(v.key[:16]))} {
+			if bytes.Contains(b, enc) {
+				t.Fatalf("key material in /proc/%s/%s", pid, name)
+			}
+		}
+	}
+	b, err := os.ReadFile(filepath.Join("/proc", pid, "status"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Contains(b, []byte("VmLck:")) || bytes.Contains(b, []byte("VmLck:\t       0 kB")) {
+		t.Errorf("engine has no locked memory:\n%s", b)
+	}
+	// oom_score_adj -1000 and PR_SET_IO_FLUSHER need CAP_SYS_RESOURCE; without
+	// it (as in some sandboxes) the engine must say so in its log.
+	adj, _ := os.ReadFile(filepath.Join("/proc", pid, "oom_score_adj"))
+	log, _ := os.ReadFile(filepath.Join(v.runDir, LogFileName))
+	if hasCapSysResource(t) {
+		if strings.TrimSpace(string(adj)) != "-1000" {
+			t.Errorf("oom_score_adj = %q; engine log:\n%s", adj, log)
+		}
+	} else if !bytes.Contains(log, []byte("Setting oom_score_adj failed")) || !bytes.Contains(log, []byte("PR_SET_IO_FLUSHER")) {
+		t.Errorf("no CAP_SYS_RESOURCE, yet the engine log does not report the failed hardening:\n%s", log)
+	}
+	// fd 3 (the key pipe) is closed after reading.
+	if _, err := os.Readlink(filepath.Join("/proc", pid, "fd", "3")); err == nil {
+		if l, _ := os.Readlink(filepath.Join("/proc", pid, "fd", "3")); strings.HasPrefix(l, "pipe:") {
+			t.Errorf("engine still holds the key pipe on fd 3")
+		}
+	}
+	log, _ = os.ReadFile(filepath.Join(v.runDir, LogFileName))
+	if bytes.Contains(log, []byte(hex.EncodeToString(v.key[:16]))) || bytes.Contains(log, v.key[:16]) {
+		t.Fatal("key in the engine log")
+	}
+}
+
+func TestStartEngineCleanupOnFailure(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	v := newTestVolume(t, 8<<20, 4096, false)
+
+	// Engine exits early: a key whose halves are equal is refused.
+	bad := append(bytes.Repeat([]byte{7}, 32), bytes.Repeat([]byte{7}, 32)...)
+	t.Setenv(engineEnv, "1")
+	if _, err := StartEngine(ctx, os.Args[0], v.spec(false), bad); err == nil {
+		t.Fatal("StartEngine with an equal-halves key succeeded")
+	}
+	assertClean(t, v.runDir)
+
+	// Missing image.
+	s := v.spec(false)
+	s.Image = filepath.Join(t.TempDir(), "missing.img")
+	if _, err := StartEngine(ctx, os.Args[0], s, v.key); err == nil {
+		t.Fatal("StartEngine on a missing image succeeded")
+	}
+	assertClean(t, v.runDir)
+
+	// An engine that never serves is killed at the deadline.
+	script := filepath.Join(t.TempDir(), "hang.sh")
+	pidFile := script + ".pid"
+	os.WriteFile(script, []byte("#!/bin/sh\necho $$ > "+pidFile+"\nexec sleep 600\n"), 0o700)
+	tctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if _, err := StartEngine(tctx, script, v.spec(false), v.key); err == nil {
+		t.Fatal("StartEngine with a hanging engine succeeded")
+	}
+	b, err := os.ReadFile(pidFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pid int
+	fmt.Sscan(string(b), &pid)
+	waitGone(t, pid)
+	assertClean(t, v.runDir)
+}
+
+func assertClean(t *testing.T, runDir string) {
+	t.Helper()
+	if ok, _ := IsMountPoint(FUSEDir(runDir)); ok {
+		t.Fatalf("FUSE mount left at %s", FUSEDir(runDir))
+	}
+	if _, err := os.Stat(ControlSocketPath(runDir)); err == nil {
+		t.Fatal("control socket left behind")
+	}
+}
+
+// hasCapSysResource reports whether this process has CAP_SYS_RESOURCE.
+func hasCapSysResource(t *testing.T) bool {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "CapEff:"); ok {
+			var caps uint64
+			fmt.Sscanf(strings.TrimSpace(v), "%x", &caps)
+			return caps&(1<<unix.CAP_SYS_RESOURCE) != 0
+		}
+	}
+	t.Fatal("no CapEff in /proc/self/status")
+	return false
+}
