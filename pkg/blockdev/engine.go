@@ -367,7 +367,7 @@ func (d *diskNode) Read(_ context.Context, _ fs.FileHandle, dest []byte, off int
 		if err := e.pread(buf[:c], e.spec.DataOffset+pos); err != nil {
 			e.ioErrors.Add(1)
 			klog.ErrorS(err, "Image read failed", "volumeID", e.spec.VolumeID, "offset", pos, "length", c)
-			return nil, fs.ToErrno(err)
+			return nil, ioErrno(err)
 		}
 		if e.spec.AllowDiscards {
 			// A punched sector reads back as zero plaintext.
@@ -408,7 +408,7 @@ func (d *diskNode) Write(_ context.Context, _ fs.FileHandle, data []byte, off in
 		if err := e.pwrite(buf[:c], e.spec.DataOffset+pos); err != nil {
 			e.ioErrors.Add(1)
 			klog.ErrorS(err, "Image write failed", "volumeID", e.spec.VolumeID, "offset", pos, "length", c)
-			return 0, fs.ToErrno(err)
+			return 0, ioErrno(err)
 		}
 		done += c
 	}
@@ -455,7 +455,7 @@ func (e *engine) sync() syscall.Errno {
 	if err := unix.Fdatasync(int(e.buffered.Fd())); err != nil {
 		e.ioErrors.Add(1)
 		klog.ErrorS(err, "fdatasync of the image failed", "volumeID", e.spec.VolumeID)
-		return fs.ToErrno(err)
+		return ioErrno(err)
 	}
 	return 0
 }
@@ -475,7 +475,8 @@ func (d *diskNode) Allocate(_ context.Context, _ fs.FileHandle, off, size uint64
 	default:
 		return syscall.EOPNOTSUPP
 	}
-	if off > 1<<62 || size > 1<<62 || !e.aligned(int64(off), int(size%(1<<30))) || size%uint64(e.spec.SectorSize) != 0 {
+	ss := uint64(e.spec.SectorSize)
+	if off > 1<<62 || size > 1<<62 || off%ss != 0 || size%ss != 0 {
 		return syscall.EINVAL
 	}
 	end := min(int64(off+size), e.size.Load())
@@ -487,7 +488,17 @@ func (d *diskNode) Allocate(_ context.Context, _ fs.FileHandle, off, size uint64
 	if err != nil {
 		e.ioErrors.Add(1)
 		klog.ErrorS(err, "Punching a hole in the image failed", "volumeID", e.spec.VolumeID, "offset", off, "length", size)
-		return fs.ToErrno(err)
+		return ioErrno(err)
 	}
 	return 0
+}
+
+// ioErrno maps an image I/O error to the errno the kernel passes up: the
+// system call's own, or EIO (a short read of a truncated image, ...).
+func ioErrno(err error) syscall.Errno {
+	var errno syscall.Errno
+	if errors.As(err, &errno) {
+		return errno
+	}
+	return syscall.EIO
 }

@@ -555,3 +555,26 @@ func hasCapSysResource(t *testing.T) bool {
 	t.Fatal("no CapEff in /proc/self/status")
 	return false
 }
+
+// TestTruncatedImageGivesEIO: an image cut short under the engine gives I/O
+// errors (counted in the stats), never zeros.
+func TestTruncatedImageGivesEIO(t *testing.T) {
+	requireRoot(t)
+	v := newTestVolume(t, 8<<20, 4096, true)
+	eng := v.start(t, v.spec(false))
+	if err := os.Truncate(v.image, v.dataOffset+4<<20); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(eng.File)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.ReadAt(make([]byte, 4096), 6<<20); !errors.Is(err, syscall.EIO) {
+		t.Fatalf("read past the truncated image: %v, want EIO", err)
+	}
+	s, err := DialControl(eng.ControlSocket).Stats(context.Background())
+	if err != nil || s.IOErrors == 0 {
+		t.Fatalf("stats %+v, %v: want I/O errors counted", s, err)
+	}
+}
