@@ -161,7 +161,11 @@ func (r *run) story(ctx context.Context) error {
 		if err != nil {
 			rw.result = "FAILED: " + err.Error()
 		}
-		if after := r.kmsCount(ctx); before >= 0 && after >= 0 {
+		after := r.kmsCount(ctx)
+		if before < 0 && after >= 0 {
+			before = 0 // the driver (and its counters) started in this step
+		}
+		if before >= 0 && after >= 0 {
 			rw.kmsCalls = fmt.Sprintf("%.0f", after-before)
 		} else {
 			rw.kmsCalls = "-"
