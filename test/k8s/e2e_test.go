@@ -121,7 +121,7 @@ func TestEndToEnd(t *testing.T) {
 		"--timeout=60s", "--extra-create-metadata", "--default-fstype=ext4", "--retry-interval-max=5s", "--v=4")
 	e.start(procDir, "csi-snapshotter", sidecars.Snapshotter, "--csi-address="+sock, "--kubeconfig="+saKubeconfig,
 		"--leader-election", "--leader-election-namespace="+harness.ManifestsNamespace,
-		"--timeout=60s", "--extra-create-metadata", "--v=4")
+		"--timeout=60s", "--v=4")
 	e.start(procDir, "snapshot-controller", sidecars.SnapshotController, "--kubeconfig="+c.Kubeconfig, "--leader-election=false", "--v=4")
 
 	// 1. An encrypted PVC binds; its PV says encrypted and is placed in the region.

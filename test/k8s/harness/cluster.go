@@ -40,7 +40,7 @@ type Cluster struct {
 // ClusterOptions tune StartCluster.
 type ClusterOptions struct {
 	// Controllers for kube-controller-manager; empty means the harness default
-	// (serviceaccount, persistentvolume binder and expander).
+	// (serviceaccount, persistentvolume binder, expander and protection).
 	Controllers []string
 	// Logf receives progress lines.
 	Logf func(format string, args ...any)
@@ -51,6 +51,8 @@ var DefaultControllers = []string{
 	"serviceaccount-controller",
 	"persistentvolume-binder-controller",
 	"persistentvolume-expander-controller",
+	"persistentvolumeclaim-protection-controller",
+	"persistentvolume-protection-controller",
 }
 
 // StartCluster starts etcd, kube-apiserver and kube-controller-manager with
