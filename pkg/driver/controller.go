@@ -275,6 +275,16 @@ func (c *ControllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolu
 	var m *backend.Meta
 	switch {
 	case src != nil:
+		if src.meta.Kind == backend.KindVolume {
+			// Hold the source volume while copying it (see CreateSnapshot). No
+			// cycle: a call holding the source's name finds that volume
+			// existing and takes no second lock.
+			unlockSrc, err := c.pool.Lock(ctx, backend.KindVolume, src.meta.Name)
+			if err != nil {
+				return nil, toStatus(err, "CreateVolume")
+			}
+			defer unlockSrc()
+		}
 		m, err = c.createFromSource(ctx, meta, src)
 	case meta.Encrypted:
 		m, err = c.createEncrypted(ctx, meta)

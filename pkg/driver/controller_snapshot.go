@@ -46,6 +46,13 @@ func (c *ControllerServer) CreateSnapshot(ctx context.Context, req *csi.CreateSn
 	if err != nil {
 		return nil, toStatus(err, "CreateSnapshot")
 	}
+	// Hold the volume while copying it, so a concurrent DeleteVolume cannot
+	// shred its header under the copy (lock order: snapshot, then volume).
+	unlockVol, err := c.pool.Lock(ctx, backend.KindVolume, vol.Name)
+	if err != nil {
+		return nil, toStatus(err, "CreateSnapshot")
+	}
+	defer unlockVol()
 	m, err := c.pool.Create(ctx, backend.CreateRequest{
 		Meta: backend.Meta{
 			Name:           name,
