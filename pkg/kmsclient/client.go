@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
@@ -68,7 +69,15 @@ func New(endpoint string, opts Options) (*Client, error) {
 	if timeout <= 0 {
 		timeout = DefaultTimeout
 	}
-	conn, err := grpc.NewClient(endpoint, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient(endpoint,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		// gRPC's default reconnect backoff grows to 2 minutes: after an
+		// outage the restarted plugin would stay unreached that long. A
+		// local socket is cheap to retry, so cap the backoff at a second.
+		grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
+			MinConnectTimeout: time.Second,
+		}))
 	if err != nil {
 		return nil, fmt.Errorf("kms %s: %w", endpoint, err)
 	}
@@ -173,7 +182,10 @@ func (c *Client) call(ctx context.Context, method string, fn func(ctx context.Co
 	}
 	st, _ := status.FromError(err)
 	code := st.Code()
-	if ctx.Err() != nil && code != codes.Unavailable {
+	switch {
+	case errors.Is(ctx.Err(), context.Canceled):
+		code = codes.Canceled
+	case ctx.Err() != nil && code != codes.Unavailable:
 		code = codes.DeadlineExceeded
 	}
 	return &Error{Endpoint: c.endpoint, Method: method, Code: code, Message: st.Message()}

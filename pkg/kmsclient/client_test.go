@@ -451,3 +451,19 @@ func TestDecryptEmpty(t *testing.T) {
 		t.Errorf("plugin saw %d Decrypts, want 0", n)
 	}
 }
+
+// After a long outage the client reaches a restarted plugin at once (gRPC's
+// default reconnect backoff would keep it away for up to two minutes).
+func TestReconnectAfterLongOutage(t *testing.T) {
+	socket := socketPath(t)
+	c := newClient(t, socket, kmsclient.Options{Timeout: 2 * time.Second})
+	for start := time.Now(); time.Since(start) < 12*time.Second; {
+		if _, err := c.Status(context.Background()); err == nil {
+			t.Fatal("Status succeeded with nothing listening")
+		}
+	}
+	startPlugin(t, socket)
+	if _, err := c.Status(context.Background()); err != nil {
+		t.Fatalf("first Status after the plugin came back: %v", err)
+	}
+}
