@@ -231,7 +231,15 @@ func TestKillDuringCreateVolume(t *testing.T) {
 			if _, err := csi.NewControllerClient(conn).CreateVolume(ctx, req); err == nil {
 				t.Fatal("CreateVolume succeeded in a driver that should have died")
 			}
-			err := child.Wait()
+			waited := make(chan error, 1)
+			go func() { waited <- child.Wait() }()
+			var err error
+			select {
+			case err = <-waited:
+			case <-time.After(20 * time.Second):
+				_ = child.Process.Kill()
+				t.Fatalf("the child did not die at %s", point)
+			}
 			var ee *exec.ExitError
 			if !errors.As(err, &ee) || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
 				t.Fatalf("child: %v\n%s", err, stderr.String())
