@@ -22,6 +22,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
@@ -122,6 +123,8 @@ func TestEndToEnd(t *testing.T) {
 	e.start(procDir, "csi-snapshotter", sidecars.Snapshotter, "--csi-address="+sock, "--kubeconfig="+saKubeconfig,
 		"--leader-election", "--leader-election-namespace="+harness.ManifestsNamespace,
 		"--timeout=60s", "--v=4")
+	e.start(procDir, "csi-resizer", sidecars.Resizer, "--csi-address="+sock, "--kubeconfig="+saKubeconfig,
+		"--leader-election", "--leader-election-namespace="+harness.ManifestsNamespace, "--timeout=60s", "--v=4")
 	e.start(procDir, "snapshot-controller", sidecars.SnapshotController, "--kubeconfig="+c.Kubeconfig, "--leader-election=false", "--v=4")
 
 	// 1. An encrypted PVC binds; its PV says encrypted and is placed in the region.
@@ -169,18 +172,23 @@ func TestEndToEnd(t *testing.T) {
 	if !strings.Contains(msg, "InvalidArgument") || !strings.Contains(strings.ToLower(msg), "encrypt") {
 		t.Errorf("event on %s: %q, want an InvalidArgument about encryption", plain, msg)
 	}
+	t.Logf("restore of the encrypted snapshot into class encdisk refused: %s", msg)
+	time.Sleep(2 * time.Second) // the provisioner retries; it must keep failing
 	if pvc := e.getPVC(plain); pvc.Status.Phase != corev1.ClaimPending || pvc.Spec.VolumeName != "" {
 		t.Errorf("%s: phase %s volume %q, want Pending and no volume", plain, pvc.Status.Phase, pvc.Spec.VolumeName)
 	}
 
-	// 6. The driver's metrics show the KMS calls made, by CSI operation.
+	// 6. Growing the source PVC grows its PV and image (csi-resizer).
+	e.expand(src, srcPV.Name, srcImage, "128Mi")
+
+	// 7. The driver's metrics show the KMS calls made, by CSI operation.
 	kmsOps := e.kmsCallsByOperation()
 	if kmsOps["CreateVolume"] == 0 {
 		t.Errorf("metrics: no KMS call counted for CreateVolume: %v", kmsOps)
 	}
 	t.Logf("KMS calls by operation: %v", kmsOps)
 
-	// 7. Deleting the PVCs deletes their PVs and images (reclaimPolicy Delete).
+	// 8. Deleting the PVCs deletes their PVs and images (reclaimPolicy Delete).
 	for _, name := range []string{plain, clone, restored} {
 		e.deletePVC(name)
 	}
@@ -205,6 +213,53 @@ func TestEndToEnd(t *testing.T) {
 	if len(left) != 0 {
 		t.Errorf("images left in the pool after every PVC and snapshot was deleted: %v", left)
 	}
+
+	// 9. The chart's RBAC was enough: no sidecar was refused by the API server.
+	for _, name := range []string{"csi-provisioner", "csi-snapshotter", "csi-resizer"} {
+		data, err := os.ReadFile(filepath.Join(procDir, name+".log"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, line := range strings.Split(string(data), "\n") {
+			if strings.Contains(line, "is forbidden") {
+				t.Errorf("%s was refused by RBAC (chart ClusterRole too narrow): %s", name, line)
+				break
+			}
+		}
+	}
+}
+
+// expand grows a PVC to size and waits until its PV and image have that size.
+func (e *e2e) expand(pvc, pv, image, size string) {
+	e.t.Helper()
+	want := resource.MustParse(size)
+	patch := fmt.Sprintf(`{"spec":{"resources":{"requests":{"storage":%q}}}}`, size)
+	if _, err := e.kube.CoreV1().PersistentVolumeClaims(ns).Patch(e.ctx, pvc, types.MergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
+		e.t.Fatal(err)
+	}
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(e.ctx, 2*time.Minute)
+	defer cancel()
+	if err := harness.WaitFor(ctx, "PV "+pv+" grown to "+size, nil, 250*time.Millisecond, func(ctx context.Context) error {
+		got, err := e.kube.CoreV1().PersistentVolumes().Get(ctx, pv, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if c := got.Spec.Capacity[corev1.ResourceStorage]; c.Cmp(want) < 0 {
+			return fmt.Errorf("capacity %s; events: %s", c.String(), e.events(pvc))
+		}
+		return nil
+	}); err != nil {
+		e.t.Fatal(err)
+	}
+	st, err := os.Stat(image)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if st.Size() < want.Value() {
+		e.t.Errorf("image %s: %d bytes after expansion to %s", image, st.Size(), size)
+	}
+	e.t.Logf("PVC %s expanded to %s in %s (image %d bytes)", pvc, size, time.Since(start).Round(time.Millisecond), st.Size())
 }
 
 // buildDriver builds cmd/csi-encdisk from this checkout.

@@ -1,7 +1,8 @@
 // Package harness builds and runs a small real Kubernetes control plane for the
 // csi-encdisk tests: etcd, kube-apiserver and kube-controller-manager on
 // 127.0.0.1, kubectl and helm, and the upstream CSI sidecars (csi-provisioner,
-// csi-snapshotter, snapshot-controller), all built from their Go modules.
+// csi-snapshotter, snapshot-controller, csi-resizer), all built from their Go
+// modules.
 //
 // The tool modules live under test/k8s/tools (one go.mod each, so the
 // project's own go.mod stays clean). Binaries are cached in the user's cache
@@ -35,6 +36,7 @@ const (
 	EtcdVersion        = "v3.7.3"
 	ProvisionerVersion = "v6.4.0"
 	SnapshotterVersion = "v8.7.0"
+	ResizerVersion     = "v2.3.0"
 	HelmVersion        = "v3.22.0"
 )
 
@@ -82,6 +84,11 @@ var (
 			"github.com/kubernetes-csi/external-snapshotter/v8/cmd/snapshot-controller",
 		},
 		ldflags: "-X main.version=" + SnapshotterVersion,
+	}
+	modResizer = module{
+		dir:      "resizer",
+		packages: []string{"github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer"},
+		ldflags:  "-X main.version=" + ResizerVersion,
 	}
 	modHelm = module{
 		dir:      "helm",
@@ -280,11 +287,11 @@ func (b *Builder) BuildControlPlane(ctx context.Context) (*ControlPlane, error) 
 
 // Sidecars holds the paths of the upstream CSI sidecars.
 type Sidecars struct {
-	Provisioner, Snapshotter, SnapshotController string
+	Provisioner, Snapshotter, SnapshotController, Resizer string
 }
 
-// BuildSidecars builds (or finds cached) csi-provisioner, csi-snapshotter and
-// snapshot-controller.
+// BuildSidecars builds (or finds cached) csi-provisioner, csi-snapshotter,
+// snapshot-controller and csi-resizer.
 func (b *Builder) BuildSidecars(ctx context.Context) (*Sidecars, error) {
 	provDir, err := b.build(ctx, modProvisioner)
 	if err != nil {
@@ -294,10 +301,15 @@ func (b *Builder) BuildSidecars(ctx context.Context) (*Sidecars, error) {
 	if err != nil {
 		return nil, err
 	}
+	resizerDir, err := b.build(ctx, modResizer)
+	if err != nil {
+		return nil, err
+	}
 	return &Sidecars{
 		Provisioner:        filepath.Join(provDir, "csi-provisioner"),
 		Snapshotter:        filepath.Join(snapDir, "csi-snapshotter"),
 		SnapshotController: filepath.Join(snapDir, "snapshot-controller"),
+		Resizer:            filepath.Join(resizerDir, "csi-resizer"),
 	}, nil
 }
 
