@@ -11,7 +11,9 @@ import (
 	"strings"
 	"time"
 
+	"google.golang.org/grpc"
 	"k8s.io/klog/v2"
+	kmsapi "k8s.io/kms/apis/v2"
 	"k8s.io/kms/pkg/service"
 )
 
@@ -76,28 +78,21 @@ func ServeNotify(ctx context.Context, listen string, svc *Service, ready chan<- 
 			return fmt.Errorf("remove stale socket %s: %w", path, err)
 		}
 	}
-	grpcSvc := service.NewGRPCService(path, 30*time.Second, svc)
-	errc := make(chan error, 1)
-	go func() { errc <- grpcSvc.ListenAndServe() }()
-	// Wait for the socket, tighten its mode, then announce readiness.
-	for deadline := time.Now().Add(10 * time.Second); ; {
-		if _, err := os.Stat(path); err == nil {
-			break
-		}
-		select {
-		case err := <-errc:
-			return fmt.Errorf("kms plugin on %s: %w", path, err)
-		case <-time.After(10 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			grpcSvc.Close()
-			return fmt.Errorf("kms plugin on %s: socket did not appear", path)
-		}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return fmt.Errorf("kms plugin: listen on %s: %w", path, err)
 	}
 	if err := os.Chmod(path, 0o600); err != nil {
-		grpcSvc.Close()
+		ln.Close()
+		os.Remove(path)
 		return fmt.Errorf("socket mode: %w", err)
 	}
+	// Our own server (not GRPCService.ListenAndServe) so that a stop right
+	// after start cannot miss the server it has to stop.
+	gs := grpc.NewServer(grpc.ConnectionTimeout(30 * time.Second))
+	kmsapi.RegisterKeyManagementServiceServer(gs, service.NewGRPCService(path, 30*time.Second, svc))
+	errc := make(chan error, 1)
+	go func() { errc <- gs.Serve(ln) }()
 	klog.InfoS("KMS plugin serving", "socket", path, "region", svc.Region())
 	if ready != nil {
 		close(ready)
@@ -109,11 +104,11 @@ func ServeNotify(ctx context.Context, listen string, svc *Service, ready chan<- 
 	case <-ctx.Done():
 	}
 	stopped := make(chan struct{})
-	go func() { grpcSvc.Shutdown(); close(stopped) }()
+	go func() { gs.GracefulStop(); close(stopped) }()
 	select {
 	case <-stopped:
 	case <-time.After(10 * time.Second):
-		grpcSvc.Close()
+		gs.Stop()
 	}
 	<-errc
 	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
