@@ -55,6 +55,7 @@ func (c *ControllerServer) ControllerGetCapabilities(context.Context, *csi.Contr
 		csi.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME,
 		csi.ControllerServiceCapability_RPC_CREATE_DELETE_SNAPSHOT,
 		csi.ControllerServiceCapability_RPC_LIST_SNAPSHOTS,
+		csi.ControllerServiceCapability_RPC_GET_SNAPSHOT,
 		csi.ControllerServiceCapability_RPC_LIST_VOLUMES,
 		csi.ControllerServiceCapability_RPC_GET_CAPACITY,
 		csi.ControllerServiceCapability_RPC_CLONE_VOLUME,
@@ -599,7 +600,7 @@ func (c *ControllerServer) ListVolumes(ctx context.Context, req *csi.ListVolumes
 	if err != nil {
 		return nil, toStatus(err, "ListVolumes")
 	}
-	page, next, err := paginate(all, req.GetStartingToken(), req.GetMaxEntries())
+	page, next, err := paginate(all, backend.KindVolume, req.GetStartingToken(), req.GetMaxEntries())
 	if err != nil {
 		return nil, err
 	}
@@ -613,13 +614,13 @@ func (c *ControllerServer) ListVolumes(ctx context.Context, req *csi.ListVolumes
 // paginate returns the entries from the one whose ID is the token on (IDs
 // are sorted; a token whose entry was deleted meanwhile still continues in
 // order), at most max of them, and the next token.
-func paginate(all []*backend.Meta, token string, maxEntries int32) ([]*backend.Meta, string, error) {
+func paginate(all []*backend.Meta, kind backend.Kind, token string, maxEntries int32) ([]*backend.Meta, string, error) {
 	if maxEntries < 0 {
 		return nil, "", invalid("max_entries: must not be negative")
 	}
 	start := 0
 	if token != "" {
-		if !backend.ValidID(backend.KindVolume, token) && !backend.ValidID(backend.KindSnapshot, token) {
+		if !backend.ValidID(kind, token) {
 			return nil, "", status.Errorf(codes.Aborted, "starting_token %q is not a token this driver issued", token)
 		}
 		for start < len(all) && all[start].ID < token {

@@ -128,7 +128,7 @@ func (c *ControllerServer) ListSnapshots(ctx context.Context, req *csi.ListSnaps
 		}
 		all = kept
 	}
-	page, next, err := paginate(all, req.GetStartingToken(), req.GetMaxEntries())
+	page, next, err := paginate(all, backend.KindSnapshot, req.GetStartingToken(), req.GetMaxEntries())
 	if err != nil {
 		return nil, err
 	}
@@ -137,4 +137,20 @@ func (c *ControllerServer) ListSnapshots(ctx context.Context, req *csi.ListSnaps
 		resp.Entries = append(resp.Entries, &csi.ListSnapshotsResponse_Entry{Snapshot: csiSnapshot(m)})
 	}
 	return resp, nil
+}
+
+// GetSnapshot describes one snapshot; an unknown ID is NotFound.
+func (c *ControllerServer) GetSnapshot(ctx context.Context, req *csi.GetSnapshotRequest) (*csi.GetSnapshotResponse, error) {
+	id := req.GetSnapshotId()
+	if id == "" {
+		return nil, invalid("snapshot_id: must not be empty")
+	}
+	m, err := c.pool.Get(ctx, backend.KindSnapshot, id)
+	if errors.Is(err, backend.ErrNotFound) {
+		return nil, status.Errorf(codes.NotFound, "snapshot %q does not exist", id)
+	}
+	if err != nil {
+		return nil, toStatus(err, "GetSnapshot")
+	}
+	return &csi.GetSnapshotResponse{Snapshot: csiSnapshot(m)}, nil
 }

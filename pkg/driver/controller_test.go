@@ -544,6 +544,8 @@ func TestListPaging(t *testing.T) {
 	wantStatus(t, "bad volume token", err, codes.Aborted)
 	_, err = e.ctl.ListSnapshots(ctx, &csi.ListSnapshotsRequest{StartingToken: "garbage"})
 	wantStatus(t, "bad snapshot token", err, codes.Aborted)
+	_, err = e.ctl.ListSnapshots(ctx, &csi.ListSnapshotsRequest{StartingToken: vols[0]})
+	wantStatus(t, "volume token for snapshots", err, codes.Aborted)
 
 	e.snapshot("s0", vols[0])
 	e.snapshot("s1", vols[0])
@@ -561,6 +563,11 @@ func TestListPaging(t *testing.T) {
 	if n := count(&csi.ListSnapshotsRequest{SnapshotId: s2.SnapshotId}); n != 1 {
 		t.Fatalf("by id: %d", n)
 	}
+	if got, err := e.ctl.GetSnapshot(ctx, &csi.GetSnapshotRequest{SnapshotId: s2.SnapshotId}); err != nil || got.Snapshot.SourceVolumeId != vols[1] {
+		t.Fatalf("GetSnapshot: %v %v", got, err)
+	}
+	_, err = e.ctl.GetSnapshot(ctx, &csi.GetSnapshotRequest{SnapshotId: "snap-00000000000000000000000000000000"})
+	wantStatus(t, "GetSnapshot unknown", err, codes.NotFound)
 	if n := count(&csi.ListSnapshotsRequest{SnapshotId: "snap-00000000000000000000000000000000"}); n != 0 {
 		t.Fatalf("by unknown id: %d", n)
 	}
