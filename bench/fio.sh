@@ -30,6 +30,7 @@ for tool in go fio mkfs.ext4 losetup python3; do
   command -v "$tool" >/dev/null || { echo "fio.sh: $tool not found" >&2; exit 1; }
 done
 
+load=$(cut -d' ' -f1-3 /proc/loadavg)
 work=${WORKDIR:-$(mktemp -d /var/tmp/fio-bench.XXXXXX)}
 mkdir -p "$work"
 bin=$work/csi-encdisk
@@ -88,6 +89,7 @@ done
 
 echo "CPU:     $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//') ($(nproc) cores)"
 echo "Date:    $(date -u +%Y-%m-%dT%H:%MZ); kernel $(uname -r); $(fio --version)"
+echo "Load:    $load (1/5/15-minute load average before the run; the machine is shared)"
 echo "Command: SIZE=$size FILESIZE=$filesize RUNTIME=$runtime bench/fio.sh (ext4, libaio, direct=1, iodepth 16)"
 python3 - "$work" $modes <<'PY'
 import json, sys
