@@ -17,17 +17,18 @@ const copyChunk = 1 << 20
 // CopyImage makes dst (empty, open read-write) a copy of src. It asks the
 // filesystem for a reflink (FICLONE) first, which shares the extents; where
 // that is not supported it copies only the data ranges that SEEK_DATA and
-// SEEK_HOLE report, skipping all-zero chunks, so holes stay holes.
-func CopyImage(ctx context.Context, dst, src *os.File) error {
-	err := unix.IoctlFileClone(int(dst.Fd()), int(src.Fd()))
+// SEEK_HOLE report, skipping all-zero chunks, so holes stay holes. It
+// reports whether the copy is a reflink.
+func CopyImage(ctx context.Context, dst, src *os.File) (reflinked bool, err error) {
+	err = unix.IoctlFileClone(int(dst.Fd()), int(src.Fd()))
 	if err == nil {
-		return nil
+		return true, nil
 	}
 	if !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.EXDEV) &&
 		!errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOTTY) && !errors.Is(err, unix.ENOSYS) {
-		return fmt.Errorf("reflink: %w", err)
+		return false, fmt.Errorf("reflink: %w", err)
 	}
-	return sparseCopy(ctx, dst, src)
+	return false, sparseCopy(ctx, dst, src)
 }
 
 // sparseCopy copies the data ranges of src into dst at the same offsets.

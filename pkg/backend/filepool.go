@@ -219,11 +219,12 @@ func (p *FilePool) Create(ctx context.Context, req CreateRequest) (*Meta, error)
 		if err != nil {
 			return nil, err
 		}
-		err = CopyImage(ctx, img, src)
+		reflinked, err := CopyImage(ctx, img, src)
 		src.Close()
 		if err != nil {
 			return nil, fmt.Errorf("backend: copy %s %s: %w", req.Source.Kind, req.Source.ID, err)
 		}
+		klog.FromContext(ctx).V(4).Info("Copied image", "source", req.Source.ID, "target", meta.ID, "reflink", reflinked)
 		p.fault(FaultCreateCopied)
 	}
 	st, err := img.Stat()
