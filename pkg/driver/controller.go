@@ -28,9 +28,11 @@ const (
 	passphraseSize    = 32 // 256 random bits, wrapped by the KMS
 )
 
-// conversionRefused is the message of both refused conversions.
-const conversionRefused = "an encrypted volume cannot be made from an unencrypted %s, nor an unencrypted one from an encrypted %s: " +
-	"conversion is not possible; create a new volume of the wanted kind and copy the data into it " +
+// conversionRefused is the message of both refused conversions: source
+// kind, source ID, its state, the parameter's value, its state, the wanted
+// kind.
+const conversionRefused = "conversion is not possible: an %[3]s %[1]s cannot become an %[5]s volume " +
+	"(%[1]s %[2]s is %[3]s, parameter \"encrypted\" is %[4]q); create a new %[5]s volume and copy the data into it " +
 	"(e.g. mount both PVCs in one pod and rsync between them)"
 
 // ControllerServer implements csi.ControllerServer on a backend.Pool.
@@ -304,9 +306,9 @@ func (c *ControllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolu
 // sources.
 func (c *ControllerServer) checkSource(src *source, params *volumeParams) error {
 	if params.EncryptedSet && params.Encrypted != src.meta.Encrypted {
-		return invalid("%s %s is %s but parameter %q is %q: "+conversionRefused, src.kind, src.meta.ID,
-			map[bool]string{true: "encrypted", false: "unencrypted"}[src.meta.Encrypted],
-			ParamEncrypted, strconv.FormatBool(params.Encrypted), src.kind, src.kind)
+		state := map[bool]string{true: "encrypted", false: "unencrypted"}
+		return invalid(conversionRefused, src.kind, src.meta.ID, state[src.meta.Encrypted],
+			strconv.FormatBool(params.Encrypted), state[params.Encrypted])
 	}
 	if src.meta.Encrypted && c.region != "" && src.meta.Region != "" && src.meta.Region != c.region {
 		return status.Errorf(codes.FailedPrecondition,

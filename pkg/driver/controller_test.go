@@ -252,7 +252,8 @@ func TestConversionRefused(t *testing.T) {
 	}
 	for _, c := range cases {
 		_, err := e.create(c.name, 8<<20, map[string]string{"encrypted": c.encrypted}, c.src)
-		wantStatus(t, c.name, err, codes.InvalidArgument, "conversion is not possible", "copy the data", "rsync")
+		wantStatus(t, c.name, err, codes.InvalidArgument, "conversion is not possible", "copy the data", "rsync", `"encrypted"`)
+		t.Logf("%s: %s", c.name, status.Convert(err).Message())
 	}
 	list, _ := e.pool.List(context.Background(), backend.KindVolume)
 	if len(list) != 2 {
@@ -355,6 +356,7 @@ func TestKMSUnavailable(t *testing.T) {
 	start := time.Now()
 	_, err := e.create("enc", 8<<20, map[string]string{"encrypted": "true"}, nil)
 	wantStatus(t, "encrypted create without KMS", err, codes.Unavailable, e.kmsSock)
+	t.Logf("message: %s", status.Convert(err).Message())
 	t.Logf("Unavailable after %v", time.Since(start))
 	list, _ := e.pool.List(context.Background(), backend.KindVolume)
 	tmp, _ := os.ReadDir(filepath.Join(e.pool.Root(), "tmp"))
