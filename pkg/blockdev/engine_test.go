@@ -592,3 +592,49 @@ func TestTruncatedImageGivesEIO(t *testing.T) {
 		t.Fatalf("stats %+v, %v: want I/O errors counted", s, err)
 	}
 }
+
+// TestShutdownRefusedWhileInUse: while a loop device holds the file, neither
+// a Shutdown request nor SIGTERM stops the engine (that would lose the
+// filesystem's data); after the detach, Shutdown ends it.
+func TestShutdownRefusedWhileInUse(t *testing.T) {
+	requireRoot(t)
+	v := newTestVolume(t, 8<<20, 4096, false)
+	eng := v.start(t, v.spec(false))
+	ctx := context.Background()
+	dev, err := LoopAttach(ctx, eng.File, 4096, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { LoopDetach(context.Background(), dev) })
+	ctl := DialControl(eng.ControlSocket)
+	if err := ctl.Shutdown(ctx); err == nil || !strings.Contains(err.Error(), "busy") {
+		t.Fatalf("Shutdown while in use: %v, want a busy error", err)
+	}
+	if err := syscall.Kill(eng.PID, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond)
+	if err := ctl.Health(ctx); err != nil {
+		t.Fatalf("engine gone after SIGTERM while in use: %v", err)
+	}
+	d, err := os.OpenFile(dev, os.O_RDWR|unix.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := (*newBufPool().get())[:4096]
+	_, err = d.WriteAt(buf, 0)
+	d.Close()
+	if err != nil {
+		t.Fatalf("I/O after a refused shutdown: %v", err)
+	}
+	if err := LoopDetach(ctx, dev); err != nil {
+		t.Fatal(err)
+	}
+	if err := UnmountEngine(ctx, v.runDir); err != nil {
+		t.Fatal(err)
+	}
+	waitGone(t, eng.PID)
+	if ok, _ := IsMountPoint(FUSEDir(v.runDir)); ok {
+		t.Fatal("FUSE still mounted after shutdown")
+	}
+}
