@@ -60,15 +60,22 @@ func startDriver(t *testing.T, bin, dir string) string {
 	}
 	logf.Close()
 	done := make(chan struct{})
-	go func() { _ = cmd.Wait(); close(done) }()
+	var exitErr error
+	go func() { exitErr = cmd.Wait(); close(done) }()
 	t.Cleanup(func() {
 		_ = cmd.Process.Signal(syscall.SIGTERM)
 		select {
 		case <-done:
+			if exitErr != nil {
+				t.Errorf("driver exited with %v after SIGTERM, want a clean exit", exitErr)
+			}
 		case <-time.After(30 * time.Second):
 			_ = cmd.Process.Kill()
 			<-done
 			t.Errorf("driver did not stop within 30s of SIGTERM")
+		}
+		if _, err := os.Stat(sock); !os.IsNotExist(err) {
+			t.Errorf("socket %s left after SIGTERM (%v)", sock, err)
 		}
 		if t.Failed() {
 			b, _ := os.ReadFile(logPath)
