@@ -40,6 +40,7 @@ type kmsSet interface {
 // registrySet is a kmsSet on a kmsclient.Registry.
 type registrySet struct{ r *kmsclient.Registry }
 
+// Get implements kmsSet.
 func (s registrySet) Get(kmsID string) (kmsWrapper, error) {
 	c, err := s.r.Get(kmsID)
 	if err != nil {
@@ -53,8 +54,11 @@ func (s registrySet) Get(kmsID string) (kmsWrapper, error) {
 // the code (Unavailable for an unreachable plugin, Internal otherwise).
 type clientWrapper struct{ c *kmsclient.Client }
 
+// Endpoint implements kmsWrapper.
 func (w clientWrapper) Endpoint() string { return w.c.Endpoint() }
 
+// kmsError keeps the text of a KMS client error and marks an unreachable
+// plugin with errKMSUnavailable.
 func kmsError(err error) error {
 	if kmsclient.IsUnavailable(err) {
 		return fmt.Errorf("%w: %v", errKMSUnavailable, err)
@@ -62,6 +66,7 @@ func kmsError(err error) error {
 	return errors.New(err.Error())
 }
 
+// Status implements kmsWrapper: the plugin must answer healthz "ok".
 func (w clientWrapper) Status(ctx context.Context) error {
 	st, err := w.c.Status(ctx)
 	if err != nil {
@@ -73,6 +78,7 @@ func (w clientWrapper) Status(ctx context.Context) error {
 	return nil
 }
 
+// Wrap implements kmsWrapper with the plugin's Encrypt.
 func (w clientWrapper) Wrap(ctx context.Context, uid string, passphrase []byte) (*crypt.KMSToken, error) {
 	wr, err := w.c.Encrypt(ctx, uid, passphrase)
 	if err != nil {

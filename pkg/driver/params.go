@@ -54,6 +54,7 @@ type paramError struct {
 	key, value, accepts string
 }
 
+// Error names the parameter and what it accepts.
 func (e *paramError) Error() string {
 	if e.value == "" && e.accepts == "" {
 		return fmt.Sprintf("unknown parameter %q (accepted: %s, and keys with the %q prefix)", e.key, strings.Join(knownParams(), ", "), reservedPrefix)
