@@ -670,3 +670,61 @@ func TestShutdownRefusedWhileInUse(t *testing.T) {
 		t.Fatal("FUSE still mounted after shutdown")
 	}
 }
+
+// TestOnlineGrow grows a mounted ext4 and xfs online: image, engine, loop
+// device, filesystem, as NodeExpandVolume does.
+func TestOnlineGrow(t *testing.T) {
+	requireRoot(t, "mkfs.ext4", "resize2fs", "mkfs.xfs", "xfs_growfs")
+	for _, fstype := range []string{"ext4", "xfs"} {
+		t.Run(fstype, func(t *testing.T) {
+			const before, after = 320 << 20, 512 << 20
+			v := newTestVolume(t, before, 4096, false)
+			eng := v.start(t, v.spec(false))
+			dev := attach(t, eng.File, 4096)
+			ctx := context.Background()
+			if err := MakeFilesystem(ctx, dev, fstype); err != nil {
+				t.Fatal(err)
+			}
+			mnt := t.TempDir()
+			if err := Mount(ctx, dev, mnt, fstype, nil); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { Unmount(context.Background(), mnt) })
+			st0, err := FilesystemStats(mnt)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Truncate(v.image, v.dataOffset+after); err != nil {
+				t.Fatal(err)
+			}
+			if err := DialControl(eng.ControlSocket).Resize(ctx, 0); err != nil {
+				t.Fatal(err)
+			}
+			if err := LoopSetCapacity(ctx, dev); err != nil {
+				t.Fatal(err)
+			}
+			err = ResizeFilesystem(ctx, dev, mnt, fstype)
+			if fstype == "ext4" && !hasCapSysResource(t) {
+				// Online ext4 resize (EXT4_IOC_RESIZE_FS) needs CAP_SYS_RESOURCE;
+				// without it the error must say so.
+				if err == nil || !strings.Contains(err.Error(), "CAP_SYS_RESOURCE") {
+					t.Fatalf("ext4 resize without CAP_SYS_RESOURCE: %v, want an error naming the capability", err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			st1, err := FilesystemStats(mnt)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if st1.TotalBytes-st0.TotalBytes < (after-before)*9/10 {
+				t.Fatalf("%s grew from %d to %d bytes, want about +%d", fstype, st0.TotalBytes, st1.TotalBytes, after-before)
+			}
+			if err := os.WriteFile(filepath.Join(mnt, "f"), make([]byte, 1<<20), 0o600); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}

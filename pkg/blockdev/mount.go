@@ -159,7 +159,11 @@ func unescapeMount(s string) string {
 func ResizeFilesystem(ctx context.Context, dev, mountpoint, fstype string) error {
 	switch fstype {
 	case "ext4", "ext3", "ext2":
-		_, err := run(ctx, "resize2fs", dev)
+		out, err := run(ctx, "resize2fs", dev)
+		if err != nil && bytes.Contains(out, []byte("Permission denied")) {
+			// The kernel's EXT4_IOC_RESIZE_FS wants CAP_SYS_RESOURCE.
+			return fmt.Errorf("online ext4 resize needs CAP_SYS_RESOURCE, which this process lacks: %w", err)
+		}
 		return err
 	case "xfs":
 		_, err := run(ctx, "xfs_growfs", mountpoint)
