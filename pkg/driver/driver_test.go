@@ -11,7 +11,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -30,6 +32,8 @@ import (
 const (
 	crashPointEnv = "DRIVER_TEST_CRASH_AT"
 	crashDirEnv   = "DRIVER_TEST_DIR"
+	// crashSkipEnv lets that many passes of the point go by first.
+	crashSkipEnv = "DRIVER_TEST_CRASH_SKIP"
 )
 
 func TestMain(m *testing.M) {
@@ -40,9 +44,17 @@ func TestMain(m *testing.M) {
 }
 
 func crashChild(point, dir string) int {
+	skip, _ := strconv.Atoi(os.Getenv(crashSkipEnv))
+	var mu sync.Mutex
 	d, err := New(context.Background(), Config{
 		Mode: ModeController, Region: "r1", DataDir: filepath.Join(dir, "data"),
 		PoolOptions: backend.Options{Fault: func(p string) {
+			mu.Lock()
+			defer mu.Unlock()
+			if p == point && skip > 0 {
+				skip--
+				return
+			}
 			if p == point {
 				_ = syscall.Kill(os.Getpid(), syscall.SIGKILL)
 				select {}
@@ -296,5 +308,81 @@ func TestConfigChecks(t *testing.T) {
 		if _, err := New(context.Background(), c.cfg); err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("%+v: %v, want %q", c.cfg, err, c.want)
 		}
+	}
+}
+
+// TestKillDuringCreateSnapshot: the driver dies (SIGKILL) while copying a
+// volume into a snapshot; after a restart no snapshot is listed, and the
+// retried CreateSnapshot makes one that unlocks with the volume's key.
+func TestKillDuringCreateSnapshot(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "csi.sock")
+	child := exec.Command(os.Args[0], "-test.run=^$")
+	// The volume's own Create passes the point once; the snapshot's dies.
+	child.Env = append(os.Environ(), crashPointEnv+"="+backend.FaultCreateBuilt, crashDirEnv+"="+dir, crashSkipEnv+"=1")
+	var stderr bytes.Buffer
+	child.Stderr = &stderr
+	if err := child.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = child.Process.Kill() })
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	ctl := csi.NewControllerClient(dial(t, sock))
+	v, err := ctl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "v", VolumeCapabilities: ctlMountCap,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 8 << 20}, Parameters: map[string]string{"encrypted": "true"}})
+	if err != nil {
+		t.Fatalf("CreateVolume: %v\n%s", err, stderr.String())
+	}
+	snapReq := &csi.CreateSnapshotRequest{Name: "s", SourceVolumeId: v.Volume.VolumeId}
+	if _, err := ctl.CreateSnapshot(ctx, snapReq); err == nil {
+		t.Fatal("CreateSnapshot succeeded in a driver that should have died")
+	}
+	waited := make(chan error, 1)
+	go func() { waited <- child.Wait() }()
+	select {
+	case err = <-waited:
+	case <-time.After(20 * time.Second):
+		_ = child.Process.Kill()
+		t.Fatal("the child did not die")
+	}
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) || ee.Sys().(syscall.WaitStatus).Signal() != syscall.SIGKILL {
+		t.Fatalf("child: %v\n%s", err, stderr.String())
+	}
+
+	d, _ := runDriver(t, Config{Mode: ModeController, Region: "r1", DataDir: filepath.Join(dir, "data")}, sock)
+	ctl = csi.NewControllerClient(dial(t, sock))
+	list, err := ctl.ListSnapshots(context.Background(), &csi.ListSnapshotsRequest{})
+	if err != nil || len(list.Entries) != 0 {
+		t.Fatalf("after the crash: %d snapshots listed (%v)", len(list.GetEntries()), err)
+	}
+	s, err := ctl.CreateSnapshot(context.Background(), snapReq)
+	if err != nil || !s.Snapshot.ReadyToUse {
+		t.Fatalf("retry: %v", err)
+	}
+	keys := map[string][]byte{}
+	for kind, id := range map[backend.Kind]string{backend.KindVolume: v.Volume.VolumeId, backend.KindSnapshot: s.Snapshot.SnapshotId} {
+		img, err := d.Pool().OpenImage(context.Background(), kind, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer img.Close()
+		h, err := crypt.ReadHeader(img)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tok, _ := h.KMSToken()
+		kc, _ := d.kms.registry.Get("")
+		pass, err := kc.Decrypt(context.Background(), "t", &kmsclient.Wrapped{Ciphertext: tok.Ciphertext, KeyID: tok.KeyID, Annotations: tok.Annotations})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if keys[string(kind)], err = h.Unlock(pass); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !bytes.Equal(keys["volume"], keys["snapshot"]) {
+		t.Fatal("the retried snapshot has another volume key")
 	}
 }
