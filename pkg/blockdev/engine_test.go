@@ -523,6 +523,11 @@ func TestKeyNotInProcOrLog(t *testing.T) {
 	} else if !bytes.Contains(log, []byte("Setting oom_score_adj failed")) || !bytes.Contains(log, []byte("PR_SET_IO_FLUSHER")) {
 		t.Errorf("no CAP_SYS_RESOURCE, yet the engine log does not report the failed hardening:\n%s", log)
 	}
+	// I/O to a dead engine whose /dev/fuse descriptor lives on elsewhere
+	// must time out rather than hang (kernels that have the sysctl).
+	if b, err := os.ReadFile("/proc/sys/fs/fuse/default_request_timeout"); err == nil && strings.TrimSpace(string(b)) == "0" {
+		t.Errorf("fs.fuse.default_request_timeout is still 0 after the engine started")
+	}
 	// fd 3 (the key pipe) is closed after reading.
 	if _, err := os.Readlink(filepath.Join("/proc", pid, "fd", "3")); err == nil {
 		if l, _ := os.Readlink(filepath.Join("/proc", pid, "fd", "3")); strings.HasPrefix(l, "pipe:") {
