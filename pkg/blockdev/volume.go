@@ -61,7 +61,7 @@ func statePath(runDir string) string { return filepath.Join(runDir, "state.json"
 // OpenVolume unlocks a LUKS2 aes-xts-plain64 image (made by csi-encdisk or
 // cryptsetup), starts an engine for it, attaches a loop device and, if asked,
 // mounts the filesystem on it. It returns the state that CloseVolume undoes.
-func OpenVolume(ctx context.Context, o OpenOptions) (st *OpenState, err error) {
+func OpenVolume(ctx context.Context, o OpenOptions) (_ *OpenState, err error) {
 	image, runDir, err := openRunDir(o.RunRoot, o.Image)
 	if err != nil {
 		return nil, fmt.Errorf("volume open: %w", err)
@@ -77,7 +77,7 @@ func OpenVolume(ctx context.Context, o OpenOptions) (st *OpenState, err error) {
 	if err := os.MkdirAll(runDir, 0o700); err != nil {
 		return nil, fmt.Errorf("volume open: %w", err)
 	}
-	st = &OpenState{Image: image, VolumeID: "open-" + filepath.Base(runDir), RunDir: runDir}
+	st := &OpenState{Image: image, VolumeID: "open-" + filepath.Base(runDir), RunDir: runDir}
 	defer func() {
 		if err != nil {
 			if cerr := teardown(context.WithoutCancel(ctx), st); cerr != nil {

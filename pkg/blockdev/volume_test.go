@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"golang.org/x/sys/unix"
@@ -50,6 +51,15 @@ func TestOpenCloseCryptsetupImage(t *testing.T) {
 
 	if _, err := OpenVolume(ctx, OpenOptions{Image: image, Passphrase: []byte("wrong"), RunRoot: runRoot, EngineBinary: bin}); !errors.Is(err, crypt.ErrWrongPassphrase) {
 		t.Fatalf("open with a wrong passphrase: %v", err)
+	}
+	// --mount on a volume without a filesystem fails and leaves nothing behind.
+	withMount := o
+	withMount.MountDir = t.TempDir()
+	if _, err := OpenVolume(ctx, withMount); err == nil || !strings.Contains(err.Error(), "no filesystem") {
+		t.Fatalf("open --mount without a filesystem: %v", err)
+	}
+	if entries, _ := os.ReadDir(runRoot); len(entries) != 0 {
+		t.Fatalf("failed open left %v in %s", entries, runRoot)
 	}
 	st, err := OpenVolume(ctx, o)
 	if err != nil {
