@@ -761,3 +761,37 @@ func TestFioVerify(t *testing.T) {
 		})
 	}
 }
+
+// TestRestartAfterCrash: after kill -9 of an engine, StartEngine on the same
+// run dir cleans the dead mount and serves the data again.
+func TestRestartAfterCrash(t *testing.T) {
+	requireRoot(t)
+	v := newTestVolume(t, 8<<20, 4096, false)
+	spec := v.spec(false)
+	eng := v.start(t, spec)
+	marker := make([]byte, 4096)
+	copy(marker, "RESTART-MARKER")
+	w, err := os.OpenFile(eng.File, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := w.WriteAt(marker, 0); err != nil {
+		t.Fatal(err)
+	}
+	w.Close()
+	syscall.Kill(eng.PID, syscall.SIGKILL)
+	waitGone(t, eng.PID)
+	if _, err := os.Stat(eng.File); err == nil {
+		t.Fatal("dead engine's file still answers")
+	}
+	eng2 := v.start(t, spec)
+	got := make([]byte, 4096)
+	f, err := os.Open(eng2.File)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.ReadAt(got, 0); err != nil || !bytes.Equal(got, marker) {
+		t.Fatalf("data after restart: %v", err)
+	}
+}

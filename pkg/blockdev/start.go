@@ -38,6 +38,9 @@ func StartEngine(ctx context.Context, binary string, spec EngineSpec, key []byte
 	if err := DialControl(sock).Health(ctx); err == nil {
 		return nil, fmt.Errorf("start engine: an engine already answers on %s", sock)
 	}
+	// A dead engine's mount ("transport endpoint is not connected") would
+	// fail the mkdir below and the new mount.
+	cleanupDeadEngine(spec.RunDir)
 	if err := os.MkdirAll(FUSEDir(spec.RunDir), 0o700); err != nil {
 		return nil, fmt.Errorf("start engine: run dir: %w", err)
 	}
