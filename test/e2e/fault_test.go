@@ -58,8 +58,12 @@ func TestKillNodePluginDuringIO(t *testing.T) {
 	if err := fio.Start(); err != nil {
 		t.Fatalf("start fio: %v", err)
 	}
-	fioDone := make(chan error, 1)
-	go func() { fioDone <- fio.Wait() }()
+	fioDone := make(chan struct{})
+	var fioErr error
+	go func() {
+		fioErr = fio.Wait()
+		close(fioDone)
+	}()
 	t.Cleanup(func() {
 		_ = syscall.Kill(-fio.Process.Pid, syscall.SIGKILL)
 		<-fioDone
@@ -81,9 +85,9 @@ func TestKillNodePluginDuringIO(t *testing.T) {
 	}
 
 	select {
-	case err := <-fioDone:
-		if err != nil {
-			t.Fatalf("fio failed across the driver restart: %v\n%s", err, out.String())
+	case <-fioDone:
+		if fioErr != nil {
+			t.Fatalf("fio failed across the driver restart: %v\n%s", fioErr, out.String())
 		}
 	case <-time.After(90 * time.Second):
 		t.Fatalf("fio did not finish\n%s", out.String())
