@@ -79,8 +79,8 @@ func RunEngine(ctx context.Context, spec EngineSpec, keyPipe io.ReadCloser) erro
 		if err := DialControl(ControlSocketPath(spec.RunDir)).Health(ctx); err == nil {
 			return fmt.Errorf("engine: another engine already serves %s", mnt)
 		}
-		if err := unix.Unmount(mnt, unix.MNT_DETACH); err != nil {
-			return fmt.Errorf("engine: stale FUSE mount %s: %w", mnt, err)
+		if err := cleanupDeadEngine(spec.RunDir); err != nil {
+			return fmt.Errorf("engine: stale mount: %w", err)
 		}
 	}
 	ln, err := listenControl(ControlSocketPath(spec.RunDir))

@@ -779,10 +779,25 @@ func TestRestartAfterCrash(t *testing.T) {
 		t.Fatal(err)
 	}
 	w.Close()
+	ctx := context.Background()
+	dev, err := LoopAttach(ctx, eng.File, 4096, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { LoopDetach(context.Background(), dev) })
 	syscall.Kill(eng.PID, syscall.SIGKILL)
 	waitGone(t, eng.PID)
 	if _, err := os.Stat(eng.File); err == nil {
 		t.Fatal("dead engine's file still answers")
+	}
+	// While the loop device holds the dead mount, a new engine is refused
+	// (a lazy detach could let two engines serve one image).
+	t.Setenv(engineEnv, "1")
+	if _, err := StartEngine(ctx, os.Args[0], spec, v.key); err == nil || !strings.Contains(err.Error(), "still in use") {
+		t.Fatalf("StartEngine over a busy dead mount: %v", err)
+	}
+	if err := LoopDetach(ctx, dev); err != nil {
+		t.Fatal(err)
 	}
 	eng2 := v.start(t, spec)
 	got := make([]byte, 4096)

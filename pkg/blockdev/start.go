@@ -40,7 +40,9 @@ func StartEngine(ctx context.Context, binary string, spec EngineSpec, key []byte
 	}
 	// A dead engine's mount ("transport endpoint is not connected") would
 	// fail the mkdir below and the new mount.
-	cleanupDeadEngine(spec.RunDir)
+	if err := cleanupDeadEngine(spec.RunDir); err != nil {
+		return nil, fmt.Errorf("start engine: %w", err)
+	}
 	if err := os.MkdirAll(FUSEDir(spec.RunDir), 0o700); err != nil {
 		return nil, fmt.Errorf("start engine: run dir: %w", err)
 	}
@@ -81,7 +83,9 @@ func StartEngine(ctx context.Context, binary string, spec EngineSpec, key []byte
 		case <-exited:
 		case <-time.After(5 * time.Second):
 		}
-		cleanupDeadEngine(spec.RunDir)
+		if err := cleanupDeadEngine(spec.RunDir); err != nil {
+			klog.ErrorS(err, "Cleanup after a failed engine start", "volumeID", spec.VolumeID)
+		}
 		return nil, fmt.Errorf("start engine for volume %s: %w (log: %s)", spec.VolumeID, cause, filepath.Join(spec.RunDir, LogFileName))
 	}
 	if _, err := w.Write(key); err != nil {
@@ -115,15 +119,23 @@ func StartEngine(ctx context.Context, binary string, spec EngineSpec, key []byte
 }
 
 // cleanupDeadEngine removes what a dead engine leaves: its FUSE mount
-// ("transport endpoint is not connected") and its control socket.
-func cleanupDeadEngine(runDir string) {
+// ("transport endpoint is not connected") and its control socket. A mount
+// still in use (a loop device on it) is left alone and reported: detaching
+// it lazily could let a second engine serve the same image.
+func cleanupDeadEngine(runDir string) error {
 	mnt := FUSEDir(runDir)
 	if ok, _ := IsMountPoint(mnt); ok {
 		if err := unix.Unmount(mnt, 0); err != nil {
-			_ = unix.Unmount(mnt, unix.MNT_DETACH)
+			if errors.Is(err, unix.EBUSY) {
+				return fmt.Errorf("FUSE mount %s is still in use (detach its loop device first): %w", mnt, err)
+			}
+			if err := unix.Unmount(mnt, unix.MNT_DETACH); err != nil {
+				return fmt.Errorf("unmount %s: %w", mnt, err)
+			}
 		}
 	}
 	_ = os.Remove(ControlSocketPath(runDir))
+	return nil
 }
 
 // UnmountEngine stops the engine of runDir: a live engine is asked to unmount
