@@ -9,6 +9,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
@@ -61,9 +62,7 @@ func RunEngine(ctx context.Context, spec EngineSpec, keyPipe io.ReadCloser) erro
 		return err
 	}
 	e := &engine{spec: spec, xts: xts, pool: newBufPool(), zero: make([]byte, spec.SectorSize)}
-	defer func() {
-		e.xts.Wipe()
-	}()
+	defer xts.Wipe()
 	if err := e.openImage(); err != nil {
 		return err
 	}
@@ -95,7 +94,10 @@ func RunEngine(ctx context.Context, spec EngineSpec, keyPipe io.ReadCloser) erro
 	}
 	served := make(chan struct{})
 	go func() { srv.Wait(); close(served) }()
+	var unmountMu sync.Mutex // control requests and signals may race
 	shutdown := func() error {
+		unmountMu.Lock()
+		defer unmountMu.Unlock()
 		if err := srv.Unmount(); err != nil {
 			return fmt.Errorf("unmount %s: %w", mnt, err)
 		}
