@@ -1,5 +1,3 @@
-//go:build encdisk_node_wip
-
 // Package e2e runs the real csi-encdisk binary (`driver --mode all` with its
 // embedded file pool and KMS plugin) over its unix socket and acts as the
 // CSI client: volumes are created, staged and published through real loop

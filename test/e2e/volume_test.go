@@ -1,5 +1,3 @@
-//go:build encdisk_node_wip
-
 package e2e
 
 import (
