@@ -748,9 +748,11 @@ func TestFioVerify(t *testing.T) {
 			if ss == 512 {
 				bs = "512-64k"
 			}
-			out, err := exec.Command("fio", "--name=verify", "--filename="+dev, "--size=48M", "--rw=randwrite",
+			cmd := exec.Command("fio", "--name=verify", "--filename="+dev, "--size=48M", "--rw=randwrite",
 				"--bsrange="+bs, "--blockalign="+fmt.Sprint(ss), "--ioengine=libaio", "--iodepth=16", "--direct=1",
-				"--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--randrepeat=0").CombinedOutput()
+				"--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--randrepeat=0", "--verify_state_save=0")
+			cmd.Dir = t.TempDir()
+			out, err := cmd.CombinedOutput()
 			if err != nil {
 				t.Fatalf("fio verify: %v\n%s", err, out)
 			}
