@@ -147,33 +147,29 @@ func TestKillEngine(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	errc := make(chan error, 2)
-	go func() {
-		f, err := os.OpenFile(filepath.Join(v.target, "direct"), os.O_CREATE|os.O_WRONLY|unix.O_DIRECT, 0o644)
+	// Each writer closes its file before it reports, so nothing keeps the
+	// mount busy when the test unpublishes.
+	writeAndSync := func(name string, flags int, data []byte) error {
+		f, err := os.OpenFile(filepath.Join(v.target, name), os.O_CREATE|os.O_WRONLY|flags, 0o644)
 		if err != nil {
-			errc <- err
-			return
+			return err
 		}
-		defer f.Close()
+		_, werr := f.Write(data)
+		if werr == nil {
+			werr = f.Sync()
+		}
+		if cerr := f.Close(); werr == nil {
+			werr = cerr
+		}
+		return werr
+	}
+	go func() {
 		buf := alignedBuf(64 << 10)
 		copy(buf, marker)
-		if _, err := f.Write(buf); err != nil {
-			errc <- err
-			return
-		}
-		errc <- f.Sync()
+		errc <- writeAndSync("direct", unix.O_DIRECT, buf)
 	}()
 	go func() {
-		f, err := os.OpenFile(filepath.Join(v.target, "buffered"), os.O_CREATE|os.O_WRONLY, 0o644)
-		if err != nil {
-			errc <- err
-			return
-		}
-		defer f.Close()
-		if _, err := f.Write(bytes.Repeat(marker, 4096)); err != nil {
-			errc <- err
-			return
-		}
-		errc <- f.Sync()
+		errc <- writeAndSync("buffered", 0, bytes.Repeat(marker, 4096))
 	}()
 	for i := range 2 {
 		select {
