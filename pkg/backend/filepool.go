@@ -26,8 +26,12 @@ import (
 //
 // An object is built completely in tmp and renamed into place last, so List
 // never sees a half-made one; removal renames it back into tmp first.
+// ImageFileName is the name of the image file inside an object's directory
+// of the file pool (DATA_DIR/pool/{volumes,snapshots}/ID/).
+const ImageFileName = "image"
+
 const (
-	imageFile = "image"
+	imageFile = ImageFileName
 	metaFile  = "meta.json"
 	lockFile  = ".lock"
 	tmpDir    = "tmp"

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/csi-encdisk/csi-encdisk/pkg/backend"
 	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -604,7 +605,7 @@ func (r *run) deleteAll(ctx context.Context) (string, error) {
 		r.snapshots = r.snapshots[1:]
 		n++
 	}
-	left, err := countFiles(r.dataDir, ".img")
+	left, err := countFiles(r.dataDir, backend.ImageFileName)
 	if err != nil {
 		return "", err
 	}

@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/csi-encdisk/csi-encdisk/pkg/backend"
 	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
 )
 
@@ -72,8 +73,8 @@ func scanFile(ctx context.Context, path string, needle []byte) (int, error) {
 	}
 }
 
-// countFiles counts regular files under root whose name ends in suffix.
-func countFiles(root, suffix string) (int, error) {
+// countFiles counts regular files under root named name.
+func countFiles(root, name string) (int, error) {
 	n := 0
 	err := filepath.WalkDir(root, func(path string, d fs.DirEntry, err error) error {
 		if err != nil {
@@ -82,7 +83,7 @@ func countFiles(root, suffix string) (int, error) {
 			}
 			return err
 		}
-		if d.Type().IsRegular() && strings.HasSuffix(d.Name(), suffix) {
+		if d.Type().IsRegular() && d.Name() == name {
 			n++
 		}
 		return nil
@@ -90,15 +91,15 @@ func countFiles(root, suffix string) (int, error) {
 	return n, err
 }
 
-// findImage returns the pool image of volumeID: the file under the pool
-// whose name contains the id and ends in ".img".
+// findImage returns the pool image of volumeID: the image file in the
+// directory named after the id.
 func findImage(dataDir, volumeID string) (string, error) {
 	var found string
 	err := filepath.WalkDir(dataDir, func(path string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
 		}
-		if d.Type().IsRegular() && strings.HasSuffix(d.Name(), ".img") && strings.Contains(path, volumeID) {
+		if d.Type().IsRegular() && d.Name() == backend.ImageFileName && filepath.Base(filepath.Dir(path)) == volumeID {
 			found = path
 			return fs.SkipAll
 		}
