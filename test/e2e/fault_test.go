@@ -52,6 +52,7 @@ func TestKillNodePluginDuringIO(t *testing.T) {
 		"--verify=crc32c", "--verify_backlog=512", "--verify_fatal=1", "--do_verify=1",
 		"--time_based", "--runtime=12")
 	fio.Stdout, fio.Stderr = &out, &out
+	fio.Dir = dir // fio leaves its verify state file in its working directory
 	fio.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := fio.Start(); err != nil {
 		t.Fatalf("start fio: %v", err)
