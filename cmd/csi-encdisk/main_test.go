@@ -126,7 +126,7 @@ func TestDemo(t *testing.T) {
 	for _, want := range []string{
 		"0 plaintext hits",
 		"InvalidArgument",
-		"file intact",
+		"file intact; passphrase re-wrapped",
 		"0 of ",
 	} {
 		if !strings.Contains(stdout, want) {

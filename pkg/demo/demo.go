@@ -367,6 +367,7 @@ type storyState struct {
 	content          []byte
 	shredCopy        string // hard link to the source image, kept past DeleteVolume
 	oldHeader        []byte // the source image's header and keyslot area before deletion
+	newKeyID         string // the master key version made by the rotation
 }
 
 func (r *run) st() *storyState { return &r.state }
@@ -552,7 +553,8 @@ func (r *run) rotate(ctx context.Context) (string, error) {
 	if err := r.startKMS(ctx); err != nil {
 		return "", err
 	}
-	return "new key_id " + strings.TrimSpace(out), nil
+	r.st().newKeyID = strings.TrimSpace(out)
+	return "new key_id " + r.st().newKeyID, nil
 }
 
 func (r *run) stageAfterRotation(ctx context.Context) (string, error) {
@@ -567,7 +569,19 @@ func (r *run) stageAfterRotation(ctx context.Context) (string, error) {
 	if !bytes.Equal(got, r.st().content) {
 		return "", errors.New("content differs after rotation")
 	}
-	return "older key version still unwraps; file intact", nil
+	// Staging re-wrapped the passphrase under the new master key version.
+	img, err := findImage(r.dataDir, r.st().restored.GetVolumeId())
+	if err != nil {
+		return "", err
+	}
+	keyID, err := tokenKeyID(img)
+	if err != nil {
+		return "", err
+	}
+	if keyID != r.st().newKeyID {
+		return "", fmt.Errorf("token still wrapped under %s, want %s", keyID, r.st().newKeyID)
+	}
+	return "file intact; passphrase re-wrapped under " + keyID + ", data untouched", nil
 }
 
 func (r *run) deleteAll(ctx context.Context) (string, error) {

@@ -197,3 +197,21 @@ func runCommand(ctx context.Context, binary string, args ...string) (string, err
 	}
 	return string(out), nil
 }
+
+// tokenKeyID returns the key_id of the KMS token in an image's header.
+func tokenKeyID(image string) (string, error) {
+	f, err := os.Open(image)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	h, err := crypt.ReadHeader(f)
+	if err != nil {
+		return "", fmt.Errorf("header of %s: %w", image, err)
+	}
+	tok, ok := h.KMSToken()
+	if !ok {
+		return "", fmt.Errorf("%s has no KMS token", image)
+	}
+	return tok.KeyID, nil
+}

@@ -274,6 +274,9 @@ func (n *NodeServer) startEngine(ctx context.Context, v *nodestate.Volume, volCt
 	}
 	lockMemory(passphrase)
 	vk, err := hdr.Unlock(passphrase)
+	if err == nil {
+		rewrapIfRotated(ctx, v.VolumeID, v.Image, client, tok, passphrase)
+	}
 	clear(passphrase)
 	unlockMemory(passphrase)
 	if err != nil {
