@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -197,4 +198,59 @@ func TestKillEngine(t *testing.T) {
 	if l := loopsUnder(dir); len(l) != 0 {
 		t.Fatalf("loop devices left after unstage: %v", l)
 	}
+}
+
+// hasNodeState reports whether the node keeps state for a volume.
+func (d *driver) hasNodeState(volumeID string) bool {
+	found := false
+	_ = filepath.WalkDir(d.stateDir, func(p string, e fs.DirEntry, err error) error {
+		if err != nil || e.IsDir() || !strings.HasSuffix(p, ".json") {
+			return nil
+		}
+		if b, err := os.ReadFile(p); err == nil && bytes.Contains(b, []byte(`"volumeID": "`+volumeID+`"`)) {
+			found = true
+		}
+		return nil
+	})
+	return found
+}
+
+// TestRecoverCleansDeadStage leaves a staged volume whose engine died and
+// whose filesystem is no longer mounted while the driver is down: the
+// restarted driver tears the pieces down (loop device, dead FUSE mount,
+// state), and the volume stages again with its data.
+func TestRecoverCleansDeadStage(t *testing.T) {
+	dir := workDir(t)
+	d := startDriver(t, dir)
+	v := d.createVolume(t, "orphan", 64*mib, "ext4", map[string]string{"encrypted": "true"}, "")
+	d.stage(t, v)
+	marker := newMarker(t)
+	writeMarker(t, v.staging, marker)
+	pid := d.enginePID(t, v.id())
+	if !d.hasNodeState(v.id()) {
+		t.Fatal("hasNodeState does not see the state of a staged volume")
+	}
+
+	d.kill9()
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatalf("kill engine: %v", err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); processAlive(pid) && time.Now().Before(deadline); {
+		time.Sleep(50 * time.Millisecond)
+	}
+	run(t, "umount", v.staging)
+
+	d.restart()
+	if d.hasNodeState(v.id()) {
+		t.Fatal("the restarted driver kept the state of a dead, unmounted stage")
+	}
+	if m := mountsUnder(dir); len(m) != 0 {
+		t.Fatalf("mounts left after recovery: %v", m)
+	}
+	if l := loopsUnder(dir); len(l) != 0 {
+		t.Fatalf("loop devices left after recovery: %v", l)
+	}
+	d.stage(t, v)
+	readMarker(t, v.staging, marker)
+	d.unstage(t, v)
 }
