@@ -94,6 +94,20 @@ func TestEncryptedVolumeLifecycle(t *testing.T) {
 	d.stageAndPublish(t, enc)
 	readMarker(t, enc.target, marker)
 
+	// The same with 512-byte encryption sectors.
+	enc512 := d.createVolume(t, "enc512", 64*mib, "ext4", map[string]string{"encrypted": "true", "sectorSize": "512"}, "")
+	d.stageAndPublish(t, enc512)
+	writeMarker(t, enc512.target, marker)
+	if img := d.imagePath(t, enc512.id()); fileContains(t, img, marker) {
+		t.Fatalf("the plaintext marker is in the 512-byte-sector image %s", img)
+	}
+	d.unpublish(t, enc512)
+	d.unstage(t, enc512)
+	d.stageAndPublish(t, enc512)
+	readMarker(t, enc512.target, marker)
+	d.unpublish(t, enc512)
+	d.unstage(t, enc512)
+
 	// Snapshot the staged volume, restore into a new volume, read the marker.
 	snap, err := d.ctrl.CreateSnapshot(ctxT(t), &csi.CreateSnapshotRequest{SourceVolumeId: enc.id(), Name: "enc-snap"})
 	if err != nil {
