@@ -169,7 +169,11 @@ func (n *NodeServer) stage(ctx context.Context, v *nodestate.Volume, volCtx map[
 		v.SectorSize = ss
 	}
 
-	dev, err := blockdev.LoopAttach(ctx, backing, v.SectorSize, false)
+	// A read-only raw block volume gets a read-only loop device: a read-only
+	// bind mount does not stop writes through a device node. (A read-only
+	// filesystem stays on a writable loop device so its journal can replay.)
+	roLoop := v.ReadOnly && v.AccessType == nodestate.AccessBlock
+	dev, err := blockdev.LoopAttach(ctx, backing, v.SectorSize, roLoop)
 	if err != nil {
 		return status.Errorf(codes.Internal, "volume %q: attach loop device: %v", v.VolumeID, err)
 	}
