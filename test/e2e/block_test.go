@@ -9,6 +9,7 @@ import (
 	"testing"
 	"unsafe"
 
+	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
 )
 
@@ -147,4 +148,33 @@ func TestRawBlockEncrypted(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestRawBlockReadOnly stages an encrypted raw block volume with a
+// read-only access mode: its data reads back and writes are refused.
+func TestRawBlockReadOnly(t *testing.T) {
+	dir := workDir(t)
+	d := startDriver(t, dir)
+	const size = 16 * mib
+	v := d.createVolume(t, "ro", size, blockAccess, map[string]string{"encrypted": "true"}, "")
+	d.stageAndPublish(t, v)
+	data := fillDevice(t, v.target, size)
+	d.unpublish(t, v)
+	d.unstage(t, v)
+
+	v.cap.AccessMode.Mode = csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY
+	d.stageAndPublish(t, v)
+	checkDevice(t, v.target, data)
+	f, err := os.OpenFile(v.target, os.O_WRONLY|unix.O_DIRECT, 0)
+	if err == nil {
+		buf := alignedBuf(4096)
+		_, err = f.WriteAt(buf, 0)
+		f.Close()
+	}
+	if err == nil {
+		t.Fatal("a write to a read-only raw block volume succeeded")
+	}
+	t.Logf("write to the read-only volume refused: %v", err)
+	d.unpublish(t, v)
+	d.unstage(t, v)
 }
