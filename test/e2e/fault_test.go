@@ -100,6 +100,11 @@ func TestKillNodePluginDuringIO(t *testing.T) {
 	if s := out.String(); strings.Contains(s, "verify: bad") || strings.Contains(s, "bad magic") || !strings.Contains(s, "WRITE:") {
 		t.Fatalf("fio output shows a verify problem or no writes:\n%s", s)
 	}
+	for _, line := range strings.Split(out.String(), "\n") {
+		if strings.Contains(line, "WRITE:") || strings.Contains(line, "READ:") {
+			t.Logf("fio across the restart: %s", strings.TrimSpace(line))
+		}
+	}
 
 	d.unpublish(t, v)
 	d.unstage(t, v)
