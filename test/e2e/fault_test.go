@@ -15,6 +15,8 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // health returns the node's health entries for a volume.
@@ -258,4 +260,42 @@ func TestRecoverCleansDeadStage(t *testing.T) {
 	d.stage(t, v)
 	readMarker(t, v.staging, marker)
 	d.unstage(t, v)
+}
+
+// TestStageWithoutKMS restarts the driver against a KMS endpoint where
+// nothing listens: staging an encrypted volume fails with Unavailable naming
+// the endpoint and leaves nothing behind, while an unencrypted volume still
+// stages.
+func TestStageWithoutKMS(t *testing.T) {
+	dir := workDir(t)
+	d := startDriver(t, dir)
+	enc := d.createVolume(t, "needs-kms", 16*mib, "ext4", map[string]string{"encrypted": "true"}, "")
+	plain := d.createVolume(t, "no-kms", 16*mib, "ext4", map[string]string{"encrypted": "false"}, "")
+	d.stop()
+	dead := filepath.Join(dir, "no-kms.sock")
+	d.extraArgs = []string{"--kms-endpoint", "unix://" + dead, "--kms-timeout", "2s"}
+	d.allowNotReady = true
+	d.restart()
+
+	if err := os.MkdirAll(enc.staging, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	_, err := d.node.NodeStageVolume(ctxT(t), &csi.NodeStageVolumeRequest{
+		VolumeId: enc.id(), StagingTargetPath: enc.staging, VolumeCapability: enc.cap, VolumeContext: enc.vol.GetVolumeContext()})
+	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), dead) {
+		t.Fatalf("NodeStageVolume without a KMS: got %v, want Unavailable naming %s", err, dead)
+	}
+	if d.hasNodeState(enc.id()) {
+		t.Fatal("a failed stage left node state")
+	}
+	if m := mountsUnder(filepath.Join(dir, "staging")); len(m) != 0 {
+		t.Fatalf("a failed stage left mounts: %v", m)
+	}
+	if l := loopsUnder(dir); len(l) != 0 {
+		t.Fatalf("a failed stage left loop devices: %v", l)
+	}
+	d.stageAndPublish(t, plain)
+	writeMarker(t, plain.target, newMarker(t))
+	d.unpublish(t, plain)
+	d.unstage(t, plain)
 }
