@@ -17,6 +17,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"k8s.io/klog/v2"
+
 	"github.com/csi-encdisk/csi-encdisk/pkg/blockdev"
 	"github.com/csi-encdisk/csi-encdisk/pkg/nodestate"
 )
@@ -330,16 +332,23 @@ func (n *NodeServer) growExt4Offline(ctx context.Context, v *nodestate.Volume) e
 
 // Recover runs once at start. It re-adopts the engines of staged volumes
 // that still answer, keeps staged volumes whose engine died while their
-// filesystem is still mounted (reported abnormal until unstaged), and tears
-// down stages that never finished or whose pieces are all gone.
+// filesystem is still mounted (reported unhealthy until unstaged), and tears
+// down stages that never finished or whose pieces are all gone. A volume
+// that cannot be cleaned up keeps its state (unstage or the next start
+// retries) and is only logged: one stuck volume must not keep the node
+// plugin from serving the others. The error is for an unreadable state
+// directory.
 func (n *NodeServer) Recover(ctx context.Context) error {
-	vols, listErr := n.state.List()
-	var errs []error
-	if listErr != nil {
-		errs = append(errs, listErr)
+	base := klog.FromContext(ctx)
+	vols, err := n.state.List()
+	if err != nil {
+		if vols == nil {
+			return fmt.Errorf("node recovery: %w", err)
+		}
+		base.Error(err, "some node state files cannot be read; their volumes are left as they are")
 	}
 	for _, v := range vols {
-		log := logger(ctx, "Recover", v.VolumeID)
+		log := base.WithValues("op", "Recover", "volumeID", v.VolumeID)
 		unlock, err := n.locks.lock(ctx, v.VolumeID)
 		if err != nil {
 			return err
@@ -350,12 +359,12 @@ func (n *NodeServer) Recover(ctx context.Context) error {
 		} else {
 			log.Info("tearing down volume left behind", "reason", why)
 			if err := n.teardown(ctx, v); err != nil {
-				errs = append(errs, fmt.Errorf("volume %q: %w", v.VolumeID, err))
+				log.Error(err, "teardown incomplete; the state is kept and unstage or the next start retries")
 			}
 		}
 		unlock()
 	}
-	return errors.Join(errs...)
+	return nil
 }
 
 // recoverOne decides whether a volume found in the state is kept.

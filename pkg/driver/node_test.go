@@ -469,3 +469,21 @@ func TestNodeExpandExt4BeforePublish(t *testing.T) {
 		t.Fatalf("file lost across the resize: %q %v", b, err)
 	}
 }
+
+// TestNodeRecoverSurvivesCorruptState: a state file that cannot be parsed
+// is logged, not fatal, and the other volumes are still recovered.
+func TestNodeRecoverSurvivesCorruptState(t *testing.T) {
+	n, _ := newTestNode(t)
+	if err := os.WriteFile(filepath.Join(n.state.Dir(), "volumes", "broken.json"), []byte("{"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.state.Save(&nodestate.Volume{VolumeID: "gone", Phase: nodestate.PhaseStaging, AccessType: nodestate.AccessMount}); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Recover(context.Background()); err != nil {
+		t.Fatalf("Recover with a corrupt state file: %v", err)
+	}
+	if _, err := n.state.Load("gone"); err == nil {
+		t.Fatal("Recover did not clean up the half stage next to the corrupt file")
+	}
+}

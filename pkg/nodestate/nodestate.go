@@ -218,14 +218,15 @@ func (s *Store) Delete(volumeID string) error {
 }
 
 // List returns the state of every volume, sorted by volume ID. Files that
-// cannot be parsed are reported in the error but do not hide the others.
+// cannot be parsed are reported in the error but do not hide the others; the
+// slice is nil only when the directory itself cannot be read.
 func (s *Store) List() ([]*Volume, error) {
 	dir := filepath.Join(s.dir, volumesDir)
 	entries, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, fmt.Errorf("nodestate: list %s: %w", dir, err)
 	}
-	var out []*Volume
+	out := []*Volume{} // non-nil: the directory itself was readable
 	var errs []error
 	for _, e := range entries {
 		name := e.Name()
