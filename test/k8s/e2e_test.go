@@ -98,6 +98,7 @@ func TestEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.createNode()
+	e.checkLeastPrivilege()
 
 	// The controller side, as local processes.
 	procDir := t.TempDir()
@@ -119,7 +120,10 @@ func TestEndToEnd(t *testing.T) {
 	saKubeconfig := e.serviceAccountKubeconfig(procDir, "csi-encdisk-controller")
 	e.start(procDir, "csi-provisioner", sidecars.Provisioner, "--csi-address="+sock, "--kubeconfig="+saKubeconfig,
 		"--feature-gates=Topology=true", "--leader-election", "--leader-election-namespace="+harness.ManifestsNamespace,
-		"--timeout=60s", "--extra-create-metadata", "--default-fstype=ext4", "--retry-interval-max=5s", "--v=4")
+		"--timeout=60s", "--extra-create-metadata", "--default-fstype=ext4", "--retry-interval-max=5s",
+		// A PVC that failed to provision from a snapshot leaves the provisioner's
+		// source-protection finalizer on it until this sweep (default 5m).
+		"--snapshot-orphan-sweep-interval=2s", "--v=4")
 	e.start(procDir, "csi-snapshotter", sidecars.Snapshotter, "--csi-address="+sock, "--kubeconfig="+saKubeconfig,
 		"--leader-election", "--leader-election-namespace="+harness.ManifestsNamespace,
 		"--timeout=60s", "--v=4")
@@ -588,3 +592,62 @@ func pvInRegion(pv *corev1.PersistentVolume) bool {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// checkLeastPrivilege asks the API server what the chart's ServiceAccounts may
+// do: the controller what its sidecars need and nothing near secrets or pods;
+// the node account nothing.
+func (e *e2e) checkLeastPrivilege() {
+	e.t.Helper()
+	ctrl := "system:serviceaccount:" + harness.ManifestsNamespace + ":csi-encdisk-controller"
+	node := "system:serviceaccount:" + harness.ManifestsNamespace + ":csi-encdisk-node"
+	canI := func(ctx context.Context, as, verb, resource string) (bool, error) {
+		args := []string{"auth", "can-i", verb, "--as=" + as, "-n", harness.ManifestsNamespace}
+		if res, sub, ok := strings.Cut(resource, "/"); ok {
+			args = append(args, res, "--subresource="+sub)
+		} else {
+			args = append(args, resource)
+		}
+		out, err := e.cluster.Kubectl(ctx, nil, args...)
+		// The answer is the last line (kubectl may warn first, e.g. about cluster-scoped resources).
+		lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+		got := strings.TrimSpace(lines[len(lines)-1]) == "yes"
+		if err != nil && got {
+			return false, err
+		}
+		return got, nil
+	}
+	// The RBAC authorizer sees the new bindings after its informers sync.
+	rbacCtx, cancel := context.WithTimeout(e.ctx, 30*time.Second)
+	defer cancel()
+	if err := harness.WaitFor(rbacCtx, "chart RBAC in effect", nil, 200*time.Millisecond, func(ctx context.Context) error {
+		if ok, err := canI(ctx, ctrl, "create", "persistentvolumes"); err != nil || !ok {
+			return fmt.Errorf("controller may not create persistentvolumes yet (%v)", err)
+		}
+		return nil
+	}); err != nil {
+		e.t.Fatal(err)
+	}
+	for _, c := range []struct {
+		as, verb, resource string
+		want               bool
+	}{
+		{ctrl, "create", "persistentvolumes", true},
+		{ctrl, "update", "volumesnapshotcontents.snapshot.storage.k8s.io", true},
+		{ctrl, "patch", "persistentvolumeclaims/status", true},
+		{ctrl, "get", "secrets", false},
+		{ctrl, "create", "pods", false},
+		{ctrl, "delete", "persistentvolumeclaims", false},
+		{ctrl, "update", "leases.coordination.k8s.io", true},
+		{ctrl, "update", "volumesnapshots.snapshot.storage.k8s.io", true},
+		{node, "get", "persistentvolumes", false},
+		{node, "get", "secrets", false},
+	} {
+		got, err := canI(e.ctx, c.as, c.verb, c.resource)
+		if err != nil {
+			e.t.Fatalf("kubectl auth can-i: %v", err)
+		}
+		if got != c.want {
+			e.t.Errorf("%s may %s %s: %v, want %v", c.as, c.verb, c.resource, got, c.want)
+		}
+	}
+}
