@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -144,6 +145,23 @@ func TestEndToEnd(t *testing.T) {
 	srcImage := e.imagePath(srcPV)
 	srcKey := e.volumeKey(srcImage)
 
+	// An unencrypted PVC binds too, with a raw image (no LUKS2 header).
+	raw := e.createPVC("raw", "encdisk", nil)
+	rawPV := e.waitBound(raw)
+	if rawPV.Spec.CSI.VolumeAttributes["encrypted"] != "false" {
+		t.Errorf("PV %s of encdisk: volumeAttributes %v, want encrypted=false", rawPV.Name, rawPV.Spec.CSI.VolumeAttributes)
+	}
+	rawImage := e.imagePath(rawPV)
+	if f, err := os.Open(rawImage); err != nil {
+		t.Fatal(err)
+	} else {
+		_, err := crypt.ReadHeader(f)
+		f.Close()
+		if !errors.Is(err, crypt.ErrNotLUKS2) {
+			t.Errorf("unencrypted image %s: ReadHeader gave %v, want ErrNotLUKS2", rawImage, err)
+		}
+	}
+
 	// 2. A VolumeSnapshot of it becomes ReadyToUse.
 	e.createSnapshot("src-snap", "src")
 	e.waitSnapshotReady("src-snap")
@@ -193,7 +211,7 @@ func TestEndToEnd(t *testing.T) {
 	t.Logf("KMS calls by operation: %v", kmsOps)
 
 	// 8. Deleting the PVCs deletes their PVs and images (reclaimPolicy Delete).
-	for _, name := range []string{plain, clone, restored} {
+	for _, name := range []string{plain, clone, restored, raw} {
 		e.deletePVC(name)
 	}
 	if err := e.dyn.Resource(volumeSnapshots).Namespace(ns).Delete(ctx, "src-snap", metav1.DeleteOptions{}); err != nil {
@@ -204,7 +222,7 @@ func TestEndToEnd(t *testing.T) {
 		return err
 	})
 	e.deletePVC(src)
-	for pv, image := range map[string]string{srcPV.Name: srcImage, restoredPV.Name: restoredImage, clonePV.Name: cloneImage} {
+	for pv, image := range map[string]string{srcPV.Name: srcImage, restoredPV.Name: restoredImage, clonePV.Name: cloneImage, rawPV.Name: rawImage} {
 		e.waitGone("PV "+pv, func() error {
 			_, err := e.kube.CoreV1().PersistentVolumes().Get(ctx, pv, metav1.GetOptions{})
 			return err
