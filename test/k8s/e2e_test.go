@@ -46,13 +46,14 @@ var volumeSnapshots = schema.GroupVersionResource{Group: "snapshot.storage.k8s.i
 
 // e2e is the running world of TestEndToEnd.
 type e2e struct {
-	t       *testing.T
-	ctx     context.Context
-	cluster *harness.Cluster
-	kube    kubernetes.Interface
-	dyn     dynamic.Interface
-	dataDir string
-	metrics string // http://host:port/metrics of the driver
+	t         *testing.T
+	ctx       context.Context
+	cluster   *harness.Cluster
+	kube      kubernetes.Interface
+	dyn       dynamic.Interface
+	dataDir   string
+	kmsSocket string // the kms-plugin process's socket
+	metrics   string // http://host:port/metrics of the driver
 }
 
 // TestEndToEnd runs our driver in controller mode with the real csi-provisioner,
@@ -109,8 +110,19 @@ func TestEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 	e.metrics = fmt.Sprintf("http://127.0.0.1:%d/metrics", metricsPort)
+	// The built-in KMS plugin as its own process, wired as the chart's sidecar is.
+	e.kmsSocket = filepath.Join(procDir, "kms.sock")
+	kms := e.start(procDir, "kms-plugin", driverBin, "kms-plugin", "--listen=unix://"+e.kmsSocket,
+		"--keystore=dir:"+filepath.Join(t.TempDir(), "keys"), "--region="+region)
+	if err := harness.WaitFor(ctx, "kms-plugin socket", kms, 100*time.Millisecond, func(context.Context) error {
+		_, err := os.Stat(e.kmsSocket)
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
 	drv := e.start(procDir, "csi-encdisk", driverBin, "driver", "--mode=controller", "--endpoint=unix://"+sock,
 		"--data-dir="+e.dataDir, "--node-id=controller", "--region="+region,
+		"--kms-endpoint=unix://"+e.kmsSocket, "--kms-timeout=10s",
 		fmt.Sprintf("--metrics-address=127.0.0.1:%d", metricsPort), "--v=4")
 	if err := harness.WaitFor(ctx, "driver socket", drv, 100*time.Millisecond, func(context.Context) error {
 		_, err := os.Stat(sock)
@@ -513,7 +525,7 @@ func (e *e2e) volumeKey(image string) []byte {
 	if !ok {
 		e.t.Fatalf("%s: no KMS token in the LUKS2 header", image)
 	}
-	kc, err := kmsclient.New("unix://"+filepath.Join(e.dataDir, "kms", "kms.sock"), kmsclient.Options{Timeout: 10 * time.Second})
+	kc, err := kmsclient.New("unix://"+e.kmsSocket, kmsclient.Options{Timeout: 10 * time.Second})
 	if err != nil {
 		e.t.Fatal(err)
 	}
