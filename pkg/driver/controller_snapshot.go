@@ -3,6 +3,7 @@ package driver
 import (
 	"context"
 	"errors"
+	"strings"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
@@ -24,7 +25,13 @@ func (c *ControllerServer) CreateSnapshot(ctx context.Context, req *csi.CreateSn
 		return nil, invalid("source_volume_id: must not be empty")
 	}
 	for k := range req.GetParameters() {
-		return nil, invalid("unknown snapshot parameter %q (snapshots take no parameters)", k)
+		// csi-snapshotter --extra-create-metadata adds
+		// csi.storage.k8s.io/volumesnapshot/{name,namespace} and
+		// .../volumesnapshotcontent/name: metadata, not parameters.
+		if strings.HasPrefix(k, reservedPrefix) {
+			continue
+		}
+		return nil, invalid("unknown snapshot parameter %q (snapshots take no parameters besides csi.storage.k8s.io/* metadata)", k)
 	}
 	unlock, err := c.pool.Lock(ctx, backend.KindSnapshot, name)
 	if err != nil {

@@ -619,3 +619,23 @@ func TestDeleteLeavesNoImage(t *testing.T) {
 		t.Fatalf("image after delete: %v", err)
 	}
 }
+
+// csi-snapshotter --extra-create-metadata passes csi.storage.k8s.io/*
+// metadata as snapshot parameters: accepted; any other key is refused.
+func TestSnapshotParameters(t *testing.T) {
+	e := newCtlEnv(t, "r1")
+	vol := e.mustCreate("snap-params", 16<<20, map[string]string{"encrypted": "false"}, nil)
+	ctx := context.Background()
+	_, err := e.ctl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s1", SourceVolumeId: vol.VolumeId, Parameters: map[string]string{
+		"csi.storage.k8s.io/volumesnapshot/name":        "snap",
+		"csi.storage.k8s.io/volumesnapshot/namespace":   "default",
+		"csi.storage.k8s.io/volumesnapshotcontent/name": "snapcontent-1",
+	}})
+	if err != nil {
+		t.Fatalf("snapshot with provisioner metadata: %v", err)
+	}
+	_, err = e.ctl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s2", SourceVolumeId: vol.VolumeId, Parameters: map[string]string{"retention": "7d"}})
+	if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "retention") {
+		t.Fatalf("unknown snapshot parameter: %v", err)
+	}
+}
