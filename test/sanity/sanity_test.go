@@ -20,17 +20,11 @@ import (
 	"github.com/onsi/gomega"
 )
 
-// buildTags are passed to go build. The node service (pkg/driver/node*.go)
-// is still behind the encdisk_node_wip build tag; building with it runs the
-// real node instead of the placeholder. The tag is harmless once node*.go
-// drop it (and the placeholder is deleted): remove it from here then.
-const buildTags = "encdisk_node_wip"
-
 // buildBinary builds cmd/csi-encdisk into dir.
 func buildBinary(t *testing.T, dir string) string {
 	t.Helper()
 	out := filepath.Join(dir, "csi-encdisk")
-	cmd := exec.Command("go", "build", "-tags", buildTags, "-o", out, "./cmd/csi-encdisk")
+	cmd := exec.Command("go", "build", "-o", out, "./cmd/csi-encdisk")
 	cmd.Dir = filepath.Join("..", "..")
 	if b, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("build csi-encdisk: %v\n%s", err, b)
