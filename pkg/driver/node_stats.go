@@ -38,22 +38,11 @@ func (n *NodeServer) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVol
 	if path == "" {
 		return nil, status.Error(codes.InvalidArgument, "volume_path is required")
 	}
-	if _, err := n.imagePath(id); err != nil {
-		return nil, err
-	}
-	unlock, err := n.locks.lock(ctx, id)
+	v, unlock, err := n.lockStaged(ctx, id)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-
-	v, err := n.loadState(id)
-	if err != nil {
-		return nil, err
-	}
-	if v == nil || v.Phase != nodestate.PhaseStaged {
-		return nil, status.Errorf(codes.NotFound, "volume %q is not staged on this node", id)
-	}
 	if path != v.StagingPath && !v.HasTarget(path) {
 		return nil, status.Errorf(codes.NotFound, "volume %q is not staged or published at %s", id, path)
 	}
@@ -165,21 +154,11 @@ func (n *NodeServer) NodeGetVolumeHealth(ctx context.Context, req *csi.NodeGetVo
 	if id == "" {
 		return nil, status.Error(codes.InvalidArgument, "volume_id is required")
 	}
-	if _, err := n.imagePath(id); err != nil {
-		return nil, err
-	}
-	unlock, err := n.locks.lock(ctx, id)
+	v, unlock, err := n.lockStaged(ctx, id)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	v, err := n.loadState(id)
-	if err != nil {
-		return nil, err
-	}
-	if v == nil || v.Phase != nodestate.PhaseStaged {
-		return nil, status.Errorf(codes.NotFound, "volume %q is not staged on this node", id)
-	}
 	if p := req.GetStagingTargetPath(); p != "" && p != v.StagingPath {
 		return nil, status.Errorf(codes.NotFound, "volume %q is not staged at %s", id, p)
 	}
@@ -391,4 +370,26 @@ func (n *NodeServer) recoverOne(ctx context.Context, v *nodestate.Volume) (keep 
 		return true, "abnormal, still mounted: " + problem
 	}
 	return false, "abnormal and not mounted: " + problem
+}
+
+// lockStaged takes the volume's lock and returns its state, or NotFound when
+// the volume is unknown or not staged on this node. The caller must call
+// unlock when err is nil.
+func (n *NodeServer) lockStaged(ctx context.Context, id string) (v *nodestate.Volume, unlock func(), err error) {
+	if _, err := n.imagePath(id); err != nil {
+		return nil, nil, err
+	}
+	unlock, err = n.locks.lock(ctx, id)
+	if err != nil {
+		return nil, nil, err
+	}
+	v, err = n.loadState(id)
+	if err == nil && (v == nil || v.Phase != nodestate.PhaseStaged) {
+		err = status.Errorf(codes.NotFound, "volume %q is not staged on this node", id)
+	}
+	if err != nil {
+		unlock()
+		return nil, nil, err
+	}
+	return v, unlock, nil
 }
