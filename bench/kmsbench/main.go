@@ -24,14 +24,12 @@ import (
 	"os"
 	"os/signal"
 	"slices"
-	"strings"
 	"sync"
 	"syscall"
 	"time"
 
-	"github.com/miekg/pkcs11"
-
 	"github.com/csi-encdisk/csi-encdisk/pkg/kmsclient"
+	"github.com/csi-encdisk/csi-encdisk/pkg/kmsplugin"
 )
 
 func main() {
@@ -218,85 +216,5 @@ func runInitToken(args []string) error {
 	if *module == "" || *label == "" || *soPinFile == "" || *pinFile == "" {
 		return errors.New("-module, -label, -so-pin-file and -pin-file are required")
 	}
-	soPin, err := readPin(*soPinFile)
-	if err != nil {
-		return err
-	}
-	pin, err := readPin(*pinFile)
-	if err != nil {
-		return err
-	}
-	p := pkcs11.New(*module)
-	if p == nil {
-		return fmt.Errorf("cannot load PKCS#11 module %s", *module)
-	}
-	defer p.Destroy()
-	if err := p.Initialize(); err != nil {
-		return fmt.Errorf("initialize %s: %w", *module, err)
-	}
-	defer p.Finalize()
-	slots, err := p.GetSlotList(true)
-	if err != nil {
-		return fmt.Errorf("slots: %w", err)
-	}
-	free, found := uint(0), false
-	for _, s := range slots {
-		info, err := p.GetTokenInfo(s)
-		if err == nil && info.Flags&pkcs11.CKF_TOKEN_INITIALIZED == 0 {
-			free, found = s, true
-			break
-		}
-	}
-	if !found {
-		return fmt.Errorf("no free token slot in %s", *module)
-	}
-	if err := p.InitToken(free, soPin, *label); err != nil {
-		return fmt.Errorf("init token %q: %w", *label, err)
-	}
-	// SoftHSM moves an initialised token to a new slot: find it by label.
-	slots, err = p.GetSlotList(true)
-	if err != nil {
-		return fmt.Errorf("slots: %w", err)
-	}
-	for _, s := range slots {
-		info, err := p.GetTokenInfo(s)
-		if err != nil || strings.TrimRight(info.Label, " \x00") != *label {
-			continue
-		}
-		sess, err := p.OpenSession(s, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
-		if err != nil {
-			return fmt.Errorf("open session on token %q: %w", *label, err)
-		}
-		defer p.CloseSession(sess)
-		if err := p.Login(sess, pkcs11.CKU_SO, soPin); err != nil {
-			return fmt.Errorf("SO login to token %q: %w", *label, err)
-		}
-		defer p.Logout(sess)
-		if err := p.InitPIN(sess, pin); err != nil {
-			return fmt.Errorf("set the user PIN of token %q: %w", *label, err)
-		}
-		return nil
-	}
-	return fmt.Errorf("token %q not found after initialising it", *label)
-}
-
-// readPin reads a PIN file, refusing one that others can read.
-func readPin(path string) (string, error) {
-	fi, err := os.Stat(path)
-	if err != nil {
-		return "", fmt.Errorf("pin file: %w", err)
-	}
-	if fi.Mode().Perm()&0o077 != 0 {
-		return "", fmt.Errorf("pin file %s has mode %o: want 0600 or tighter", path, fi.Mode().Perm())
-	}
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return "", fmt.Errorf("pin file: %w", err)
-	}
-	pin := strings.TrimRight(string(b), "\r\n")
-	clear(b)
-	if len(pin) < 4 {
-		return "", fmt.Errorf("pin file %s: want a PIN of at least 4 characters", path)
-	}
-	return pin, nil
+	return kmsplugin.InitToken(*module, *label, *soPinFile, *pinFile)
 }

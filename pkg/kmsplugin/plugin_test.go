@@ -246,12 +246,16 @@ func softHSM(t *testing.T) (spec, module string) {
 	t.Setenv("SOFTHSM2_CONF", conf)
 	pin := "4711-test-pin"
 	pinFile := filepath.Join(dir, "pin")
+	soPinFile := filepath.Join(dir, "so-pin")
 	if err := os.WriteFile(pinFile, []byte(pin+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command("softhsm2-util", "--init-token", "--free", "--label", "csi-test", "--so-pin", "so-"+pin, "--pin", pin).CombinedOutput()
-	if err != nil {
-		t.Fatalf("softhsm2-util --init-token: %v\n%s", err, out)
+	if err := os.WriteFile(soPinFile, []byte("so-"+pin), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	// PINs from files, through PKCS#11: softhsm2-util would want them in argv.
+	if err := InitToken(module, "csi-test", soPinFile, pinFile); err != nil {
+		t.Fatalf("init token: %v", err)
 	}
 	return "pkcs11:" + module + "?token=csi-test&pin-file=" + pinFile, module
 }
