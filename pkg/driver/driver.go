@@ -140,6 +140,7 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 			KMS:          d.kms.registry,
 			EngineBinary: cfg.EngineBinary,
 			MaxVolumes:   cfg.MaxVolumes,
+			Metrics:      d.registry,
 		})
 		if err != nil {
 			d.kms.close()

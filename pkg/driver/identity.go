@@ -14,8 +14,11 @@ import (
 // DriverName is the CSI driver name.
 const DriverName = "encdisk.csi.io"
 
-// probeTimeout bounds the KMS health check of Probe.
-const probeTimeout = 3 * time.Second
+// probeTimeout bounds the KMS health check of Probe. It is below the
+// livenessprobe sidecar's default 1 s budget and below any KMS
+// call timeout, so that a KMS that does not answer makes Probe say "not
+// ready" promptly instead of running into the caller's deadline.
+const probeTimeout = 900 * time.Millisecond
 
 // IdentityServer implements csi.IdentityServer.
 type IdentityServer struct {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/prometheus/client_golang/prometheus"
 	"os"
 	"strings"
 	"sync"
@@ -43,6 +44,9 @@ type NodeConfig struct {
 	EngineBinary string
 	// MaxVolumes is reported by NodeGetInfo (0: no limit).
 	MaxVolumes int64
+	// Metrics, when set, receives per-volume engine metrics (bytes,
+	// operations, I/O errors, up), read from the engines at scrape time.
+	Metrics prometheus.Registerer
 }
 
 // NodeServer implements csi.NodeServer: it stages encrypted volumes through
@@ -76,7 +80,13 @@ func NewNodeServer(cfg NodeConfig) (*NodeServer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("node: %w", err)
 	}
-	return &NodeServer{cfg: cfg, state: st, locks: newVolumeLocks()}, nil
+	n := &NodeServer{cfg: cfg, state: st, locks: newVolumeLocks()}
+	if cfg.Metrics != nil {
+		if err := cfg.Metrics.Register(newEngineCollector(n)); err != nil {
+			return nil, fmt.Errorf("node: register engine metrics: %w", err)
+		}
+	}
+	return n, nil
 }
 
 // NodeGetInfo reports the node ID, the volume limit and the region topology.
