@@ -20,11 +20,22 @@ const labelPrefix = "csi-encdisk-kms/"
 // keys generated in the token, sensitive and not extractable; sealing and
 // opening run in the token (CKM_AES_GCM). The PIN comes from a file.
 type PKCS11Keystore struct {
-	ctx     *pkcs11.Ctx
-	session pkcs11.SessionHandle
-	// mu serialises the session: a PKCS#11 session runs one operation at a time.
-	mu sync.Mutex
+	ctx *pkcs11.Ctx
+	// sessions is a pool: a PKCS#11 session runs one operation at a time,
+	// so concurrent calls each take their own. The login of the first
+	// session holds for all of them (it is per application and token).
+	sessions chan pkcs11.SessionHandle
+	all      []pkcs11.SessionHandle
+	// createMu serialises key creation (find, then generate) and Close.
+	createMu sync.Mutex
+	closed   bool
+	// mu guards handles, the object handles of key versions found so far.
+	mu      sync.Mutex
+	handles map[string]pkcs11.ObjectHandle
 }
+
+// pkcs11Sessions is how many sessions a keystore opens.
+const pkcs11Sessions = 4
 
 // OpenPKCS11Keystore loads module, finds the token labelled token, and logs
 // in as user with the PIN read from pinFile.
@@ -46,7 +57,7 @@ func OpenPKCS11Keystore(module, token, pinFile string) (*PKCS11Keystore, error) 
 		ctx.Destroy()
 		return nil, fmt.Errorf("pkcs11 keystore: initialize %s: %w", module, err)
 	}
-	ks := &PKCS11Keystore{ctx: ctx}
+	ks := &PKCS11Keystore{ctx: ctx, handles: map[string]pkcs11.ObjectHandle{}}
 	fail := func(err error) (*PKCS11Keystore, error) {
 		ctx.Finalize()
 		ctx.Destroy()
@@ -67,12 +78,19 @@ func OpenPKCS11Keystore(module, token, pinFile string) (*PKCS11Keystore, error) 
 	if !found {
 		return fail(fmt.Errorf("pkcs11 keystore: no token labelled %q in %s", token, module))
 	}
-	ks.session, err = ctx.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
-	if err != nil {
-		return fail(fmt.Errorf("pkcs11 keystore: open session: %w", err))
+	for i := 0; i < pkcs11Sessions; i++ {
+		sh, err := ctx.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+		if err != nil {
+			return fail(fmt.Errorf("pkcs11 keystore: open session: %w", err))
+		}
+		ks.all = append(ks.all, sh)
 	}
-	if err := ctx.Login(ks.session, pkcs11.CKU_USER, pinText); err != nil {
+	if err := ctx.Login(ks.all[0], pkcs11.CKU_USER, pinText); err != nil {
 		return fail(fmt.Errorf("pkcs11 keystore: login to token %q failed (check the pin file): %v", token, pkcs11Code(err)))
+	}
+	ks.sessions = make(chan pkcs11.SessionHandle, len(ks.all))
+	for _, sh := range ks.all {
+		ks.sessions <- sh
 	}
 	return ks, nil
 }
@@ -88,21 +106,29 @@ func pkcs11Code(err error) string {
 
 func keyLabel(region string, v int) string { return labelPrefix + KeyID(region, v) }
 
-// find returns the handles of secret keys whose label matches label.
-func (p *PKCS11Keystore) find(label string) ([]pkcs11.ObjectHandle, error) {
+// withSession runs fn with a session from the pool.
+func (p *PKCS11Keystore) withSession(fn func(sh pkcs11.SessionHandle) error) error {
+	sh := <-p.sessions
+	defer func() { p.sessions <- sh }()
+	return fn(sh)
+}
+
+// find returns the handles of secret keys whose label matches label (all
+// secret keys when label is "").
+func (p *PKCS11Keystore) find(sh pkcs11.SessionHandle, label string) ([]pkcs11.ObjectHandle, error) {
 	tmpl := []*pkcs11.Attribute{
 		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
 	}
 	if label != "" {
 		tmpl = append(tmpl, pkcs11.NewAttribute(pkcs11.CKA_LABEL, label))
 	}
-	if err := p.ctx.FindObjectsInit(p.session, tmpl); err != nil {
+	if err := p.ctx.FindObjectsInit(sh, tmpl); err != nil {
 		return nil, fmt.Errorf("pkcs11: find: %w", err)
 	}
-	defer p.ctx.FindObjectsFinal(p.session)
+	defer p.ctx.FindObjectsFinal(sh)
 	var all []pkcs11.ObjectHandle
 	for {
-		objs, _, err := p.ctx.FindObjects(p.session, 64)
+		objs, _, err := p.ctx.FindObjects(sh, 64)
 		if err != nil {
 			return nil, fmt.Errorf("pkcs11: find: %w", err)
 		}
@@ -113,34 +139,36 @@ func (p *PKCS11Keystore) find(label string) ([]pkcs11.ObjectHandle, error) {
 	}
 }
 
-// Versions lists the region's key versions from the objects' labels.
+// Versions lists the region's key versions from the objects' labels. It
+// asks the token each time, so a rotation by another process shows at once.
 func (p *PKCS11Keystore) Versions(region string) ([]int, error) {
 	if err := ValidateRegion(region); err != nil {
 		return nil, err
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	objs, err := p.find("")
-	if err != nil {
-		return nil, err
-	}
-	prefix := labelPrefix + region + "/v"
 	var vs []int
-	for _, o := range objs {
-		attrs, err := p.ctx.GetAttributeValue(p.session, o, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)})
-		if err != nil || len(attrs) == 0 {
-			continue
+	err := p.withSession(func(sh pkcs11.SessionHandle) error {
+		objs, err := p.find(sh, "")
+		if err != nil {
+			return err
 		}
-		rest, ok := strings.CutPrefix(string(attrs[0].Value), prefix)
-		if !ok {
-			continue
+		prefix := labelPrefix + region + "/v"
+		for _, o := range objs {
+			attrs, err := p.ctx.GetAttributeValue(sh, o, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_LABEL, nil)})
+			if err != nil || len(attrs) == 0 {
+				continue
+			}
+			rest, ok := strings.CutPrefix(string(attrs[0].Value), prefix)
+			if !ok {
+				continue
+			}
+			if v, err := strconv.Atoi(rest); err == nil && v > 0 {
+				vs = append(vs, v)
+			}
 		}
-		if v, err := strconv.Atoi(rest); err == nil && v > 0 {
-			vs = append(vs, v)
-		}
-	}
+		return nil
+	})
 	sort.Ints(vs)
-	return vs, nil
+	return vs, err
 }
 
 // Create generates an AES-256 key inside the token: a token object,
@@ -149,42 +177,56 @@ func (p *PKCS11Keystore) Create(region string, v int) error {
 	if err := ValidateRegion(region); err != nil {
 		return err
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
+	p.createMu.Lock()
+	defer p.createMu.Unlock()
 	label := keyLabel(region, v)
-	if objs, err := p.find(label); err != nil {
-		return err
-	} else if len(objs) > 0 {
-		return fmt.Errorf("pkcs11: %s exists: master keys are never replaced", KeyID(region, v))
-	}
-	tmpl := []*pkcs11.Attribute{
-		pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
-		pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
-		pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, 32),
-		pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
-		pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
-		pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
-		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
-		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
-		pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
-		pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
-		pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
-		pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
-	}
-	if _, err := p.ctx.GenerateKey(p.session, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)}, tmpl); err != nil {
-		return fmt.Errorf("pkcs11: generate %s: %w", KeyID(region, v), err)
-	}
-	return nil
+	return p.withSession(func(sh pkcs11.SessionHandle) error {
+		if objs, err := p.find(sh, label); err != nil {
+			return err
+		} else if len(objs) > 0 {
+			return fmt.Errorf("pkcs11: %s exists: master keys are never replaced", KeyID(region, v))
+		}
+		tmpl := []*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_SECRET_KEY),
+			pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_AES),
+			pkcs11.NewAttribute(pkcs11.CKA_VALUE_LEN, 32),
+			pkcs11.NewAttribute(pkcs11.CKA_LABEL, label),
+			pkcs11.NewAttribute(pkcs11.CKA_TOKEN, true),
+			pkcs11.NewAttribute(pkcs11.CKA_PRIVATE, true),
+			pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, true),
+			pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, false),
+			pkcs11.NewAttribute(pkcs11.CKA_ENCRYPT, true),
+			pkcs11.NewAttribute(pkcs11.CKA_DECRYPT, true),
+			pkcs11.NewAttribute(pkcs11.CKA_WRAP, false),
+			pkcs11.NewAttribute(pkcs11.CKA_UNWRAP, false),
+		}
+		if _, err := p.ctx.GenerateKey(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_KEY_GEN, nil)}, tmpl); err != nil {
+			return fmt.Errorf("pkcs11: generate %s: %w", KeyID(region, v), err)
+		}
+		return nil
+	})
 }
 
-func (p *PKCS11Keystore) handle(region string, v int) (pkcs11.ObjectHandle, error) {
-	objs, err := p.find(keyLabel(region, v))
+// handle returns the object handle of a key version, found once and then
+// remembered (token object handles stay valid for the application).
+func (p *PKCS11Keystore) handle(sh pkcs11.SessionHandle, region string, v int) (pkcs11.ObjectHandle, error) {
+	id := KeyID(region, v)
+	p.mu.Lock()
+	h, ok := p.handles[id]
+	p.mu.Unlock()
+	if ok {
+		return h, nil
+	}
+	objs, err := p.find(sh, keyLabel(region, v))
 	if err != nil {
 		return 0, err
 	}
 	if len(objs) != 1 {
 		return 0, errNoKey
 	}
+	p.mu.Lock()
+	p.handles[id] = objs[0]
+	p.mu.Unlock()
 	return objs[0], nil
 }
 
@@ -197,22 +239,25 @@ func (p *PKCS11Keystore) Seal(region string, v int, plaintext, aad []byte) ([]by
 	if _, err := rand.Read(nonce); err != nil {
 		return nil, err
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	h, err := p.handle(region, v)
-	if err != nil {
-		return nil, err
-	}
-	params := pkcs11.NewGCMParams(nonce, aad, 128)
-	defer params.Free()
-	if err := p.ctx.EncryptInit(p.session, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, h); err != nil {
-		return nil, fmt.Errorf("pkcs11: encrypt init: %w", err)
-	}
-	ct, err := p.ctx.Encrypt(p.session, plaintext)
-	if err != nil {
-		return nil, fmt.Errorf("pkcs11: encrypt: %w", err)
-	}
-	return append(nonce, ct...), nil
+	var out []byte
+	err := p.withSession(func(sh pkcs11.SessionHandle) error {
+		h, err := p.handle(sh, region, v)
+		if err != nil {
+			return err
+		}
+		params := pkcs11.NewGCMParams(nonce, aad, 128)
+		defer params.Free()
+		if err := p.ctx.EncryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, h); err != nil {
+			return fmt.Errorf("pkcs11: encrypt init: %w", err)
+		}
+		ct, err := p.ctx.Encrypt(sh, plaintext)
+		if err != nil {
+			return fmt.Errorf("pkcs11: encrypt: %w", err)
+		}
+		out = append(nonce, ct...)
+		return nil
+	})
+	return out, err
 }
 
 // Open reverses Seal in the token.
@@ -220,66 +265,84 @@ func (p *PKCS11Keystore) Open(region string, v int, ciphertext, aad []byte) ([]b
 	if len(ciphertext) < gcmNonceSize+16 {
 		return nil, errors.New("ciphertext too short")
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	h, err := p.handle(region, v)
-	if err != nil {
-		return nil, err
-	}
-	params := pkcs11.NewGCMParams(append([]byte(nil), ciphertext[:gcmNonceSize]...), aad, 128)
-	defer params.Free()
-	if err := p.ctx.DecryptInit(p.session, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, h); err != nil {
-		return nil, fmt.Errorf("pkcs11: decrypt init: %w", err)
-	}
-	pt, err := p.ctx.Decrypt(p.session, ciphertext[gcmNonceSize:])
-	if err != nil {
-		// SoftHSM reports a failed tag check as CKR_GENERAL_ERROR.
-		return nil, errors.New("pkcs11: ciphertext does not authenticate")
-	}
-	return pt, nil
+	var pt []byte
+	err := p.withSession(func(sh pkcs11.SessionHandle) error {
+		h, err := p.handle(sh, region, v)
+		if err != nil {
+			return err
+		}
+		params := pkcs11.NewGCMParams(append([]byte(nil), ciphertext[:gcmNonceSize]...), aad, 128)
+		defer params.Free()
+		if err := p.ctx.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_AES_GCM, params)}, h); err != nil {
+			return fmt.Errorf("pkcs11: decrypt init: %w", err)
+		}
+		pt, err = p.ctx.Decrypt(sh, ciphertext[gcmNonceSize:])
+		if err != nil {
+			// SoftHSM reports a failed tag check as CKR_GENERAL_ERROR.
+			return errors.New("pkcs11: ciphertext does not authenticate")
+		}
+		return nil
+	})
+	return pt, err
 }
 
 // KeyAttributes reports the CKA_SENSITIVE and CKA_EXTRACTABLE attributes of
 // a key version, so tests and operators can check the key cannot leave.
 func (p *PKCS11Keystore) KeyAttributes(region string, v int) (sensitive, extractable bool, err error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	h, err := p.handle(region, v)
-	if err != nil {
-		return false, false, err
-	}
-	attrs, err := p.ctx.GetAttributeValue(p.session, h, []*pkcs11.Attribute{
-		pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, nil),
-		pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, nil),
+	err = p.withSession(func(sh pkcs11.SessionHandle) error {
+		h, err := p.handle(sh, region, v)
+		if err != nil {
+			return err
+		}
+		attrs, err := p.ctx.GetAttributeValue(sh, h, []*pkcs11.Attribute{
+			pkcs11.NewAttribute(pkcs11.CKA_SENSITIVE, nil),
+			pkcs11.NewAttribute(pkcs11.CKA_EXTRACTABLE, nil),
+		})
+		if err != nil {
+			return fmt.Errorf("pkcs11: attributes: %w", err)
+		}
+		sensitive = len(attrs[0].Value) == 1 && attrs[0].Value[0] == 1
+		extractable = len(attrs[1].Value) == 1 && attrs[1].Value[0] == 1
+		return nil
 	})
-	if err != nil {
-		return false, false, fmt.Errorf("pkcs11: attributes: %w", err)
-	}
-	return len(attrs[0].Value) == 1 && attrs[0].Value[0] == 1, len(attrs[1].Value) == 1 && attrs[1].Value[0] == 1, nil
+	return sensitive, extractable, err
 }
 
 // ReadKeyValue tries to read CKA_VALUE of a key version; for our keys the
 // token must refuse. For tests.
 func (p *PKCS11Keystore) ReadKeyValue(region string, v int) ([]byte, error) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	h, err := p.handle(region, v)
-	if err != nil {
-		return nil, err
-	}
-	attrs, err := p.ctx.GetAttributeValue(p.session, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE, nil)})
-	if err != nil {
-		return nil, err
-	}
-	return attrs[0].Value, nil
+	var val []byte
+	err := p.withSession(func(sh pkcs11.SessionHandle) error {
+		h, err := p.handle(sh, region, v)
+		if err != nil {
+			return err
+		}
+		attrs, err := p.ctx.GetAttributeValue(sh, h, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_VALUE, nil)})
+		if err != nil {
+			return err
+		}
+		val = attrs[0].Value
+		return nil
+	})
+	return val, err
 }
 
-// Close logs out and unloads the module.
+// Close waits for every session to be free, logs out and unloads the
+// module. Closing again does nothing.
 func (p *PKCS11Keystore) Close() error {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	p.ctx.Logout(p.session)
-	p.ctx.CloseSession(p.session)
+	p.createMu.Lock()
+	defer p.createMu.Unlock()
+	if p.closed {
+		return nil
+	}
+	p.closed = true
+	for range p.all {
+		<-p.sessions
+	}
+	p.ctx.Logout(p.all[0])
+	for _, sh := range p.all {
+		p.ctx.CloseSession(sh)
+	}
 	err := p.ctx.Finalize()
 	p.ctx.Destroy()
 	return err
