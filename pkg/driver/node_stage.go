@@ -367,8 +367,11 @@ func (n *NodeServer) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstage
 		return nil, err
 	}
 	if v == nil {
-		log.V(2).Info("volume not staged; nothing to do")
-		return &csi.NodeUnstageVolumeResponse{}, nil
+		if v = n.orphanState(id, staging); v == nil {
+			log.V(2).Info("volume not staged; nothing to do")
+			return &csi.NodeUnstageVolumeResponse{}, nil
+		}
+		log.Info("no state file for the volume, but pieces of a stage remain; tearing them down")
 	}
 	if v.StagingPath != staging {
 		return nil, status.Errorf(codes.FailedPrecondition, "volume %q is staged at %s, not %s", id, v.StagingPath, staging)
@@ -389,6 +392,32 @@ func (n *NodeServer) NodeUnstageVolume(ctx context.Context, req *csi.NodeUnstage
 	return &csi.NodeUnstageVolumeResponse{}, nil
 }
 
+// orphanState rebuilds a state for a volume whose state file is gone but
+// whose stage left pieces: a mount at the staging path, an engine run
+// directory, or a loop device on the image. nil when there is nothing.
+func (n *NodeServer) orphanState(id, staging string) *nodestate.Volume {
+	v := &nodestate.Volume{VolumeID: id, StagingPath: staging, RunDir: n.state.RunDir(id)}
+	found := false
+	if mounted, _ := isMountPoint(staging); mounted {
+		v.AccessType = nodestate.AccessMount
+		found = true
+	}
+	if _, err := os.Stat(v.RunDir); err == nil {
+		v.Encrypted = true
+		found = true
+	}
+	if img, err := n.cfg.ImagePath(id); err == nil {
+		v.Image = img
+		if dev, _ := loopByBackingFile(img); dev != "" {
+			found = true
+		}
+	}
+	if !found {
+		return nil
+	}
+	return v
+}
+
 // teardown removes every piece of a (half) staged volume that still
 // exists: the filesystem mount, the loop device, the engine, its FUSE mount
 // and run directory, and finally the state file. Each step checks what is
@@ -402,6 +431,8 @@ func (n *NodeServer) teardown(ctx context.Context, v *nodestate.Volume) error {
 	backing := v.Image
 	if v.Engine != nil {
 		backing = v.Engine.File
+	} else if v.Encrypted && v.RunDir != "" {
+		backing = blockdev.PlainFile(v.RunDir)
 	}
 	if err := detachLoop(ctx, v.Loop, backing); err != nil {
 		return err
