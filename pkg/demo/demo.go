@@ -96,6 +96,11 @@ func Run(ctx context.Context, opts Options) (err error) {
 		}
 		return fmt.Errorf("%d prerequisite(s) missing (see above)", len(missing))
 	}
+	if opts.Dir != "" {
+		if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
+			return fmt.Errorf("make demo directory: %w", err)
+		}
+	}
 	dir, err := os.MkdirTemp(opts.Dir, "csi-encdisk-demo-")
 	if err != nil {
 		return fmt.Errorf("make demo directory: %w", err)
@@ -161,6 +166,10 @@ func (r *run) story(ctx context.Context) error {
 		rw := row{step: s.name, took: time.Since(start), ok: err == nil, result: result}
 		if err != nil {
 			rw.result = "FAILED: " + err.Error()
+			if ctx.Err() != nil {
+				rw.result = "INTERRUPTED"
+				err = errors.New("interrupted; everything the demo made is removed")
+			}
 		}
 		after := r.kmsCount(ctx)
 		if before < 0 && after >= 0 {
