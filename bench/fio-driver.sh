@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# bench/fio-driver.sh: fio through an encrypted and an unencrypted volume of
+# the same csi-encdisk driver, back to back. bench/fiodriver starts the
+# driver (--mode all, built-in KMS) and, as a CSI client, creates one volume
+# with encrypted "true" and one with encrypted "false", stages and publishes
+# both as ext4; then each gets the same four fio tests: sequential 1 MiB
+# write and read, random 4 KiB write and read, libaio, direct=1, iodepth 16,
+# on a file laid out first. Prints MB/s, IOPS and the enc/plain ratio.
+#
+# Needs root, go, fio, python3 and what the node service needs (FUSE, loop
+# devices, mkfs.ext4). Env: SIZE (bytes per volume, default 2147483648),
+# FILESIZE (fio file, default 1G), RUNTIME (seconds per test, default 5),
+# WORKDIR (default a temp dir under /var/tmp).
+#
+# Usage: sudo bench/fio-driver.sh
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+size=${SIZE:-2147483648}
+filesize=${FILESIZE:-1G}
+runtime=${RUNTIME:-5}
+[ "$(id -u)" = 0 ] || { echo "fio-driver.sh: needs root" >&2; exit 1; }
+for tool in go fio python3; do
+  command -v "$tool" >/dev/null || { echo "fio-driver.sh: $tool not found" >&2; exit 1; }
+done
+
+load=$(cut -d' ' -f1-3 /proc/loadavg)
+work=${WORKDIR:-$(mktemp -d /var/tmp/fio-driver.XXXXXX)}
+mkdir -p "$work"
+pid=
+# cleanup: closing fiodriver's stdin makes it unpublish, unstage and delete
+# both volumes and stop the driver (it does the same on SIGTERM, and when
+# this script dies the pipe closes on its own).
+cleanup() {
+  set +e
+  exec 3>&-
+  if [ -n "$pid" ]; then
+    if ! wait "$pid"; then
+      echo "fio-driver.sh: fiodriver failed:" >&2; cat "$work/fiodriver.log" >&2
+      echo "--- last lines of the driver's log:" >&2; tail -n 20 "$work/drv/driver.log" >&2
+    fi
+  fi
+  if findmnt -rn -o TARGET | grep -q "^$work/"; then
+    echo "fio-driver.sh: mounts left under $work; keeping it" >&2
+  else
+    rm -rf "$work"
+  fi
+}
+trap cleanup EXIT
+
+go build -o "$work/csi-encdisk" ./cmd/csi-encdisk
+go build -o "$work/fiodriver" ./bench/fiodriver
+mkfifo "$work/ctl"
+"$work/fiodriver" -bin "$work/csi-encdisk" -dir "$work/drv" -size "$size" \
+  <"$work/ctl" >"$work/mounts" 2>"$work/fiodriver.log" &
+pid=$!
+exec 3>"$work/ctl"
+until grep -qx ready "$work/mounts"; do
+  kill -0 "$pid" 2>/dev/null || { echo "fio-driver.sh: fiodriver failed during setup" >&2; exit 1; }
+  sleep 0.2
+done
+enc=$(sed -n 's/^enc=//p' "$work/mounts")
+plain=$(sed -n 's/^plain=//p' "$work/mounts")
+
+# run_fio MODE DIR: lay the file out, then the four tests; JSON in $work.
+run_fio() {
+  local mode=$1 dir=$2 t
+  # Lay the file out once so the read tests read real (encrypted) blocks.
+  fio --name=layout --filename="$dir/fio.dat" --size="$filesize" --rw=write --bs=1M \
+      --ioengine=libaio --iodepth=16 --direct=1 --output=/dev/null
+  for t in seqwrite:write:1M seqread:read:1M randwrite:randwrite:4k randread:randread:4k; do
+    IFS=: read -r name rw bs <<<"$t"
+    fio --name="$name" --filename="$dir/fio.dat" --size="$filesize" --rw="$rw" --bs="$bs" \
+        --ioengine=libaio --iodepth=16 --direct=1 --time_based --runtime="$runtime" \
+        --group_reporting --output-format=json --output="$work/$mode.$name.json"
+  done
+  rm -f "$dir/fio.dat"
+}
+run_fio plain "$plain"
+run_fio enc "$enc"
+
+echo "CPU:     $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//') ($(nproc) cores)"
+echo "Date:    $(date -u +%Y-%m-%dT%H:%MZ); kernel $(uname -r); $(fio --version)"
+echo "Load:    $load (1/5/15-minute load average before the run; the machine is shared)"
+echo "Command: SIZE=$size FILESIZE=$filesize RUNTIME=$runtime bench/fio-driver.sh (CSI volumes, ext4, libaio, direct=1, iodepth 16)"
+python3 - "$work" <<'PY'
+import json, sys
+work = sys.argv[1]
+modes = ["plain", "enc"]
+tests = ["seqwrite", "seqread", "randwrite", "randread"]
+def res(mode, t):
+    j = json.load(open(f"{work}/{mode}.{t}.json"))["jobs"][0]
+    side = j["write"] if "write" in t else j["read"]
+    return side["bw_bytes"] / 1e6, side["iops"]
+print(f"{'test':<10}" + "".join(f"{m + ' MB/s':>12}{m + ' IOPS':>12}" for m in modes) + f"{'enc/plain':>11}")
+for t in tests:
+    r = {m: res(m, t) for m in modes}
+    print(f"{t:<10}" + "".join(f"{r[m][0]:>12.0f}{r[m][1]:>12.0f}" for m in modes)
+          + f"{r['enc'][0] / r['plain'][0]:>10.2f}x")
+PY
