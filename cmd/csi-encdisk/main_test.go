@@ -1,12 +1,14 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -119,7 +121,13 @@ func TestDemo(t *testing.T) {
 		t.Fatal("TestDemo needs root (loop devices, FUSE, mounts); run the tests as root")
 	}
 	bin := buildBinary(t)
-	stdout, stderr, code := runBinary(t, bin, "demo", "--dir", t.TempDir())
+	// A short parent: the engine's control socket must fit a unix socket path.
+	parent, err := os.MkdirTemp("", "dm")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(parent)
+	stdout, stderr, code := runBinary(t, bin, "demo", "--dir", parent)
 	if code != 0 {
 		t.Fatalf("demo exit %d\nstdout:\n%s\nstderr:\n%s", code, stdout, stderr)
 	}
@@ -135,5 +143,71 @@ func TestDemo(t *testing.T) {
 	}
 	if strings.Contains(stdout, "FAILED") {
 		t.Errorf("demo reports a failed step:\n%s", stdout)
+	}
+}
+
+// TestDemoInterrupted sends Ctrl-C (SIGINT) to the demo once a volume is
+// staged: it must exit non-zero and leave no mount, loop device, process or
+// directory behind.
+func TestDemoInterrupted(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Fatal("TestDemoInterrupted needs root (loop devices, FUSE, mounts); run the tests as root")
+	}
+	bin := buildBinary(t)
+	// A short parent: the engine's control socket must fit a unix socket path.
+	parent, err := os.MkdirTemp("", "dmi")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(parent)
+	cmd := exec.Command(bin, "demo", "--dir", parent)
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	sc := bufio.NewScanner(stdout)
+	var out strings.Builder
+	signalled := false
+	for sc.Scan() {
+		line := sc.Text()
+		out.WriteString(line + "\n")
+		if !signalled && strings.Contains(line, "write a file through the mount") {
+			if err := cmd.Process.Signal(syscall.SIGINT); err != nil {
+				t.Fatal(err)
+			}
+			signalled = true
+		}
+	}
+	err = cmd.Wait()
+	if !signalled {
+		t.Fatalf("the demo never reached the write step (%v):\n%s\n%s", err, out.String(), stderr.String())
+	}
+	if err == nil {
+		t.Fatalf("interrupted demo exited 0:\n%s", out.String())
+	}
+	if !strings.Contains(stderr.String(), "interrupted") {
+		t.Errorf("stderr does not say interrupted: %s", stderr.String())
+	}
+	mountinfo, _ := os.ReadFile("/proc/self/mountinfo")
+	if strings.Contains(string(mountinfo), parent) {
+		t.Errorf("mounts left under %s", parent)
+	}
+	loops, _ := exec.Command("losetup", "-a").CombinedOutput()
+	if strings.Contains(string(loops), parent) {
+		t.Errorf("loop devices left: %s", loops)
+	}
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		if b, err := os.ReadFile(p); err == nil && strings.Contains(string(b), parent+"/") {
+			t.Errorf("process left: %s", strings.ReplaceAll(string(b), "\x00", " "))
+		}
+	}
+	if entries, _ := os.ReadDir(parent); len(entries) != 0 {
+		t.Errorf("demo directory left: %v", entries)
 	}
 }

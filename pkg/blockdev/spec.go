@@ -40,6 +40,9 @@ func PlainFile(runDir string) string { return filepath.Join(runDir, "fuse", File
 func ControlSocketPath(runDir string) string { return filepath.Join(runDir, "control.sock") }
 
 // Validate checks every field and names the first bad one.
+// maxSocketPath is the size of sun_path in struct sockaddr_un on Linux.
+const maxSocketPath = 108
+
 func (s EngineSpec) Validate() error {
 	switch {
 	case s.VolumeID == "":
@@ -52,6 +55,8 @@ func (s EngineSpec) Validate() error {
 		return fmt.Errorf("engine spec: sector size %d must be 512 or 4096", s.SectorSize)
 	case s.RunDir == "" || !filepath.IsAbs(s.RunDir):
 		return fmt.Errorf("engine spec: run dir %q must be an absolute path", s.RunDir)
+	case len(ControlSocketPath(s.RunDir)) >= maxSocketPath:
+		return fmt.Errorf("engine spec: control socket %s is longer than a unix socket path may be (%d bytes): use a shorter state directory", ControlSocketPath(s.RunDir), maxSocketPath-1)
 	}
 	return nil
 }
