@@ -10,7 +10,8 @@
 # Needs root, go, fio, python3 and what the node service needs (FUSE, loop
 # devices, mkfs.ext4). Env: SIZE (bytes per volume, default 2147483648),
 # FILESIZE (fio file, default 1G), RUNTIME (seconds per test, default 5),
-# WORKDIR (default a temp dir under /var/tmp).
+# WORKDIR (default a temp dir under /var/tmp), ORDER (which volume runs first:
+# default "plain enc").
 #
 # Usage: sudo bench/fio-driver.sh
 set -euo pipefail
@@ -19,6 +20,11 @@ cd "$(dirname "$0")/.."
 size=${SIZE:-2147483648}
 filesize=${FILESIZE:-1G}
 runtime=${RUNTIME:-5}
+order=${ORDER:-plain enc}
+case $order in
+"plain enc" | "enc plain") ;;
+*) echo "fio-driver.sh: ORDER must be \"plain enc\" or \"enc plain\", got \"$order\"" >&2; exit 1 ;;
+esac
 [ "$(id -u)" = 0 ] || { echo "fio-driver.sh: needs root" >&2; exit 1; }
 for tool in go fio python3; do
   command -v "$tool" >/dev/null || { echo "fio-driver.sh: $tool not found" >&2; exit 1; }
@@ -76,13 +82,17 @@ run_fio() {
   done
   rm -f "$dir/fio.dat"
 }
-run_fio plain "$plain"
-run_fio enc "$enc"
+for mode in $order; do
+  case $mode in
+  plain) run_fio plain "$plain" ;;
+  enc) run_fio enc "$enc" ;;
+  esac
+done
 
 echo "CPU:     $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//') ($(nproc) cores)"
 echo "Date:    $(date -u +%Y-%m-%dT%H:%MZ); kernel $(uname -r); $(fio --version)"
 echo "Load:    $load (1/5/15-minute load average before the run; the machine is shared)"
-echo "Command: SIZE=$size FILESIZE=$filesize RUNTIME=$runtime bench/fio-driver.sh (CSI volumes, ext4, libaio, direct=1, iodepth 16)"
+echo "Command: SIZE=$size FILESIZE=$filesize RUNTIME=$runtime ORDER=\"$order\" bench/fio-driver.sh (CSI volumes, ext4, libaio, direct=1, iodepth 16)"
 python3 - "$work" <<'PY'
 import json, sys
 work = sys.argv[1]
