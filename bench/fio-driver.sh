@@ -43,7 +43,9 @@ cleanup() {
   if [ -n "$pid" ]; then
     if ! wait "$pid"; then
       echo "fio-driver.sh: fiodriver failed:" >&2; cat "$work/fiodriver.log" >&2
-      echo "--- last lines of the driver's log:" >&2; tail -n 20 "$work/drv/driver.log" >&2
+      if [ -f "$work/drv/driver.log" ]; then
+        echo "--- last lines of the driver's log:" >&2; tail -n 20 "$work/drv/driver.log" >&2
+      fi
     fi
   fi
   if findmnt -rn -o TARGET | grep -q "^$work/"; then
