@@ -138,7 +138,7 @@ func TestEndToEnd(t *testing.T) {
 		// source-protection finalizer on it until this sweep (default 5m).
 		"--snapshot-orphan-sweep-interval=2s", "--v=4")
 	e.start(procDir, "csi-snapshotter", sidecars.Snapshotter, "--csi-address="+sock, "--kubeconfig="+saKubeconfig,
-		"--leader-election", "--leader-election-namespace="+harness.ManifestsNamespace,
+		"--extra-create-metadata", "--leader-election", "--leader-election-namespace="+harness.ManifestsNamespace,
 		"--timeout=60s", "--v=4")
 	e.start(procDir, "csi-resizer", sidecars.Resizer, "--csi-address="+sock, "--kubeconfig="+saKubeconfig,
 		"--leader-election", "--leader-election-namespace="+harness.ManifestsNamespace, "--timeout=60s", "--v=4")
