@@ -406,11 +406,11 @@ func (h *Header) validate() error {
 			if _, err := hashByName(ks.KDF.Hash); err != nil {
 				return fmt.Errorf("keyslot %s kdf hash: %w", id, err)
 			}
-			if ks.KDF.Iterations <= 0 {
-				return fmt.Errorf("keyslot %s kdf iterations %d", id, ks.KDF.Iterations)
+			if ks.KDF.Iterations <= 0 || ks.KDF.Iterations > maxPBKDF2Iterations {
+				return fmt.Errorf("keyslot %s kdf iterations %d (1 to %d)", id, ks.KDF.Iterations, maxPBKDF2Iterations)
 			}
 		case "argon2i", "argon2id":
-			if ks.KDF.Time <= 0 || ks.KDF.Memory <= 0 || ks.KDF.Memory > maxArgonMemoryKiB || ks.KDF.CPUs <= 0 || ks.KDF.CPUs > 255 {
+			if ks.KDF.Time <= 0 || ks.KDF.Time > maxArgonTime || ks.KDF.Memory <= 0 || ks.KDF.Memory > maxArgonMemoryKiB || ks.KDF.CPUs <= 0 || ks.KDF.CPUs > 255 {
 				return fmt.Errorf("keyslot %s argon2 parameters time %d memory %d cpus %d", id, ks.KDF.Time, ks.KDF.Memory, ks.KDF.CPUs)
 			}
 		default:
@@ -427,8 +427,26 @@ func (h *Header) validate() error {
 	if seg.Type != "crypt" {
 		return fmt.Errorf("segment 0 type %q, want crypt", seg.Type)
 	}
-	if seg.SectorSize != 512 && seg.SectorSize != 1024 && seg.SectorSize != 2048 && seg.SectorSize != 4096 {
-		return fmt.Errorf("segment 0 sector_size %d", seg.SectorSize)
+	if seg.SectorSize != 512 && seg.SectorSize != 4096 {
+		return fmt.Errorf("segment 0 sector_size %d (this engine serves 512 or 4096)", seg.SectorSize)
+	}
+	// What the data path does not implement must not be opened as if it
+	// were plain aes-xts-plain64 over the whole data area: an image in the
+	// middle of a reencryption (several segments, mandatory requirements),
+	// dm-integrity, or an IV offset.
+	if len(m.Segments) != 1 {
+		return fmt.Errorf("%d segments (an unfinished reencryption?); only one crypt segment is supported", len(m.Segments))
+	}
+	if seg.Integrity != nil {
+		return errors.New("segment 0 uses integrity protection, which is not supported")
+	}
+	if seg.IVTweak != "" && seg.IVTweak != "0" {
+		return fmt.Errorf("segment 0 iv_tweak %q is not supported (only 0)", seg.IVTweak)
+	}
+	if req, ok := c.Requirements.(map[string]any); ok {
+		if mand, ok := req["mandatory"].([]any); ok && len(mand) > 0 {
+			return fmt.Errorf("config requires %v, which is not supported", mand)
+		}
 	}
 	if uint64(seg.Offset) < areaEnd || uint64(seg.Offset)%512 != 0 || uint64(seg.Offset) > 1<<50 {
 		return fmt.Errorf("segment 0 offset %d overlaps the metadata or is misaligned", seg.Offset)
@@ -455,7 +473,7 @@ func (h *Header) validate() error {
 		if _, err := hashByName(d.Hash); err != nil {
 			return fmt.Errorf("digest %s hash: %w", id, err)
 		}
-		if d.Iterations <= 0 || len(d.Digest) == 0 || len(d.Digest) > 64 || len(d.Salt) == 0 || len(d.Salt) > 1024 {
+		if d.Iterations <= 0 || d.Iterations > maxPBKDF2Iterations || len(d.Digest) == 0 || len(d.Digest) > 64 || len(d.Salt) == 0 || len(d.Salt) > 1024 {
 			return fmt.Errorf("digest %s parameters", id)
 		}
 		for _, k := range d.Keyslots {
@@ -492,9 +510,15 @@ func (h *Header) validate() error {
 	return nil
 }
 
-// maxArgonMemoryKiB is the largest argon2 memory cost accepted (4 GiB, the
-// LUKS2 limit), so a crafted header cannot ask for more.
-const maxArgonMemoryKiB = 4 << 20
+// Bounds on key-derivation costs, so that a crafted header cannot make
+// Unlock run for hours or allocate without limit: 4 GiB of argon2 memory is
+// the LUKS2 limit; the time and iteration caps are far above what cryptsetup
+// benchmarks to on any current CPU.
+const (
+	maxArgonMemoryKiB   = 4 << 20
+	maxArgonTime        = 1000
+	maxPBKDF2Iterations = 100_000_000
+)
 
 func checkID(id string) error {
 	n, err := strconv.Atoi(id)

@@ -61,9 +61,11 @@ func Format(f *os.File, dataSize int64, opts FormatOptions) (*Header, error) {
 		return nil, fmt.Errorf("crypt: label longer than %d bytes", lenLabel-1)
 	}
 	// Validates the key (equal halves are refused for XTS).
-	if _, err := NewXTS(opts.VolumeKey, opts.SectorSize); err != nil {
+	vx, err := NewXTS(opts.VolumeKey, opts.SectorSize)
+	if err != nil {
 		return nil, err
 	}
+	vx.Wipe()
 	iters := opts.PBKDF2Iterations
 	if iters <= 0 {
 		iters = DefaultPBKDF2Iterations
@@ -89,6 +91,7 @@ func Format(f *os.File, dataSize int64, opts FormatOptions) (*Header, error) {
 		return nil, err
 	}
 	c.EncryptSectors(area, area, 0)
+	c.Wipe()
 	areaSize := (uint64(len(area)) + 4095) &^ 4095
 
 	digestSalt, err := randomBytes(32)

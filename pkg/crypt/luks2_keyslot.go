@@ -93,6 +93,7 @@ func (h *Header) openKeyslot(ks *jsonKeyslot, passphrase []byte) ([]byte, error)
 	if err != nil {
 		return nil, err
 	}
+	defer c.Wipe()
 	buf := make([]byte, afSectors(ks.KeySize, ks.AF.Stripes)*512)
 	defer clear(buf)
 	if _, err := h.r.ReadAt(buf, int64(ks.Area.Offset)); err != nil {

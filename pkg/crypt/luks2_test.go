@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
 	"os"
 	"os/exec"
@@ -389,6 +390,84 @@ func TestFormatRejectsBadInput(t *testing.T) {
 		size := mod(&o)
 		if _, err := Format(f, size, o); err == nil {
 			t.Errorf("%s: Format accepted bad input", name)
+		}
+	}
+}
+
+// rewriteJSON returns the image bytes with both header copies carrying the
+// metadata that edit makes of the original (checksums redone).
+func rewriteJSON(t *testing.T, image []byte, edit func(m map[string]any)) []byte {
+	t.Helper()
+	h, err := ReadHeader(bytes.NewReader(image))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m map[string]any
+	raw, _ := json.Marshal(h.raw)
+	if err := json.Unmarshal(raw, &m); err != nil {
+		t.Fatal(err)
+	}
+	edit(m)
+	text, err := json.Marshal(m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := append([]byte(nil), image...)
+	hf := headerFields{hdrSize: h.hdrSize, seqID: h.seqID + 1, uuid: h.uuid, csumAlg: h.csumAlg}
+	for _, primary := range []bool{true, false} {
+		c, err := encodeCopy(hf, text, primary, make([]byte, lenSalt))
+		if err != nil {
+			t.Fatal(err)
+		}
+		off := 0
+		if !primary {
+			off = int(h.hdrSize)
+		}
+		copy(out[off:], c)
+	}
+	return out
+}
+
+// Headers that parse but ask for what would crash, hang or be served wrong
+// (absurd KDF costs, a reencryption in progress, integrity, an IV offset)
+// are refused by ReadHeader.
+func TestReadHeaderRefusesUnsafeMetadata(t *testing.T) {
+	image, _, _, _ := formatTestImage(t, 4096, nil)
+	data, err := os.ReadFile(image)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data = data[:64<<10]
+	get := func(m map[string]any, path ...string) map[string]any {
+		for _, p := range path {
+			m = m[p].(map[string]any)
+		}
+		return m
+	}
+	if _, err := ReadHeader(bytes.NewReader(rewriteJSON(t, data, func(map[string]any) {}))); err != nil {
+		t.Fatalf("unchanged metadata refused: %v", err)
+	}
+	for name, edit := range map[string]func(m map[string]any){
+		"argon2 time beyond uint32": func(m map[string]any) {
+			get(m, "keyslots", "0")["kdf"] = map[string]any{"type": "argon2id", "time": 4294967296, "memory": 1024, "cpus": 1, "salt": "AAAA"}
+		},
+		"pbkdf2 iterations huge": func(m map[string]any) { get(m, "keyslots", "0", "kdf")["iterations"] = 1e12 },
+		"digest iterations huge": func(m map[string]any) { get(m, "digests", "0")["iterations"] = 1e12 },
+		"second segment":         func(m map[string]any) { get(m, "segments")["1"] = get(m, "segments", "0") },
+		"iv tweak":               func(m map[string]any) { get(m, "segments", "0")["iv_tweak"] = "8" },
+		"integrity":              func(m map[string]any) { get(m, "segments", "0")["integrity"] = map[string]any{"type": "hmac(sha256)"} },
+		"mandatory requirement": func(m map[string]any) {
+			get(m, "config")["requirements"] = map[string]any{"mandatory": []any{"online-reencrypt-v2"}}
+		},
+		"sector size 2048":          func(m map[string]any) { get(m, "segments", "0")["sector_size"] = 2048 },
+		"null keyslot":              func(m map[string]any) { get(m, "keyslots")["1"] = nil },
+		"null digest":               func(m map[string]any) { get(m, "digests")["1"] = nil },
+		"null token":                func(m map[string]any) { m["tokens"] = map[string]any{"0": nil} },
+		"digest names no keyslot":   func(m map[string]any) { get(m, "digests", "0")["keyslots"] = []any{"7"} },
+		"keyslot area past the end": func(m map[string]any) { get(m, "keyslots", "0", "area")["offset"] = "999999999999" },
+	} {
+		if _, err := ReadHeader(bytes.NewReader(rewriteJSON(t, data, edit))); err == nil {
+			t.Errorf("%s: accepted", name)
 		}
 	}
 }

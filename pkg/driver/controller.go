@@ -323,9 +323,10 @@ func sameVolume(old, want *backend.Meta, r *csi.CapacityRange) error {
 	switch {
 	case old.Size < r.GetRequiredBytes() || (r.GetLimitBytes() > 0 && old.Size > r.GetLimitBytes()):
 		return status.Errorf(codes.AlreadyExists, "volume %q exists with %d bytes, outside the requested range", old.Name, old.Size)
-	case old.Encrypted != want.Encrypted || old.SectorSize != want.SectorSize || (old.Encrypted && old.KMSID != want.KMSID):
-		return status.Errorf(codes.AlreadyExists, "volume %q exists with other parameters (encrypted %t, sectorSize %d, kmsID %q)",
-			old.Name, old.Encrypted, old.SectorSize, old.KMSID)
+	case old.Encrypted != want.Encrypted || old.SectorSize != want.SectorSize || (old.Encrypted && old.KMSID != want.KMSID) ||
+		old.AllowDiscards != want.AllowDiscards:
+		return status.Errorf(codes.AlreadyExists, "volume %q exists with other parameters (encrypted %t, sectorSize %d, kmsID %q, allowDiscards %t)",
+			old.Name, old.Encrypted, old.SectorSize, old.KMSID, old.AllowDiscards)
 	case old.SourceSnapshotID != want.SourceSnapshotID || old.SourceVolumeID != want.SourceVolumeID:
 		return status.Errorf(codes.AlreadyExists, "volume %q exists with another content source", old.Name)
 	}

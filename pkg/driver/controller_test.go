@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -637,5 +638,20 @@ func TestSnapshotParameters(t *testing.T) {
 	_, err = e.ctl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{Name: "s2", SourceVolumeId: vol.VolumeId, Parameters: map[string]string{"retention": "7d"}})
 	if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "retention") {
 		t.Fatalf("unknown snapshot parameter: %v", err)
+	}
+}
+
+// A panic inside a CSI handler becomes an Internal error of that call.
+func TestRecoverPanics(t *testing.T) {
+	info := &grpc.UnaryServerInfo{FullMethod: "/csi.v1.Node/NodeStageVolume"}
+	_, err := recoverPanics(context.Background(), nil, info, func(context.Context, any) (any, error) {
+		panic("boom")
+	})
+	if status.Code(err) != codes.Internal || strings.Contains(err.Error(), "boom") {
+		t.Fatalf("recovered panic: %v", err)
+	}
+	resp, err := recoverPanics(context.Background(), nil, info, func(context.Context, any) (any, error) { return "ok", nil })
+	if err != nil || resp != "ok" {
+		t.Fatalf("normal call: %v %v", resp, err)
 	}
 }

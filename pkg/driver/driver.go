@@ -203,7 +203,7 @@ func (d *Driver) Run(ctx context.Context, endpoint string) error {
 		return fmt.Errorf("driver: %w", err)
 	}
 	defer os.Remove(path)
-	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(d.metrics.interceptor))
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(d.metrics.interceptor, recoverPanics))
 	csi.RegisterIdentityServer(srv, d.identity)
 	if d.controller != nil {
 		csi.RegisterControllerServer(srv, d.controller)

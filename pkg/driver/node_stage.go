@@ -278,7 +278,8 @@ func (n *NodeServer) startEngine(ctx context.Context, v *nodestate.Volume, volCt
 	}
 	lockMemory(passphrase)
 	vk, err := hdr.Unlock(passphrase)
-	if err == nil {
+	if err == nil && !v.ReadOnly {
+		// A read-only stage never writes to the image, not even its header.
 		rewrapIfRotated(ctx, v.VolumeID, v.Image, client, tok, passphrase)
 	}
 	clear(passphrase)
