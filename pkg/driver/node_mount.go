@@ -48,6 +48,36 @@ func isMountPoint(path string) (bool, error) {
 	return false, nil
 }
 
+// mountIsReadOnly reports whether the topmost mount at path is read-only
+// (its per-mount options in /proc/self/mountinfo include "ro").
+func mountIsReadOnly(path string) (bool, error) {
+	p := filepath.Clean(path)
+	if resolved, err := filepath.EvalSymlinks(p); err == nil {
+		p = resolved
+	}
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return false, fmt.Errorf("read mount table: %w", err)
+	}
+	ro, found := false, false
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 6 && unescapeMountPath(f[4]) == p {
+			found = true // later lines are mounted on top: keep the last
+			ro = false
+			for _, o := range strings.Split(f[5], ",") {
+				if o == "ro" {
+					ro = true
+				}
+			}
+		}
+	}
+	if !found {
+		return false, fmt.Errorf("%s is not a mount point", p)
+	}
+	return ro, nil
+}
+
 // unescapeMountPath undoes the octal escapes of /proc/self/mountinfo.
 func unescapeMountPath(s string) string {
 	if !strings.Contains(s, `\`) {

@@ -73,6 +73,9 @@ func (n *NodeServer) NodePublishVolume(ctx context.Context, req *csi.NodePublish
 	}
 	if mounted {
 		if v.HasTarget(target) {
+			if ro, err := mountIsReadOnly(target); err == nil && ro != readOnly {
+				return nil, status.Errorf(codes.AlreadyExists, "volume %q is already published at %s with readonly %t; this request asks for readonly %t", id, target, ro, readOnly)
+			}
 			log.V(2).Info("volume already published", "target", target)
 			return &csi.NodePublishVolumeResponse{}, nil
 		}
