@@ -4,7 +4,6 @@ import (
 	"crypto/rand"
 	"errors"
 	"fmt"
-	"os"
 	"sort"
 	"strconv"
 	"strings"
@@ -38,17 +37,15 @@ type PKCS11Keystore struct {
 const pkcs11Sessions = 4
 
 // OpenPKCS11Keystore loads module, finds the token labelled token, and logs
-// in as user with the PIN read from pinFile.
+// in as user with the PIN read from pinFile (ReadPINFile: owner-only file).
 func OpenPKCS11Keystore(module, token, pinFile string) (*PKCS11Keystore, error) {
 	if module == "" || token == "" || pinFile == "" {
 		return nil, errors.New("pkcs11 keystore: want pkcs11:MODULE?token=LABEL&pin-file=PATH")
 	}
-	pin, err := os.ReadFile(pinFile)
+	pinText, err := ReadPINFile(pinFile)
 	if err != nil {
-		return nil, fmt.Errorf("pkcs11 keystore: read pin file: %w", err)
+		return nil, fmt.Errorf("pkcs11 keystore: %w", err)
 	}
-	defer clear(pin)
-	pinText := strings.TrimRight(string(pin), "\r\n")
 	ctx := pkcs11.New(module)
 	if ctx == nil {
 		return nil, fmt.Errorf("pkcs11 keystore: cannot load module %s", module)

@@ -358,3 +358,17 @@ func TestPluginCommandSIGTERM(t *testing.T) {
 		t.Fatal("socket left after SIGTERM")
 	}
 }
+
+// The PKCS#11 keystore reads its PIN like every PIN file: a file others can
+// read is refused, and the error does not show the PIN.
+func TestPKCS11RefusesReadablePINFile(t *testing.T) {
+	spec, _ := softHSM(t)
+	pinFile := spec[strings.Index(spec, "pin-file=")+len("pin-file="):]
+	if err := os.Chmod(pinFile, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, err := OpenKeystore(spec)
+	if err == nil || !strings.Contains(err.Error(), "0600") || strings.Contains(err.Error(), "4711") {
+		t.Fatalf("world-readable PIN file: %v", err)
+	}
+}
