@@ -16,6 +16,8 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/atomicfile"
 )
 
 // Phase says how far NodeStageVolume got.
@@ -179,33 +181,10 @@ func (s *Store) Save(v *Volume) error {
 	if err != nil {
 		return fmt.Errorf("nodestate: encode state of %q: %w", v.VolumeID, err)
 	}
-	final := s.path(v.VolumeID)
-	dir := filepath.Dir(final)
-	tmp, err := os.CreateTemp(dir, ".tmp-*")
-	if err != nil {
-		return fmt.Errorf("nodestate: write state of %q: %w", v.VolumeID, err)
+	if err := atomicfile.WriteFile(s.path(v.VolumeID), append(b, '\n'), 0o600); err != nil {
+		return fmt.Errorf("nodestate: save state of %q: %w", v.VolumeID, err)
 	}
-	tmpName := tmp.Name()
-	cleanup := func() { _ = os.Remove(tmpName) }
-	if _, err := tmp.Write(append(b, '\n')); err != nil {
-		_ = tmp.Close()
-		cleanup()
-		return fmt.Errorf("nodestate: write %s: %w", tmpName, err)
-	}
-	if err := tmp.Sync(); err != nil {
-		_ = tmp.Close()
-		cleanup()
-		return fmt.Errorf("nodestate: sync %s: %w", tmpName, err)
-	}
-	if err := tmp.Close(); err != nil {
-		cleanup()
-		return fmt.Errorf("nodestate: close %s: %w", tmpName, err)
-	}
-	if err := os.Rename(tmpName, final); err != nil {
-		cleanup()
-		return fmt.Errorf("nodestate: rename to %s: %w", final, err)
-	}
-	return syncDir(dir)
+	return nil
 }
 
 // Delete removes the state of a volume; a missing state is not an error.
@@ -214,7 +193,10 @@ func (s *Store) Delete(volumeID string) error {
 	if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("nodestate: remove %s: %w", p, err)
 	}
-	return syncDir(filepath.Dir(p))
+	if err := atomicfile.SyncDir(filepath.Dir(p)); err != nil {
+		return fmt.Errorf("nodestate: remove state of %q: %w", volumeID, err)
+	}
+	return nil
 }
 
 // List returns the state of every volume, sorted by volume ID. Files that
@@ -242,16 +224,4 @@ func (s *Store) List() ([]*Volume, error) {
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].VolumeID < out[j].VolumeID })
 	return out, errors.Join(errs...)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("nodestate: open %s: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("nodestate: sync %s: %w", dir, err)
-	}
-	return nil
 }

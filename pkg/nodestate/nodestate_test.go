@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 )
 
@@ -103,5 +104,25 @@ func TestSaveRejectsEmptyID(t *testing.T) {
 	}
 	if _, err := Open(""); err == nil {
 		t.Fatal("Open(\"\"): want error")
+	}
+}
+
+func TestSaveWritesPrivateFileWhateverTheUmask(t *testing.T) {
+	s, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	old := syscall.Umask(0)
+	err = s.Save(&Volume{VolumeID: "v"})
+	syscall.Umask(old)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := os.Stat(s.path("v"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode().Perm() != 0o600 {
+		t.Fatalf("state file mode %v, want 0600", st.Mode().Perm())
 	}
 }
