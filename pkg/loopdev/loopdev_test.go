@@ -322,7 +322,7 @@ func TestDetachOfAFreeDevice(t *testing.T) {
 	defer ctl.Close()
 	n := 0
 	for n = 900 + os.Getpid()%90; n < 1000; n++ {
-		if _, err := os.Stat(sysPath("/dev/loop"+strconv.Itoa(n))); os.IsNotExist(err) {
+		if _, err := os.Stat(sysPath("/dev/loop" + strconv.Itoa(n))); os.IsNotExist(err) {
 			break
 		}
 	}
