@@ -60,21 +60,6 @@ func unescape(s string) string {
 	return b.String()
 }
 
-// candidates returns the forms of path to look up in the table: the
-// cleaned absolute path, and the path with its symlinks resolved when they
-// resolve (a missing path has only the first form).
-func candidates(path string) ([]string, error) {
-	abs, err := filepath.Abs(path)
-	if err != nil {
-		return nil, fmt.Errorf("mount point %s: %w", path, err)
-	}
-	out := []string{abs}
-	if resolved, err := filepath.EvalSymlinks(abs); err == nil && resolved != abs {
-		out = append(out, resolved)
-	}
-	return out, nil
-}
-
 // topmost returns the last (topmost) entry mounted at path, if any. The
 // literal path is matched first, so a mount point that is itself reached
 // without symlinks is never touched; only otherwise are symlinks resolved.
@@ -138,7 +123,8 @@ func ReadOnly(path string) (bool, error) {
 
 // Under returns the mount points at root or below it, deepest first (the
 // order to unmount them in); a path with several mounts stacked on it is
-// listed once per mount, the topmost first.
+// listed once per mount, the topmost first. Symlinks in root are resolved
+// only when the literal path has no mounts.
 func Under(root string) ([]string, error) {
 	return under(mountInfoPath, root)
 }
@@ -148,25 +134,35 @@ func under(file, root string) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	roots, err := candidates(root)
+	abs, err := filepath.Abs(root)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("mounts under %s: %w", root, err)
 	}
-	var out []string
-	// Newest first: children and stacked mounts come after what they sit on.
-	for i := len(infos) - 1; i >= 0; i-- {
-		p := infos[i].MountPoint
-		for _, r := range roots {
-			if p == r || strings.HasPrefix(p, strings.TrimSuffix(r, "/")+"/") {
-				out = append(out, p)
-				break
-			}
+	out := below(infos, abs)
+	if len(out) == 0 {
+		// Resolve symlinks only when the literal path has no mounts: a
+		// lstat of a mount point can hang on a dead FUSE server.
+		if resolved, err := filepath.EvalSymlinks(abs); err == nil && resolved != abs {
+			out = below(infos, resolved)
 		}
 	}
 	sort.SliceStable(out, func(i, j int) bool {
 		return strings.Count(out[i], "/") > strings.Count(out[j], "/")
 	})
 	return out, nil
+}
+
+// below returns the mount points at root or below it, newest first
+// (children and stacked mounts come after what they sit on).
+func below(infos []mountutils.MountInfo, root string) []string {
+	prefix := strings.TrimSuffix(root, "/") + "/"
+	var out []string
+	for i := len(infos) - 1; i >= 0; i-- {
+		if p := infos[i].MountPoint; p == root || strings.HasPrefix(p, prefix) {
+			out = append(out, p)
+		}
+	}
+	return out
 }
 
 // Mount mounts source at target with mount(8), which understands the
