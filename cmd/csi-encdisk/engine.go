@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"errors"
+	"io"
 	"os"
 
 	"k8s.io/klog/v2"
@@ -10,24 +11,17 @@ import (
 	"github.com/csi-encdisk/csi-encdisk/pkg/blockdev"
 )
 
-// keyFD is the inherited descriptor that carries the volume key.
-const keyFD = 3
-
 func runEngine(ctx context.Context, args []string) error {
-	fs := newFlagSet("engine", "engine --image PATH --data-offset N --sector-size N [--allow-discards] --run-dir DIR --volume-id ID",
+	fs := newFlagSet("engine", "engine --volume-id ID --image PATH --run-dir DIR (--kms-endpoint unix://PATH --kms-id ID | --passphrase-file FILE) [--read-only] [--allow-discards]",
 		"Serves the plaintext of one LUKS2 image's data segment as the FUSE file RUN_DIR/fuse/disk, with a\n"+
-			"control socket at RUN_DIR/control.sock. The volume key (32 or 64 bytes) is read from file\n"+
-			"descriptor 3, an inherited pipe; it is never taken from flags, environment or files. Started by\n"+
-			"the node service (and 'volume open'); not meant to be run by hand.")
+			"control socket at RUN_DIR/control.sock. The engine reads the image's header and gets the\n"+
+			"passphrase itself (KMS unwrap of the header's token, or a passphrase file), so no other process\n"+
+			"holds it; the volume key stays in its locked memory only. It reports how its start went on file\n"+
+			"descriptor 3 when that is open. Started by the node service (and 'volume open'); not meant to\n"+
+			"be run by hand.")
 	klog.InitFlags(fs)
 	var spec blockdev.EngineSpec
-	fs.StringVar(&spec.Image, "image", "", "absolute path of the LUKS2 image (required)")
-	fs.Int64Var(&spec.DataOffset, "data-offset", 0, "byte offset of the data segment in the image (required)")
-	fs.IntVar(&spec.SectorSize, "sector-size", 0, "encryption sector size: 512 or 4096 (required)")
-	fs.BoolVar(&spec.AllowDiscards, "allow-discards", false, "punch holes on discard; all-zero ciphertext sectors read as zeros")
-	fs.StringVar(&spec.RunDir, "run-dir", "", "absolute per-volume directory for the FUSE mount and control socket (required)")
-	fs.StringVar(&spec.VolumeID, "volume-id", "", "volume ID, for logs (required)")
-	fs.BoolVar(&spec.BufferedBacking, "buffered-backing", false, "open the image without O_DIRECT (for measurements)")
+	spec.RegisterFlags(fs)
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -35,9 +29,10 @@ func runEngine(ctx context.Context, args []string) error {
 	if fs.NArg() != 0 {
 		return errors.New("engine takes no positional arguments")
 	}
-	keyPipe := os.NewFile(keyFD, "key-pipe")
-	if keyPipe == nil {
-		return errors.New("file descriptor 3 (the key pipe) is not open")
+	// The report pipe is optional: by hand the engine just logs.
+	var report io.WriteCloser
+	if _, err := os.Stat("/proc/self/fd/3"); err == nil {
+		report = os.NewFile(blockdev.ReportFD, "report-pipe")
 	}
-	return blockdev.RunEngine(ctx, spec, keyPipe)
+	return blockdev.RunEngine(ctx, spec, report)
 }

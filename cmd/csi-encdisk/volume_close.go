@@ -4,14 +4,14 @@ import (
 	"context"
 	"errors"
 
-	"github.com/csi-encdisk/csi-encdisk/pkg/blockdev"
+	"github.com/csi-encdisk/csi-encdisk/pkg/volumetool"
 )
 
 func runVolumeClose(ctx context.Context, args []string) error {
 	fs := newFlagSet("volume close", "volume close IMAGE [--run-dir DIR]",
 		"Undoes 'volume open IMAGE': unmounts the filesystem it mounted, detaches the loop device and stops\n"+
-			"the engine. Safe to repeat after a partial failure.")
-	runDir := fs.String("run-dir", blockdev.DefaultOpenRunRoot, "the --run-dir given to 'volume open'")
+			"the engine. Closing an image that is not open does nothing, so it is safe to repeat.")
+	runDir := fs.String("run-dir", volumetool.DefaultOpenRunRoot, "the --run-dir given to 'volume open'")
 	pos, err := parseInterspersed(fs, args)
 	if err != nil {
 		return err
@@ -19,5 +19,5 @@ func runVolumeClose(ctx context.Context, args []string) error {
 	if len(pos) != 1 {
 		return errors.New("want exactly one IMAGE argument")
 	}
-	return blockdev.CloseVolume(ctx, pos[0], *runDir)
+	return volumetool.Close(ctx, pos[0], *runDir)
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 
-	"github.com/csi-encdisk/csi-encdisk/pkg/blockdev"
 	"github.com/csi-encdisk/csi-encdisk/pkg/volumetool"
 )
 
@@ -19,7 +18,7 @@ func runVolumeOpen(ctx context.Context, args []string) error {
 	kms := fs.String("kms-endpoint", "", "unwrap the passphrase in the header's KMS token through this KMS v2 plugin (unix:///path)")
 	mount := fs.String("mount", "", "mount the volume's filesystem on this directory")
 	block := fs.Bool("block", false, "only attach the block device")
-	runDir := fs.String("run-dir", blockdev.DefaultOpenRunRoot, "directory for the engine's mount, socket and state (no secrets)")
+	runDir := fs.String("run-dir", volumetool.DefaultOpenRunRoot, "directory for the engine's mount, socket and state (no secrets)")
 	buffered := fs.Bool("buffered-backing", false, "engine reads and writes the image without O_DIRECT (for measurements)")
 	pos, err := parseInterspersed(fs, args)
 	if err != nil {
@@ -38,18 +37,11 @@ func runVolumeOpen(ctx context.Context, args []string) error {
 	if err != nil {
 		return fmt.Errorf("finding the engine binary: %w", err)
 	}
-	o := blockdev.OpenOptions{Image: pos[0], KMSEndpoint: *kms, MountDir: *mount, RunRoot: *runDir,
-		EngineBinary: bin, BufferedBacking: *buffered}
-	if *keyFile != "" {
-		if o.Passphrase, err = volumetool.ReadKeyFile(*keyFile); err != nil {
-			return err
-		}
-		defer clear(o.Passphrase)
-	}
-	st, err := blockdev.OpenVolume(ctx, o)
+	v, err := volumetool.Open(ctx, volumetool.OpenOptions{Image: pos[0], KeyFile: *keyFile, KMSEndpoint: *kms,
+		MountDir: *mount, RunRoot: *runDir, EngineBinary: bin, BufferedBacking: *buffered})
 	if err != nil {
 		return err
 	}
-	fmt.Println(st.Loop)
+	fmt.Println(v.Loop)
 	return nil
 }

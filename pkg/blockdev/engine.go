@@ -29,44 +29,61 @@ import (
 // connection, so it is far above any sane latency of a live engine.
 const fuseRequestTimeout = 120
 
-// maxKeySize bounds what is read from the key pipe (AES-256-XTS: 64 bytes).
-const maxKeySize = 64
-
 // engine serves the plaintext of one image's data segment.
 type engine struct {
-	spec     EngineSpec
-	xts      *crypt.XTS
-	direct   *os.File // image opened O_DIRECT, nil if the filesystem refuses it
-	buffered *os.File // image opened without O_DIRECT
-	size     atomic.Int64
-	pool     *bufPool
-	zero     []byte // one all-zero sector, for discard mode
-	node     *diskNode
+	spec       EngineSpec
+	xts        *crypt.XTS
+	dataOffset int64    // from the header
+	sectorSize int      // from the header
+	direct     *os.File // image opened O_DIRECT, nil if the filesystem refuses it
+	buffered   *os.File // image opened without O_DIRECT
+	size       atomic.Int64
+	pool       *bufPool
+	zero       []byte // one all-zero sector, for discard mode
+	node       *diskNode
 
 	readOps, writeOps, readBytes, writeBytes, ioErrors atomic.Uint64
 }
 
-// RunEngine is the engine process: it reads the volume key from keyPipe (then
-// closes it), hardens the process for the block I/O path, mounts the FUSE
-// file and the control socket, and serves until a Shutdown request or a
-// signal (ctx) unmounts the FUSE mount. A busy mount (loop device still
-// attached) is not torn down on a signal: the engine keeps serving.
-func RunEngine(ctx context.Context, spec EngineSpec, keyPipe io.ReadCloser) error {
+// RunEngine is the engine process. It reads the image's LUKS2 header, gets
+// the passphrase itself (KMS unwrap or passphrase file: no other process of
+// the node ever holds it), unlocks the volume key and keeps it only as the
+// cipher's key schedule in locked memory, mounts the FUSE file and the
+// control socket, tells its starter on report how that went, and serves until
+// a Shutdown request or a signal (ctx) unmounts the FUSE mount. A busy mount
+// (loop device still attached) is not torn down on a signal: the engine keeps
+// serving.
+func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err error) {
+	calls := &kmsCallCounter{}
+	rep := &StartReport{}
+	defer func() {
+		if err != nil {
+			rep.Error, rep.Reason, rep.KMSCalls = err.Error(), reasonOf(err), calls.report()
+			writeReport(report, rep)
+		}
+	}()
 	if err := spec.Validate(); err != nil {
-		keyPipe.Close()
 		return err
 	}
 	harden()
-	xts, err := readKey(keyPipe, spec.SectorSize)
+	e := &engine{spec: spec, pool: newBufPool()}
+	if e.buffered, err = os.OpenFile(spec.Image, os.O_RDWR, 0); err != nil {
+		return fmt.Errorf("engine: open image: %w", err)
+	}
+	defer e.buffered.Close()
+	xts, h, err := unlockImage(ctx, spec, e.buffered, calls)
 	if err != nil {
 		return err
 	}
-	e := &engine{spec: spec, xts: xts, pool: newBufPool(), zero: make([]byte, spec.SectorSize)}
 	defer xts.Wipe()
-	if err := e.openImage(); err != nil {
+	e.xts, e.dataOffset, e.sectorSize = xts, h.DataOffset(), h.SectorSize()
+	e.zero = make([]byte, e.sectorSize)
+	if err := e.openDirect(); err != nil {
 		return err
 	}
-	defer e.closeImage()
+	if e.direct != nil {
+		defer e.direct.Close()
+	}
 	setFUSETimeout()
 
 	mnt := FUSEDir(spec.RunDir)
@@ -105,7 +122,8 @@ func RunEngine(ctx context.Context, spec EngineSpec, keyPipe io.ReadCloser) erro
 	}
 	go serveControl(ln, e, shutdown)
 	klog.InfoS("Engine serving", "volumeID", spec.VolumeID, "image", spec.Image, "file", PlainFile(spec.RunDir),
-		"size", e.size.Load(), "sectorSize", spec.SectorSize, "allowDiscards", spec.AllowDiscards, "directIO", e.direct != nil)
+		"size", e.size.Load(), "sectorSize", e.sectorSize, "allowDiscards", spec.AllowDiscards, "directIO", e.direct != nil)
+	writeReport(report, &StartReport{DataOffset: e.dataOffset, SectorSize: e.sectorSize, Size: e.size.Load(), KMSCalls: calls.report()})
 
 	sig := ctx.Done()
 	for {
@@ -141,38 +159,11 @@ func harden() {
 	}
 }
 
-// readKey reads the volume key from the pipe into locked memory, builds the
-// XTS engine and wipes the copy.
-func readKey(pipe io.ReadCloser, sectorSize int) (*crypt.XTS, error) {
-	defer pipe.Close()
-	buf := make([]byte, maxKeySize+1)
-	if err := unix.Mlock(buf); err != nil {
-		klog.ErrorS(err, "mlock of the key buffer failed")
-	} else {
-		defer unix.Munlock(buf)
-	}
-	defer clear(buf)
-	n, err := io.ReadFull(pipe, buf)
-	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
-		return nil, fmt.Errorf("engine: reading the key pipe: %w", err)
-	}
-	if n != 32 && n != 64 {
-		return nil, fmt.Errorf("engine: key pipe gave %d bytes, want 32 or 64", n)
-	}
-	x, err := crypt.NewXTS(buf[:n], sectorSize)
-	if err != nil {
-		return nil, fmt.Errorf("engine: %w", err)
-	}
-	return x, nil
-}
-
-func (e *engine) openImage() error {
-	var err error
-	e.buffered, err = os.OpenFile(e.spec.Image, os.O_RDWR, 0)
-	if err != nil {
-		return fmt.Errorf("engine: open image: %w", err)
-	}
+// openDirect opens the image a second time with O_DIRECT (unless the spec
+// asks for buffered I/O or the filesystem refuses it) and reads its size.
+func (e *engine) openDirect() error {
 	if !e.spec.BufferedBacking {
+		var err error
 		e.direct, err = os.OpenFile(e.spec.Image, os.O_RDWR|unix.O_DIRECT, 0)
 		if err != nil {
 			klog.InfoS("Image does not take O_DIRECT; using buffered I/O", "image", e.spec.Image, "err", err)
@@ -182,13 +173,6 @@ func (e *engine) openImage() error {
 	return e.refreshSize(0)
 }
 
-func (e *engine) closeImage() {
-	if e.direct != nil {
-		e.direct.Close()
-	}
-	e.buffered.Close()
-}
-
 // refreshSize re-reads the image size. want, if not 0, is the data size the
 // caller expects: the image must hold at least that much.
 func (e *engine) refreshSize(want int64) error {
@@ -196,10 +180,10 @@ func (e *engine) refreshSize(want int64) error {
 	if err != nil {
 		return fmt.Errorf("engine: stat image: %w", err)
 	}
-	ss := int64(e.spec.SectorSize)
-	size := (st.Size() - e.spec.DataOffset) / ss * ss
+	ss := int64(e.sectorSize)
+	size := (st.Size() - e.dataOffset) / ss * ss
 	if size <= 0 {
-		return fmt.Errorf("engine: image %s (%d bytes) has no data after offset %d", e.spec.Image, st.Size(), e.spec.DataOffset)
+		return fmt.Errorf("engine: image %s (%d bytes) has no data after offset %d", e.spec.Image, st.Size(), e.dataOffset)
 	}
 	if want != 0 {
 		if want < 0 || want%ss != 0 {
@@ -330,7 +314,7 @@ func (d *diskNode) fill(out *fuse.AttrOut) {
 	out.Nlink = 1
 	out.Size = size
 	out.Blocks = size / 512
-	out.Blksize = uint32(d.e.spec.SectorSize)
+	out.Blksize = uint32(d.e.sectorSize)
 }
 
 // Setattr refuses size changes (the size follows the image); the rest is a no-op.
@@ -344,7 +328,7 @@ func (d *diskNode) Setattr(_ context.Context, _ fs.FileHandle, in *fuse.SetAttrI
 
 // aligned reports whether off and n are whole encryption sectors.
 func (e *engine) aligned(off int64, n int) bool {
-	ss := int64(e.spec.SectorSize)
+	ss := int64(e.sectorSize)
 	return off >= 0 && off%ss == 0 && int64(n)%ss == 0
 }
 
@@ -362,11 +346,11 @@ func (d *diskNode) Read(_ context.Context, _ fs.FileHandle, dest []byte, off int
 	bp := e.pool.get()
 	defer e.pool.put(bp)
 	buf := *bp
-	ss := e.spec.SectorSize
+	ss := e.sectorSize
 	for done := 0; done < n; {
 		c := min(n-done, chunkSize)
 		pos := off + int64(done)
-		if err := e.pread(buf[:c], e.spec.DataOffset+pos); err != nil {
+		if err := e.pread(buf[:c], e.dataOffset+pos); err != nil {
 			e.ioErrors.Add(1)
 			klog.ErrorS(err, "Image read failed", "volumeID", e.spec.VolumeID, "offset", pos, "length", c)
 			return nil, ioErrno(err)
@@ -407,7 +391,7 @@ func (d *diskNode) Write(_ context.Context, _ fs.FileHandle, data []byte, off in
 		c := min(len(data)-done, chunkSize)
 		pos := off + int64(done)
 		e.xts.EncryptSectors(buf[:c], data[done:done+c], uint64(pos)/512)
-		if err := e.pwrite(buf[:c], e.spec.DataOffset+pos); err != nil {
+		if err := e.pwrite(buf[:c], e.dataOffset+pos); err != nil {
 			e.ioErrors.Add(1)
 			klog.ErrorS(err, "Image write failed", "volumeID", e.spec.VolumeID, "offset", pos, "length", c)
 			return 0, ioErrno(err)
@@ -477,7 +461,7 @@ func (d *diskNode) Allocate(_ context.Context, _ fs.FileHandle, off, size uint64
 	default:
 		return syscall.EOPNOTSUPP
 	}
-	ss := uint64(e.spec.SectorSize)
+	ss := uint64(e.sectorSize)
 	if off > 1<<62 || size > 1<<62 || off%ss != 0 || size%ss != 0 {
 		return syscall.EINVAL
 	}
@@ -486,7 +470,7 @@ func (d *diskNode) Allocate(_ context.Context, _ fs.FileHandle, off, size uint64
 		return 0
 	}
 	err := unix.Fallocate(int(e.buffered.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE,
-		e.spec.DataOffset+int64(off), end-int64(off))
+		e.dataOffset+int64(off), end-int64(off))
 	if err != nil {
 		e.ioErrors.Add(1)
 		klog.ErrorS(err, "Punching a hole in the image failed", "volumeID", e.spec.VolumeID, "offset", off, "length", size)

@@ -27,6 +27,7 @@ var execLookPath = exec.LookPath
 type testVolume struct {
 	image      string
 	key        []byte
+	passFile   string // holds the keyslot's passphrase ("test passphrase")
 	dataOffset int64
 	sectorSize int
 	runDir     string
@@ -36,14 +37,17 @@ func newTestVolume(t *testing.T, dataSize int64, sectorSize int, fill bool) *tes
 	t.Helper()
 	dir := t.TempDir()
 	v := &testVolume{image: filepath.Join(dir, "vol.img"), key: make([]byte, 64), sectorSize: sectorSize,
-		runDir: filepath.Join(dir, "run")}
+		runDir: filepath.Join(dir, "run"), passFile: filepath.Join(dir, "pass")}
 	rand.Read(v.key)
+	if err := os.WriteFile(v.passFile, []byte(testPassphrase), 0o600); err != nil {
+		t.Fatal(err)
+	}
 	f, err := os.OpenFile(v.image, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	h, err := crypt.Format(f, dataSize, crypt.FormatOptions{SectorSize: sectorSize, VolumeKey: v.key, Passphrase: []byte("test passphrase")})
+	h, err := crypt.Format(f, dataSize, crypt.FormatOptions{SectorSize: sectorSize, VolumeKey: v.key, Passphrase: []byte(testPassphrase)})
 	if err != nil {
 		t.Fatalf("format: %v", err)
 	}
@@ -61,8 +65,8 @@ func newTestVolume(t *testing.T, dataSize int64, sectorSize int, fill bool) *tes
 }
 
 func (v *testVolume) spec(discards bool) EngineSpec {
-	return EngineSpec{VolumeID: "test-" + filepath.Base(filepath.Dir(v.image)), Image: v.image, DataOffset: v.dataOffset,
-		SectorSize: v.sectorSize, AllowDiscards: discards, RunDir: v.runDir}
+	return EngineSpec{VolumeID: "test-" + filepath.Base(filepath.Dir(v.image)), Image: v.image,
+		PassphraseFile: v.passFile, AllowDiscards: discards, RunDir: v.runDir}
 }
 
 // start runs an engine (the test binary in engine mode) and tears it down
@@ -70,10 +74,13 @@ func (v *testVolume) spec(discards bool) EngineSpec {
 func (v *testVolume) start(t *testing.T, spec EngineSpec) *Engine {
 	t.Helper()
 	t.Setenv(engineEnv, "1")
-	eng, err := StartEngine(context.Background(), os.Args[0], spec, v.key)
+	eng, rep, err := StartEngine(context.Background(), os.Args[0], spec)
 	os.Unsetenv(engineEnv)
 	if err != nil {
 		t.Fatalf("StartEngine: %v", err)
+	}
+	if eng.DataOffset != v.dataOffset || eng.SectorSize != v.sectorSize || rep.DataOffset != v.dataOffset {
+		t.Fatalf("engine geometry %d/%d (report %+v), header %d/%d", eng.DataOffset, eng.SectorSize, rep, v.dataOffset, v.sectorSize)
 	}
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
@@ -499,7 +506,7 @@ func TestKeyNotInProcOrLog(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		for _, enc := range [][]byte{v.key, v.key[:16], []byte(hex.EncodeToString(v.key[:16]))} {
+		for _, enc := range [][]byte{v.key, v.key[:16], []byte(hex.EncodeToString(v.key[:16])), []byte(testPassphrase)} {
 			if bytes.Contains(b, enc) {
 				t.Fatalf("key material in /proc/%s/%s", pid, name)
 			}
@@ -528,11 +535,9 @@ func TestKeyNotInProcOrLog(t *testing.T) {
 	if b, err := os.ReadFile("/proc/sys/fs/fuse/default_request_timeout"); err == nil && strings.TrimSpace(string(b)) == "0" {
 		t.Errorf("fs.fuse.default_request_timeout is still 0 after the engine started")
 	}
-	// fd 3 (the key pipe) is closed after reading.
-	if _, err := os.Readlink(filepath.Join("/proc", pid, "fd", "3")); err == nil {
-		if l, _ := os.Readlink(filepath.Join("/proc", pid, "fd", "3")); strings.HasPrefix(l, "pipe:") {
-			t.Errorf("engine still holds the key pipe on fd 3")
-		}
+	// fd 3 (the report pipe) is closed once the engine reported.
+	if l, err := os.Readlink(filepath.Join("/proc", pid, "fd", "3")); err == nil && strings.HasPrefix(l, "pipe:") {
+		t.Errorf("engine still holds the report pipe on fd 3")
 	}
 	log, _ = os.ReadFile(filepath.Join(v.runDir, LogFileName))
 	if bytes.Contains(log, []byte(hex.EncodeToString(v.key[:16]))) || bytes.Contains(log, v.key[:16]) {
@@ -545,18 +550,29 @@ func TestStartEngineCleanupOnFailure(t *testing.T) {
 	ctx := context.Background()
 	v := newTestVolume(t, 8<<20, 4096, false)
 
-	// Engine exits early: a key whose halves are equal is refused.
-	bad := append(bytes.Repeat([]byte{7}, 32), bytes.Repeat([]byte{7}, 32)...)
+	// Engine exits early: a passphrase that opens no keyslot.
+	s := v.spec(false)
+	s.PassphraseFile = filepath.Join(t.TempDir(), "wrong")
+	os.WriteFile(s.PassphraseFile, []byte("not the passphrase"), 0o600)
 	t.Setenv(engineEnv, "1")
-	if _, err := StartEngine(ctx, os.Args[0], v.spec(false), bad); err == nil {
-		t.Fatal("StartEngine with an equal-halves key succeeded")
+	if _, _, err := StartEngine(ctx, os.Args[0], s); !errors.Is(err, ErrWrongPassphrase) {
+		t.Fatalf("StartEngine with a wrong passphrase: %v, want ErrWrongPassphrase", err)
+	}
+	assertClean(t, v.runDir)
+
+	// Not a LUKS2 image.
+	s = v.spec(false)
+	s.Image = filepath.Join(t.TempDir(), "raw.img")
+	os.WriteFile(s.Image, make([]byte, 1<<20), 0o600)
+	if _, _, err := StartEngine(ctx, os.Args[0], s); !errors.Is(err, ErrBadHeader) {
+		t.Fatalf("StartEngine on a raw image: %v, want ErrBadHeader", err)
 	}
 	assertClean(t, v.runDir)
 
 	// Missing image.
-	s := v.spec(false)
+	s = v.spec(false)
 	s.Image = filepath.Join(t.TempDir(), "missing.img")
-	if _, err := StartEngine(ctx, os.Args[0], s, v.key); err == nil {
+	if _, _, err := StartEngine(ctx, os.Args[0], s); err == nil {
 		t.Fatal("StartEngine on a missing image succeeded")
 	}
 	assertClean(t, v.runDir)
@@ -567,7 +583,7 @@ func TestStartEngineCleanupOnFailure(t *testing.T) {
 	os.WriteFile(script, []byte("#!/bin/sh\necho $$ > "+pidFile+"\nexec sleep 600\n"), 0o700)
 	tctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	if _, err := StartEngine(tctx, script, v.spec(false), v.key); err == nil {
+	if _, _, err := StartEngine(tctx, script, v.spec(false)); err == nil {
 		t.Fatal("StartEngine with a hanging engine succeeded")
 	}
 	b, err := os.ReadFile(pidFile)
@@ -795,7 +811,7 @@ func TestRestartAfterCrash(t *testing.T) {
 	// While the loop device holds the dead mount, a new engine is refused
 	// (a lazy detach could let two engines serve one image).
 	t.Setenv(engineEnv, "1")
-	if _, err := StartEngine(ctx, os.Args[0], spec, v.key); err == nil || !strings.Contains(err.Error(), "still in use") {
+	if _, _, err := StartEngine(ctx, os.Args[0], spec); err == nil || !strings.Contains(err.Error(), "still in use") {
 		t.Fatalf("StartEngine over a busy dead mount: %v", err)
 	}
 	if err := LoopDetach(ctx, dev); err != nil {

@@ -15,6 +15,10 @@ import (
 // whole command. The variable carries no secret.
 const engineEnv = "BLOCKDEV_TEST_AS_ENGINE"
 
+// testPassphrase unlocks the test volumes' keyslot; the engine reads it from
+// a passphrase file (EngineSpec.PassphraseFile).
+const testPassphrase = "test passphrase"
+
 func TestMain(m *testing.M) {
 	if os.Getenv(engineEnv) == "1" {
 		os.Exit(runTestEngine(os.Args[1:]))
@@ -23,7 +27,7 @@ func TestMain(m *testing.M) {
 }
 
 // runTestEngine parses the engine argv (EngineSpec.Args) and runs RunEngine
-// with the key on fd 3, as cmd/csi-encdisk does.
+// with the report pipe on fd 3, as cmd/csi-encdisk does.
 func runTestEngine(args []string) int {
 	if len(args) == 0 || args[0] != "engine" {
 		fmt.Fprintln(os.Stderr, "test engine: want 'engine' argv")
@@ -31,19 +35,13 @@ func runTestEngine(args []string) int {
 	}
 	fs := flag.NewFlagSet("engine", flag.ContinueOnError)
 	var s EngineSpec
-	fs.StringVar(&s.Image, "image", "", "")
-	fs.Int64Var(&s.DataOffset, "data-offset", 0, "")
-	fs.IntVar(&s.SectorSize, "sector-size", 0, "")
-	fs.BoolVar(&s.AllowDiscards, "allow-discards", false, "")
-	fs.StringVar(&s.RunDir, "run-dir", "", "")
-	fs.StringVar(&s.VolumeID, "volume-id", "", "")
-	fs.BoolVar(&s.BufferedBacking, "buffered-backing", false, "")
+	s.RegisterFlags(fs)
 	if err := fs.Parse(args[1:]); err != nil {
 		return 2
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	if err := RunEngine(ctx, s, os.NewFile(3, "key-pipe")); err != nil {
+	if err := RunEngine(ctx, s, os.NewFile(ReportFD, "report-pipe")); err != nil {
 		fmt.Fprintln(os.Stderr, "test engine:", err)
 		return 1
 	}

@@ -2,22 +2,69 @@ package blockdev
 
 import (
 	"errors"
+	"flag"
 	"fmt"
 	"path/filepath"
+	"time"
 )
 
-// EngineSpec says which image an engine serves and how. It holds no secret:
-// it goes into the engine's argv and into node state files.
+// EngineSpec says which image an engine serves, how it gets the image's
+// passphrase, and how it serves it. It holds no secret: it becomes the
+// engine's argv (Args) and is parsed back there (RegisterFlags), from one
+// definition of the flags.
 type EngineSpec struct {
-	VolumeID      string
-	Image         string // path of the LUKS2 image
-	DataOffset    int64  // bytes from the start of the image to the data segment
-	SectorSize    int    // encryption sector size: 512 or 4096
-	AllowDiscards bool   // punch holes on discard; all-zero ciphertext reads as zeros
-	RunDir        string // per-volume dir: FUSE mount RunDir/fuse, control socket RunDir/control.sock
+	VolumeID string
+	Image    string // absolute path of the LUKS2 image
+	RunDir   string // per-volume dir: FUSE mount RunDir/fuse, control socket RunDir/control.sock
+
+	// The passphrase comes from exactly one of these. KMSEndpoint: the
+	// engine unwraps the header's csi-encdisk-kms token through this KMS v2
+	// plugin (KMSID must match the token's kms_id). PassphraseFile: a file
+	// whose bytes are the passphrase, as cryptsetup reads a key file
+	// (volume open of images made by hand).
+	KMSEndpoint    string
+	KMSID          string
+	KMSTimeout     time.Duration
+	PassphraseFile string
+
+	// ReadOnly: the engine never writes the image's header (no re-wrap after
+	// a master key rotation). Data writes are refused by the loop device.
+	ReadOnly bool
+	// AllowDiscards: punch holes on discard; all-zero ciphertext reads as zeros.
+	AllowDiscards bool
 	// BufferedBacking opens the image without O_DIRECT (for measurements;
 	// the default, O_DIRECT, avoids caching every block twice).
 	BufferedBacking bool
+}
+
+// RegisterFlags defines the engine's flags on fs, bound to s.
+func (s *EngineSpec) RegisterFlags(fs *flag.FlagSet) {
+	fs.StringVar(&s.VolumeID, "volume-id", "", "volume ID, for logs (required)")
+	fs.StringVar(&s.Image, "image", "", "absolute path of the LUKS2 image (required)")
+	fs.StringVar(&s.RunDir, "run-dir", "", "absolute per-volume directory for the FUSE mount and control socket (required)")
+	fs.StringVar(&s.KMSEndpoint, "kms-endpoint", "", "unwrap the header's KMS token through this KMS v2 plugin (unix:///path)")
+	fs.StringVar(&s.KMSID, "kms-id", "", "the kmsID the token must name (with --kms-endpoint)")
+	fs.DurationVar(&s.KMSTimeout, "kms-timeout", 0, "bound of each KMS call (0: the client's default)")
+	fs.StringVar(&s.PassphraseFile, "passphrase-file", "", "file whose bytes are the passphrase (instead of --kms-endpoint)")
+	fs.BoolVar(&s.ReadOnly, "read-only", false, "never write the image's header (no re-wrap after a rotation)")
+	fs.BoolVar(&s.AllowDiscards, "allow-discards", false, "punch holes on discard; all-zero ciphertext sectors read as zeros")
+	fs.BoolVar(&s.BufferedBacking, "buffered-backing", false, "open the image without O_DIRECT (for measurements)")
+}
+
+// Args is the argv (after the binary) that runs the engine for s: the
+// "engine" command and every flag whose value differs from its default.
+func (s EngineSpec) Args() []string {
+	fs := flag.NewFlagSet("engine", flag.ContinueOnError)
+	c := &EngineSpec{}
+	c.RegisterFlags(fs) // binds the flags to c and sets c to the defaults
+	*c = s
+	args := []string{"engine"}
+	fs.VisitAll(func(f *flag.Flag) {
+		if v := f.Value.String(); v != f.DefValue {
+			args = append(args, "--"+f.Name+"="+v)
+		}
+	})
+	return args
 }
 
 // Engine is a started engine process.
@@ -25,6 +72,8 @@ type Engine struct {
 	PID           int
 	File          string // the plaintext FUSE file, RunDir/fuse/disk
 	ControlSocket string // RunDir/control.sock
+	DataOffset    int64  // bytes from the start of the image to the data segment
+	SectorSize    int    // encryption sector size of the data segment
 }
 
 // FUSEDir is the FUSE mountpoint of the engine whose run dir is runDir.
@@ -39,42 +88,24 @@ func PlainFile(runDir string) string { return filepath.Join(runDir, "fuse", File
 // ControlSocketPath is the control socket of the engine whose run dir is runDir.
 func ControlSocketPath(runDir string) string { return filepath.Join(runDir, "control.sock") }
 
-// Validate checks every field and names the first bad one.
 // maxSocketPath is the size of sun_path in struct sockaddr_un on Linux.
 const maxSocketPath = 108
 
+// Validate checks every field and names the first bad one.
 func (s EngineSpec) Validate() error {
 	switch {
 	case s.VolumeID == "":
 		return errors.New("engine spec: volume ID is empty")
 	case s.Image == "" || !filepath.IsAbs(s.Image):
 		return fmt.Errorf("engine spec: image %q must be an absolute path", s.Image)
-	case s.DataOffset < 0 || s.DataOffset%512 != 0:
-		return fmt.Errorf("engine spec: data offset %d must be a non-negative multiple of 512", s.DataOffset)
-	case s.SectorSize != 512 && s.SectorSize != 4096:
-		return fmt.Errorf("engine spec: sector size %d must be 512 or 4096", s.SectorSize)
 	case s.RunDir == "" || !filepath.IsAbs(s.RunDir):
 		return fmt.Errorf("engine spec: run dir %q must be an absolute path", s.RunDir)
 	case len(ControlSocketPath(s.RunDir)) >= maxSocketPath:
 		return fmt.Errorf("engine spec: control socket %s is longer than a unix socket path may be (%d bytes): use a shorter state directory", ControlSocketPath(s.RunDir), maxSocketPath-1)
+	case (s.KMSEndpoint == "") == (s.PassphraseFile == ""):
+		return errors.New("engine spec: give exactly one of a KMS endpoint and a passphrase file")
+	case s.KMSTimeout < 0:
+		return fmt.Errorf("engine spec: KMS timeout %s must not be negative", s.KMSTimeout)
 	}
 	return nil
-}
-
-// Args is the argv (after the binary) that runs the engine for s.
-func (s EngineSpec) Args() []string {
-	args := []string{"engine",
-		"--image", s.Image,
-		"--data-offset", fmt.Sprint(s.DataOffset),
-		"--sector-size", fmt.Sprint(s.SectorSize),
-		"--run-dir", s.RunDir,
-		"--volume-id", s.VolumeID,
-	}
-	if s.AllowDiscards {
-		args = append(args, "--allow-discards")
-	}
-	if s.BufferedBacking {
-		args = append(args, "--buffered-backing")
-	}
-	return args
 }

@@ -22,62 +22,62 @@ const StartTimeout = 30 * time.Second
 // LogFileName is the engine's log (klog output, no secrets) in its run dir.
 const LogFileName = "engine.log"
 
-// StartEngine runs `binary engine ...` for spec in a new session (so it
-// outlives the caller), hands it key on an inherited pipe (fd 3; never argv,
-// environment or a file) and waits until the control socket answers and the
-// plaintext file is served. On failure the engine is killed and its mount
-// and socket removed. The caller keeps ownership of key.
-func StartEngine(ctx context.Context, binary string, spec EngineSpec, key []byte) (*Engine, error) {
+// StartEngine runs `binary engine ...` for spec in a new session, waits for
+// its start report (ReportFD) and returns the engine and its report (which
+// carries the data segment's geometry and the KMS calls the engine made).
+// The engine gets the passphrase itself, so no secret passes through the
+// caller. On failure the engine is killed and its mount and socket removed;
+// the error wraps ErrBadHeader, ErrKMSUnavailable, ErrKMSRefused or
+// ErrWrongPassphrase when that is why, and the report (possibly nil) still
+// counts the KMS calls made.
+func StartEngine(ctx context.Context, binary string, spec EngineSpec) (*Engine, *StartReport, error) {
 	if err := spec.Validate(); err != nil {
-		return nil, err
-	}
-	if len(key) != 32 && len(key) != 64 {
-		return nil, fmt.Errorf("start engine: key must be 32 or 64 bytes, got %d", len(key))
+		return nil, nil, err
 	}
 	sock := ControlSocketPath(spec.RunDir)
 	if err := DialControl(sock).Health(ctx); err == nil {
-		return nil, fmt.Errorf("start engine: an engine already answers on %s", sock)
+		return nil, nil, fmt.Errorf("start engine: an engine already answers on %s", sock)
 	}
 	// A dead engine's mount ("transport endpoint is not connected") would
 	// fail the mkdir below and the new mount.
 	if err := cleanupDeadEngine(spec.RunDir); err != nil {
-		return nil, fmt.Errorf("start engine: %w", err)
+		return nil, nil, fmt.Errorf("start engine: %w", err)
 	}
 	if err := os.MkdirAll(FUSEDir(spec.RunDir), 0o700); err != nil {
-		return nil, fmt.Errorf("start engine: run dir: %w", err)
+		return nil, nil, fmt.Errorf("start engine: run dir: %w", err)
 	}
 	logf, err := os.OpenFile(filepath.Join(spec.RunDir, LogFileName), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
-		return nil, fmt.Errorf("start engine: log file: %w", err)
+		return nil, nil, fmt.Errorf("start engine: log file: %w", err)
 	}
 	defer logf.Close()
 	r, w, err := os.Pipe()
 	if err != nil {
-		return nil, fmt.Errorf("start engine: key pipe: %w", err)
+		return nil, nil, fmt.Errorf("start engine: report pipe: %w", err)
 	}
 	defer r.Close()
 	defer w.Close()
 
 	if strings.ContainsRune(binary, '/') && !filepath.IsAbs(binary) {
 		if binary, err = filepath.Abs(binary); err != nil {
-			return nil, fmt.Errorf("start engine: %w", err)
+			return nil, nil, fmt.Errorf("start engine: %w", err)
 		}
 	}
 	cmd := exec.Command(binary, spec.Args()...)
 	cmd.Stdin = nil
 	cmd.Stdout = logf
 	cmd.Stderr = logf
-	cmd.ExtraFiles = []*os.File{r}
+	cmd.ExtraFiles = []*os.File{w} // becomes ReportFD
 	cmd.Dir = "/"
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
-		return nil, fmt.Errorf("start engine: %w", err)
+		return nil, nil, fmt.Errorf("start engine: %w", err)
 	}
-	r.Close()
+	w.Close()
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }() // reaps the engine if it ever exits while we run
 
-	fail := func(cause error) (*Engine, error) {
+	fail := func(rep *StartReport, cause error) (*Engine, *StartReport, error) {
 		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
 		select {
 		case <-exited:
@@ -86,36 +86,38 @@ func StartEngine(ctx context.Context, binary string, spec EngineSpec, key []byte
 		if err := cleanupDeadEngine(spec.RunDir); err != nil {
 			klog.ErrorS(err, "Cleanup after a failed engine start", "volumeID", spec.VolumeID)
 		}
-		return nil, fmt.Errorf("start engine for volume %s: %w (log: %s)", spec.VolumeID, cause, filepath.Join(spec.RunDir, LogFileName))
+		return nil, rep, fmt.Errorf("start engine for volume %s: %w (log: %s)", spec.VolumeID, cause, filepath.Join(spec.RunDir, LogFileName))
 	}
-	if _, err := w.Write(key); err != nil {
-		return fail(fmt.Errorf("writing the key pipe: %w", err))
-	}
-	w.Close()
 
-	ctx, cancel := context.WithTimeout(ctx, StartTimeout)
-	defer cancel()
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
-	ctl := DialControl(sock)
-	for {
-		select {
-		case err := <-exited:
-			exited <- err
-			return fail(fmt.Errorf("engine exited early: %v", err))
-		case <-ctx.Done():
-			return fail(fmt.Errorf("not serving: %w", ctx.Err()))
-		case <-tick.C:
-		}
-		if ctl.Health(ctx) != nil {
-			continue
-		}
-		if _, err := os.Stat(PlainFile(spec.RunDir)); err != nil {
-			continue
-		}
-		klog.InfoS("Engine started", "volumeID", spec.VolumeID, "pid", cmd.Process.Pid)
-		return &Engine{PID: cmd.Process.Pid, File: PlainFile(spec.RunDir), ControlSocket: sock}, nil
+	deadline := time.Now().Add(StartTimeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
 	}
+	_ = r.SetReadDeadline(deadline)
+	stop := context.AfterFunc(ctx, func() { _ = r.SetReadDeadline(time.Now()) })
+	defer stop()
+	rep, err := readReport(r)
+	if err != nil {
+		select {
+		case werr := <-exited:
+			exited <- werr
+			return fail(nil, fmt.Errorf("engine exited before it served: %v", werr))
+		default:
+		}
+		if ctx.Err() != nil {
+			return fail(nil, fmt.Errorf("not serving: %w", ctx.Err()))
+		}
+		return fail(nil, err)
+	}
+	if err := rep.err(); err != nil {
+		return fail(rep, err)
+	}
+	if _, err := os.Stat(PlainFile(spec.RunDir)); err != nil {
+		return fail(rep, fmt.Errorf("engine reported success but serves no file: %w", err))
+	}
+	klog.InfoS("Engine started", "volumeID", spec.VolumeID, "pid", cmd.Process.Pid)
+	return &Engine{PID: cmd.Process.Pid, File: PlainFile(spec.RunDir), ControlSocket: sock,
+		DataOffset: rep.DataOffset, SectorSize: rep.SectorSize}, rep, nil
 }
 
 // cleanupDeadEngine removes what a dead engine leaves: its FUSE mount

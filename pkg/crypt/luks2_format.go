@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"os"
 
-	"golang.org/x/crypto/pbkdf2"
 )
 
 // DefaultPBKDF2Iterations is the iteration count of the keyslot KDF and of
@@ -77,7 +76,7 @@ func Format(f *os.File, dataSize int64, opts FormatOptions) (*Header, error) {
 	if err != nil {
 		return nil, err
 	}
-	areaKey := pbkdf2.Key(opts.Passphrase, kdfSalt, iters, keySize, sha256.New)
+	areaKey := pbkdf2Key(opts.Passphrase, kdfSalt, iters, keySize, sha256.New)
 	defer clear(areaKey)
 	split, err := afSplit(opts.VolumeKey, afStripes, sha256.New)
 	if err != nil {
@@ -98,7 +97,7 @@ func Format(f *os.File, dataSize int64, opts FormatOptions) (*Header, error) {
 	if err != nil {
 		return nil, err
 	}
-	digest := pbkdf2.Key(opts.VolumeKey, digestSalt, iters, 32, sha256.New)
+	digest := pbkdf2Key(opts.VolumeKey, digestSalt, iters, 32, sha256.New)
 
 	meta := map[string]any{
 		"keyslots": map[string]any{"0": &jsonKeyslot{

@@ -5,7 +5,6 @@ import (
 	"fmt"
 
 	"golang.org/x/crypto/argon2"
-	"golang.org/x/crypto/pbkdf2"
 )
 
 // deriveKeyslotKey runs the keyslot's KDF over the passphrase.
@@ -16,7 +15,7 @@ func deriveKeyslotKey(kdf *jsonKDF, passphrase []byte, keyLen int) ([]byte, erro
 		if err != nil {
 			return nil, err
 		}
-		return pbkdf2.Key(passphrase, kdf.Salt, kdf.Iterations, keyLen, hf), nil
+		return pbkdf2Key(passphrase, kdf.Salt, kdf.Iterations, keyLen, hf), nil
 	case "argon2i":
 		return argon2.Key(passphrase, kdf.Salt, uint32(kdf.Time), uint32(kdf.Memory), uint8(kdf.CPUs), uint32(keyLen)), nil
 	case "argon2id":
@@ -41,7 +40,7 @@ func digestMatches(d *jsonDigest, key []byte) (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	sum := pbkdf2.Key(key, d.Salt, d.Iterations, len(d.Digest), hf)
+	sum := pbkdf2Key(key, d.Salt, d.Iterations, len(d.Digest), hf)
 	return subtle.ConstantTimeCompare(sum, d.Digest) == 1, nil
 }
 

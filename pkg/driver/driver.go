@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
@@ -24,6 +23,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/backend"
+	"github.com/csi-encdisk/csi-encdisk/pkg/unixsock"
 )
 
 // Mode says which CSI services a Driver serves.
@@ -137,6 +137,7 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 			Region:       cfg.Region,
 			StateDir:     cfg.StateDir,
 			ImagePath:    pool.ImagePath,
+			Reserved:     []string{cfg.DataDir},
 			KMS:          d.kms.registry,
 			EngineBinary: cfg.EngineBinary,
 			MaxVolumes:   cfg.MaxVolumes,
@@ -156,32 +157,17 @@ func (d *Driver) Pool() *backend.FilePool { return d.pool }
 // Registry holds the driver's Prometheus metrics.
 func (d *Driver) Registry() *prometheus.Registry { return d.registry }
 
-// listen opens a unix:// endpoint, replacing a stale socket file.
+// listen opens a unix:// endpoint with mode 0600 whatever the umask: a
+// stale socket is replaced, a live one or anything that is not a socket is
+// refused.
 func listen(endpoint string) (net.Listener, string, error) {
-	u, err := url.Parse(endpoint)
-	if err != nil || u.Scheme != "unix" {
-		return nil, "", fmt.Errorf("endpoint %q: must be unix:///path/to/socket", endpoint)
-	}
-	path := u.Path
-	if path == "" {
-		path = u.Opaque
-	}
-	if path == "" {
-		return nil, "", fmt.Errorf("endpoint %q: no socket path", endpoint)
-	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, "", fmt.Errorf("endpoint directory: %w", err)
-	}
-	if c, err := net.Dial("unix", path); err == nil {
-		c.Close()
-		return nil, "", fmt.Errorf("endpoint %s: another process is serving on it", path)
-	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, "", fmt.Errorf("remove stale socket %s: %w", path, err)
-	}
-	l, err := net.Listen("unix", path)
+	path, err := unixsock.ParseEndpoint(endpoint)
 	if err != nil {
-		return nil, "", fmt.Errorf("listen on %s: %w", path, err)
+		return nil, "", err
+	}
+	l, err := unixsock.Listen(path, 0o600)
+	if err != nil {
+		return nil, "", err
 	}
 	return l, path, nil
 }

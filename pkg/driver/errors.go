@@ -10,6 +10,8 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/backend"
+	"github.com/csi-encdisk/csi-encdisk/pkg/keyedlock"
+	"github.com/csi-encdisk/csi-encdisk/pkg/staging"
 )
 
 // errKMSUnavailable marks a KMS plugin that cannot be reached (or did not
@@ -20,10 +22,38 @@ var errKMSUnavailable = errors.New("KMS plugin unavailable")
 // codes.InvalidArgument.
 var errUnknownKMS = errors.New("unknown kmsID")
 
-// toStatus turns an error of the backend or the KMS into a gRPC status with
-// the right code; what says which operation failed. Errors that already are
-// statuses pass through. No error text here carries key material: the
-// packages below never put it into their errors.
+// statusCodes maps the sentinel errors of the packages below to the one
+// CSI code each event gets, on every service.
+var statusCodes = []struct {
+	err  error
+	code codes.Code
+}{
+	{keyedlock.ErrBusy, codes.Aborted},
+	{backend.ErrNotFound, codes.NotFound},
+	{errKMSUnavailable, codes.Unavailable},
+	{errUnknownKMS, codes.InvalidArgument},
+	{staging.ErrReservedPath, codes.InvalidArgument},
+	{staging.ErrAccessMismatch, codes.InvalidArgument},
+	{staging.ErrIncompatible, codes.AlreadyExists},
+	{staging.ErrEncryptionMismatch, codes.FailedPrecondition},
+	{staging.ErrStagedElsewhere, codes.FailedPrecondition},
+	{staging.ErrStillPublished, codes.FailedPrecondition},
+	{staging.ErrNotStaged, codes.FailedPrecondition},
+	{staging.ErrNoFilesystem, codes.FailedPrecondition},
+	{staging.ErrFilesystemMismatch, codes.FailedPrecondition},
+	{staging.ErrTargetBusy, codes.FailedPrecondition},
+	{staging.ErrNoKMS, codes.FailedPrecondition},
+	{staging.ErrImageTooSmall, codes.FailedPrecondition},
+	{staging.ErrBadHeader, codes.FailedPrecondition},
+	{staging.ErrWrongPassphrase, codes.FailedPrecondition},
+	{staging.ErrKMSRefused, codes.FailedPrecondition},
+	{staging.ErrKMSUnavailable, codes.Unavailable},
+}
+
+// toStatus turns an error of the packages below into a gRPC status with the
+// right code; what says which operation or volume failed. Errors that
+// already are statuses pass through. No error text here carries key
+// material: the packages below never put it into their errors.
 func toStatus(err error, what string) error {
 	if err == nil {
 		return nil
@@ -32,13 +62,12 @@ func toStatus(err error, what string) error {
 		return err
 	}
 	code := codes.Internal
+	for _, c := range statusCodes {
+		if errors.Is(err, c.err) {
+			return status.Error(c.code, fmt.Sprintf("%s: %v", what, err))
+		}
+	}
 	switch {
-	case errors.Is(err, backend.ErrNotFound):
-		code = codes.NotFound
-	case errors.Is(err, errKMSUnavailable):
-		code = codes.Unavailable
-	case errors.Is(err, errUnknownKMS):
-		code = codes.InvalidArgument
 	case errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT):
 		code = codes.ResourceExhausted
 	case errors.Is(err, context.DeadlineExceeded):

@@ -4,18 +4,21 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/prometheus/client_golang/prometheus"
 	"os"
-	"strings"
-	"sync"
+	"strconv"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
+	"github.com/csi-encdisk/csi-encdisk/pkg/blockdev"
+	"github.com/csi-encdisk/csi-encdisk/pkg/keyedlock"
 	"github.com/csi-encdisk/csi-encdisk/pkg/kmsclient"
 	"github.com/csi-encdisk/csi-encdisk/pkg/nodestate"
+	"github.com/csi-encdisk/csi-encdisk/pkg/staging"
 )
 
 // TopologyRegionKey is the topology segment a node reports its region under.
@@ -38,26 +41,31 @@ type NodeConfig struct {
 	StateDir string
 	// ImagePath maps a volume ID to its image file (from the backend).
 	ImagePath func(volumeID string) (string, error)
-	// KMS unwraps the passphrases of encrypted volumes.
+	// KMS names the plugins that engines unwrap passphrases through; the node
+	// itself never calls Decrypt.
 	KMS *kmsclient.Registry
 	// EngineBinary is the csi-encdisk executable started as `engine`.
 	EngineBinary string
 	// MaxVolumes is reported by NodeGetInfo (0: no limit).
 	MaxVolumes int64
+	// Reserved directories (the driver's pool, state and KMS directories)
+	// may hold neither staging nor target paths.
+	Reserved []string
 	// Metrics, when set, receives per-volume engine metrics (bytes,
 	// operations, I/O errors, up), read from the engines at scrape time.
 	Metrics prometheus.Registerer
 }
 
-// NodeServer implements csi.NodeServer: it stages encrypted volumes through
-// one userspace engine process each (FUSE file + loop device) and plain
-// volumes through a loop device straight on the image.
+// NodeServer implements csi.NodeServer: it validates each call, takes the
+// volume's lock, runs the volume's life through pkg/staging and maps the
+// outcome to a CSI status.
 type NodeServer struct {
 	csi.UnimplementedNodeServer
 
-	cfg   NodeConfig
-	state *nodestate.Store
-	locks *volumeLocks
+	cfg    NodeConfig
+	state  *nodestate.Store
+	stager *staging.Manager
+	locks  *keyedlock.Locks
 }
 
 var _ csi.NodeServer = (*NodeServer)(nil)
@@ -80,7 +88,15 @@ func NewNodeServer(cfg NodeConfig) (*NodeServer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("node: %w", err)
 	}
-	n := &NodeServer{cfg: cfg, state: st, locks: newVolumeLocks()}
+	scfg := staging.Config{Store: st, EngineBinary: cfg.EngineBinary, Reserved: append([]string{cfg.StateDir}, cfg.Reserved...)}
+	if cfg.KMS != nil {
+		scfg.KMS = nodeKMS{cfg.KMS}
+	}
+	stager, err := staging.New(scfg)
+	if err != nil {
+		return nil, fmt.Errorf("node: %w", err)
+	}
+	n := &NodeServer{cfg: cfg, state: st, stager: stager, locks: keyedlock.New()}
 	if cfg.Metrics != nil {
 		if err := cfg.Metrics.Register(newEngineCollector(n)); err != nil {
 			return nil, fmt.Errorf("node: register engine metrics: %w", err)
@@ -88,6 +104,10 @@ func NewNodeServer(cfg NodeConfig) (*NodeServer, error) {
 	}
 	return n, nil
 }
+
+// Recover re-adopts what an earlier run of the node left (see
+// staging.Manager.Recover). Call it once, before serving.
+func (n *NodeServer) Recover(ctx context.Context) error { return n.stager.Recover(ctx) }
 
 // NodeGetInfo reports the node ID, the volume limit and the region topology.
 func (n *NodeServer) NodeGetInfo(_ context.Context, _ *csi.NodeGetInfoRequest) (*csi.NodeGetInfoResponse, error) {
@@ -119,96 +139,37 @@ func (n *NodeServer) NodeGetCapabilities(_ context.Context, _ *csi.NodeGetCapabi
 	return resp, nil
 }
 
-// volumeLocks serialises calls on one volume; calls on different volumes
-// run in parallel.
-type volumeLocks struct {
-	mu   sync.Mutex
-	held map[string]chan struct{}
+// lockVolume checks that the volume's image exists and takes its lock; the
+// caller must call unlock when err is nil.
+func (n *NodeServer) lockVolume(ctx context.Context, id string) (image string, unlock func(), err error) {
+	image, err = n.imagePath(id)
+	if err != nil {
+		return "", nil, err
+	}
+	unlock, err = n.locks.Lock(ctx, id)
+	if err != nil {
+		return "", nil, toStatus(err, volumeWhat(id))
+	}
+	return image, unlock, nil
 }
 
-func newVolumeLocks() *volumeLocks {
-	return &volumeLocks{held: map[string]chan struct{}{}}
-}
-
-// lock waits for the volume's lock or for ctx; the error is codes.Aborted.
-func (l *volumeLocks) lock(ctx context.Context, volumeID string) (func(), error) {
-	for {
-		l.mu.Lock()
-		ch, busy := l.held[volumeID]
-		if !busy {
-			mine := make(chan struct{})
-			l.held[volumeID] = mine
-			l.mu.Unlock()
-			return func() {
-				l.mu.Lock()
-				delete(l.held, volumeID)
-				l.mu.Unlock()
-				close(mine)
-			}, nil
+// lockStaged takes the volume's lock and returns its state, NotFound when
+// the volume is not staged on this node. The caller must call unlock when
+// err is nil.
+func (n *NodeServer) lockStaged(ctx context.Context, id string) (*nodestate.Volume, func(), error) {
+	_, unlock, err := n.lockVolume(ctx, id)
+	if err != nil {
+		return nil, nil, err
+	}
+	v, err := n.stager.Staged(id)
+	if err != nil {
+		unlock()
+		if errors.Is(err, staging.ErrNotStaged) {
+			return nil, nil, status.Errorf(codes.NotFound, "volume %q is not staged on this node", id)
 		}
-		l.mu.Unlock()
-		select {
-		case <-ch:
-		case <-ctx.Done():
-			return nil, status.Errorf(codes.Aborted, "another operation on volume %q is still running: %v", volumeID, ctx.Err())
-		}
+		return nil, nil, toStatus(err, volumeWhat(id))
 	}
-}
-
-// nodeCapability is a checked volume capability.
-type nodeCapability struct {
-	access     string // nodestate.AccessMount | AccessBlock
-	fsType     string // "" for block
-	mountFlags []string
-	readOnly   bool // the access mode only allows reading
-	mode       csi.VolumeCapability_AccessMode_Mode
-}
-
-// defaultFSType is used when the capability names none.
-const defaultFSType = "ext4"
-
-func parseNodeCapability(c *csi.VolumeCapability) (*nodeCapability, error) {
-	if c == nil {
-		return nil, status.Error(codes.InvalidArgument, "volume_capability is required")
-	}
-	out := &nodeCapability{}
-	if c.GetAccessMode() == nil {
-		return nil, status.Error(codes.InvalidArgument, "volume_capability.access_mode is required")
-	}
-	out.mode = c.GetAccessMode().GetMode()
-	switch out.mode {
-	case csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER,
-		csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER,
-		csi.VolumeCapability_AccessMode_SINGLE_NODE_MULTI_WRITER:
-	case csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY,
-		csi.VolumeCapability_AccessMode_MULTI_NODE_READER_ONLY:
-		out.readOnly = true
-	default:
-		return nil, status.Errorf(codes.InvalidArgument,
-			"volume_capability.access_mode %s is not supported: accepts SINGLE_NODE_WRITER, SINGLE_NODE_SINGLE_WRITER, SINGLE_NODE_MULTI_WRITER, SINGLE_NODE_READER_ONLY or MULTI_NODE_READER_ONLY", out.mode)
-	}
-	switch {
-	case c.GetBlock() != nil:
-		out.access = nodestate.AccessBlock
-	case c.GetMount() != nil:
-		out.access = nodestate.AccessMount
-		out.fsType = strings.ToLower(c.GetMount().GetFsType())
-		switch out.fsType {
-		case "":
-		case "ext4", "xfs":
-		default:
-			return nil, status.Errorf(codes.InvalidArgument, "volume_capability.mount.fs_type %q is not supported: accepts ext4 or xfs", c.GetMount().GetFsType())
-		}
-		for _, f := range c.GetMount().GetMountFlags() {
-			if strings.TrimSpace(f) == "" {
-				return nil, status.Error(codes.InvalidArgument, "volume_capability.mount.mount_flags must not contain empty flags")
-			}
-			out.mountFlags = append(out.mountFlags, f)
-		}
-	default:
-		return nil, status.Error(codes.InvalidArgument, "volume_capability must have access_type block or mount")
-	}
-	return out, nil
+	return v, unlock, nil
 }
 
 // imagePath finds the image of a volume; NotFound when there is none.
@@ -229,18 +190,37 @@ func (n *NodeServer) imagePath(volumeID string) (string, error) {
 	return p, nil
 }
 
-// loadState reads a volume's node state; (nil, nil) when it has none.
-func (n *NodeServer) loadState(volumeID string) (*nodestate.Volume, error) {
-	v, err := n.state.Load(volumeID)
-	if errors.Is(err, nodestate.ErrNotFound) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, status.Errorf(codes.Internal, "volume %q: %v", volumeID, err)
-	}
-	return v, nil
-}
+// volumeWhat names a volume in error messages.
+func volumeWhat(id string) string { return "volume " + strconv.Quote(id) }
 
 func logger(ctx context.Context, op, volumeID string) klog.Logger {
 	return klog.FromContext(ctx).WithValues("op", op, "volumeID", volumeID)
+}
+
+// nodeKMS lets engines reach the configured KMS plugins and counts their
+// calls in the node's KMS metrics under NodeStageVolume.
+type nodeKMS struct{ reg *kmsclient.Registry }
+
+func (k nodeKMS) Endpoint(kmsID string) (string, time.Duration, error) {
+	c, err := k.reg.Get(kmsID)
+	if err != nil {
+		return "", 0, fmt.Errorf("%w: %w", staging.ErrNoKMS, err)
+	}
+	return c.Endpoint(), c.Timeout(), nil
+}
+
+func (k nodeKMS) CountCalls(kmsID string, calls []blockdev.KMSCall) {
+	c, err := k.reg.Get(kmsID)
+	if err != nil {
+		return
+	}
+	for _, call := range calls {
+		c.CountCalls(call.Method, "NodeStageVolume", call.Result, call.N)
+	}
+}
+
+// klogContext carries a logger naming the operation and volume to the code
+// below the handlers.
+func klogContext(ctx context.Context, op, volumeID string) context.Context {
+	return klog.NewContext(ctx, logger(ctx, op, volumeID))
 }

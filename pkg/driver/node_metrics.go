@@ -41,7 +41,7 @@ func (c *engineCollector) Describe(ch chan<- *prometheus.Desc) {
 // Collect implements prometheus.Collector. An engine that does not answer
 // is reported with up 0 and no counters.
 func (c *engineCollector) Collect(ch chan<- prometheus.Metric) {
-	vols, err := c.n.state.List()
+	vols, err := c.n.stager.List()
 	if err != nil {
 		klog.ErrorS(err, "Engine metrics: list node state")
 		return

@@ -6,17 +6,14 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/csi-encdisk/csi-encdisk/pkg/blockdev"
+	"github.com/csi-encdisk/csi-encdisk/pkg/loopdev"
 	"github.com/csi-encdisk/csi-encdisk/pkg/nodestate"
 )
 
@@ -170,53 +167,6 @@ func TestNodeArgumentErrors(t *testing.T) {
 	wantCode(t, "health without volume id", err, codes.InvalidArgument)
 }
 
-func TestVolumeLocksSerialise(t *testing.T) {
-	l := newVolumeLocks()
-	var inside, maxInside atomic.Int32
-	var wg sync.WaitGroup
-	for range 8 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			unlock, err := l.lock(context.Background(), "vol")
-			if err != nil {
-				t.Error(err)
-				return
-			}
-			cur := inside.Add(1)
-			for {
-				m := maxInside.Load()
-				if cur <= m || maxInside.CompareAndSwap(m, cur) {
-					break
-				}
-			}
-			time.Sleep(2 * time.Millisecond)
-			inside.Add(-1)
-			unlock()
-		}()
-	}
-	wg.Wait()
-	if maxInside.Load() != 1 {
-		t.Fatalf("%d calls held one volume's lock at once", maxInside.Load())
-	}
-
-	// Another volume is not blocked; a waiter gives up with Aborted.
-	unlock, err := l.lock(context.Background(), "a")
-	if err != nil {
-		t.Fatal(err)
-	}
-	other, err := l.lock(context.Background(), "b")
-	if err != nil {
-		t.Fatalf("lock of another volume blocked: %v", err)
-	}
-	other()
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
-	defer cancel()
-	_, err = l.lock(ctx, "a")
-	wantCode(t, "lock while held", err, codes.Aborted)
-	unlock()
-}
-
 // requireRoot fails the test (never skips) when it cannot use loop devices
 // and mounts.
 func requireRoot(t *testing.T) {
@@ -267,7 +217,11 @@ func TestNodePlainVolumeLifecycle(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if v.Loop == "" || !loopBackedBy(v.Loop, img) || v.FSType != "xfs" {
+	imgDev, imgIno, err := loopdev.BackingOf(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.Loop == "" || !loopdev.BackedBy(v.Loop, imgDev, imgIno) || v.FSType != "xfs" {
 		t.Fatalf("state after stage: %+v", v)
 	}
 	// A different access type on the same staging path is refused.
@@ -360,7 +314,7 @@ func TestNodePlainVolumeLifecycle(t *testing.T) {
 			t.Fatalf("NodeUnstageVolume #%d: %v", i+1, err)
 		}
 	}
-	if loopBackedBy(loop, img) {
+	if loopdev.BackedBy(loop, imgDev, imgIno) {
 		t.Fatalf("loop device %s still attached after unstage", loop)
 	}
 	if _, err := n.state.Load("plain"); err == nil {
@@ -387,39 +341,24 @@ func TestNodeRecoverTearsDownHalfStage(t *testing.T) {
 	if err := os.WriteFile(img, make([]byte, 8<<20), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	dev, err := blockdev.LoopAttach(ctx, img, 512, false)
+	dev, err := loopdev.Attach(ctx, img, 512, false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		if loopBackedBy(dev, img) {
-			_ = blockdev.LoopDetach(ctx, dev)
-		}
-	})
+	t.Cleanup(func() { _ = loopdev.DetachBacked(ctx, dev.Path, dev.BackingDev, dev.BackingInode) })
 	if err := n.state.Save(&nodestate.Volume{VolumeID: "half", Phase: nodestate.PhaseStaging, Image: img,
-		AccessType: nodestate.AccessMount, StagingPath: filepath.Join(t.TempDir(), "s"), Loop: dev}); err != nil {
+		AccessType: nodestate.AccessMount, StagingPath: filepath.Join(t.TempDir(), "s"), Loop: dev.Path,
+		LoopBackingDev: dev.BackingDev, LoopBackingInode: dev.BackingInode}); err != nil {
 		t.Fatal(err)
 	}
 	if err := n.Recover(ctx); err != nil {
 		t.Fatalf("Recover: %v", err)
 	}
-	if loopBackedBy(dev, img) {
-		t.Fatalf("Recover left loop device %s attached", dev)
+	if loopdev.BackedBy(dev.Path, dev.BackingDev, dev.BackingInode) {
+		t.Fatalf("Recover left loop device %s attached", dev.Path)
 	}
 	if _, err := n.state.Load("half"); err == nil {
 		t.Fatal("Recover left the state of a half-finished stage")
-	}
-}
-
-func TestUnescapeMountPath(t *testing.T) {
-	if got := unescapeMountPath(`/a\040b\134c`); got != `/a b\c` {
-		t.Fatalf("unescapeMountPath = %q", got)
-	}
-	if m, err := isMountPoint("/proc"); err != nil || !m {
-		t.Fatalf("isMountPoint(/proc) = %v, %v", m, err)
-	}
-	if m, err := isMountPoint(filepath.Join(t.TempDir(), "missing")); err != nil || m {
-		t.Fatalf("isMountPoint(missing) = %v, %v", m, err)
 	}
 }
 

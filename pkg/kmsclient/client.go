@@ -46,6 +46,9 @@ type Options struct {
 	Metrics *Metrics
 	// KMSID names the configured entry, for metrics and messages.
 	KMSID string
+	// OnCall, when set, is told the method and outcome of every call (the
+	// engine counts its calls this way and reports them to the node).
+	OnCall func(method string, err error)
 }
 
 // Client talks to one KMS v2 plugin.
@@ -54,6 +57,7 @@ type Client struct {
 	kmsID    string
 	timeout  time.Duration
 	metrics  *Metrics
+	onCall   func(method string, err error)
 	conn     *grpc.ClientConn
 	api      kmsapi.KeyManagementServiceClient
 }
@@ -69,7 +73,7 @@ func New(endpoint string, opts Options) (*Client, error) {
 	if timeout <= 0 {
 		timeout = DefaultTimeout
 	}
-	conn, err := grpc.NewClient(endpoint,
+	dialOpts := append(wipingDialOptions(),
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		// gRPC's default reconnect backoff grows to 2 minutes: after an
 		// outage the restarted plugin would stay unreached that long. A
@@ -78,6 +82,7 @@ func New(endpoint string, opts Options) (*Client, error) {
 			Backoff:           backoff.Config{BaseDelay: 100 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: time.Second},
 			MinConnectTimeout: time.Second,
 		}))
+	conn, err := grpc.NewClient(endpoint, dialOpts...)
 	if err != nil {
 		return nil, fmt.Errorf("kms %s: %w", endpoint, err)
 	}
@@ -86,6 +91,7 @@ func New(endpoint string, opts Options) (*Client, error) {
 		kmsID:    opts.KMSID,
 		timeout:  timeout,
 		metrics:  opts.Metrics,
+		onCall:   opts.OnCall,
 		conn:     conn,
 		api:      kmsapi.NewKeyManagementServiceClient(conn),
 	}, nil
@@ -177,6 +183,9 @@ func (c *Client) call(ctx context.Context, method string, fn func(ctx context.Co
 		break
 	}
 	c.metrics.observe(c.kmsID, method, operation(ctx), err, time.Since(start))
+	if c.onCall != nil {
+		c.onCall(method, err)
+	}
 	if err == nil {
 		return nil
 	}
@@ -240,4 +249,18 @@ func operation(ctx context.Context) string {
 		return op
 	}
 	return "other"
+}
+
+// Timeout is the bound of one call, retries included.
+func (c *Client) Timeout() time.Duration { return c.timeout }
+
+// KMSID is the configured id of the plugin this client talks to.
+func (c *Client) KMSID() string { return c.kmsID }
+
+// CountCalls adds n calls to this client's metrics that another process made
+// to the same plugin on this client's behalf: a volume's engine unwraps its
+// passphrase itself (so the node never holds it) and reports its calls.
+// result is the gRPC code name ("OK", "Unavailable", ...).
+func (c *Client) CountCalls(method, op, result string, n int) {
+	c.metrics.add(c.kmsID, method, op, result, n)
 }

@@ -41,3 +41,15 @@ func (m *Metrics) observe(kmsID, method, op string, err error, took time.Duratio
 	m.calls.WithLabelValues(kmsID, method, op, status.Code(err).String()).Inc()
 	m.duration.WithLabelValues(method).Observe(took.Seconds())
 }
+
+// add counts n calls made elsewhere (by a volume's engine process, which
+// has no metrics of its own) under the same labels as observe.
+func (m *Metrics) add(kmsID, method, op, result string, n int) {
+	if m == nil || n <= 0 {
+		return
+	}
+	if kmsID == "" {
+		kmsID = "default"
+	}
+	m.calls.WithLabelValues(kmsID, method, op, result).Add(float64(n))
+}

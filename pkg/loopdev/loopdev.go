@@ -174,14 +174,23 @@ func detach(ctx context.Context, path string, want func(*unix.LoopInfo64) bool) 
 		return fmt.Errorf("loop detach %s: %w", path, err)
 	}
 	fd := int(lf.Fd())
-	info, err := unix.IoctlLoopGetStatus64(fd)
-	if err == nil && want != nil && !want(info) {
+	info, serr := unix.IoctlLoopGetStatus64(fd)
+	switch {
+	case serr == nil && want != nil && !want(info):
 		lf.Close()
 		return nil
+	case serr != nil && (want != nil || errors.Is(serr, unix.ENXIO)):
+		// Unbound, or the backing file cannot be asked (a dead FUSE
+		// server): DetachBacked cannot check, so it does nothing.
+		lf.Close()
+		if errors.Is(serr, unix.ENXIO) {
+			return nil
+		}
+		return fmt.Errorf("loop detach %s: cannot check its backing file: %w", path, serr)
 	}
-	if err == nil {
-		err = unix.IoctlSetInt(fd, unix.LOOP_CLR_FD, 0)
-	}
+	// Plain Detach clears the device even when its backing file cannot be
+	// asked for its identity (LOOP_GET_STATUS64 stats it).
+	err = unix.IoctlSetInt(fd, unix.LOOP_CLR_FD, 0)
 	lf.Close()
 	if errors.Is(err, unix.ENXIO) {
 		return nil // not attached
@@ -191,7 +200,11 @@ func detach(ctx context.Context, path string, want func(*unix.LoopInfo64) bool) 
 	}
 	// Wait until the device no longer serves that file (it may serve
 	// another one by then: the number is free for reuse once released).
-	for BackedBy(path, info.Device, info.Inode) {
+	still := func() bool { return BackedBy(path, info.Device, info.Inode) }
+	if serr != nil {
+		still = func() bool { return BackingUnreachable(path) }
+	}
+	for still() {
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("loop detach %s: still attached (in use?): %w", path, ctx.Err())
@@ -305,4 +318,19 @@ func Size(path string) (int64, error) {
 // sysPath is a sysfs attribute of the block device at path.
 func sysPath(path string, attr ...string) string {
 	return filepath.Join(append([]string{"/sys/block", filepath.Base(path)}, attr...)...)
+}
+
+// BackingUnreachable reports whether the loop device at path is attached to
+// a file the kernel can no longer ask for its identity: LOOP_GET_STATUS64
+// stats the backing file, which fails once the FUSE server behind it died.
+// Such a device can only be recognised by what its attacher recorded.
+func BackingUnreachable(path string) bool {
+	if path == "" {
+		return false
+	}
+	if _, err := os.Stat(sysPath(path, "loop")); err != nil {
+		return false // not bound
+	}
+	_, err := status(path)
+	return err != nil && !errors.Is(err, unix.ENXIO) && !errors.Is(err, fs.ErrNotExist)
 }

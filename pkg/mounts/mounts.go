@@ -223,3 +223,13 @@ func Unmount(ctx context.Context, target string) error {
 	}
 	return fmt.Errorf("unmount %s: %w", target, err)
 }
+
+// Source returns the source (device) of the topmost mount at path, "" when
+// nothing is mounted there.
+func Source(path string) (string, error) {
+	m, err := topmost(mountInfoPath, path)
+	if err != nil || m == nil {
+		return "", err
+	}
+	return m.Source, nil
+}

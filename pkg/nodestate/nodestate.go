@@ -62,6 +62,11 @@ type Volume struct {
 	RunDir string `json:"runDir,omitempty"`
 	// Loop is the loop device, once attached.
 	Loop string `json:"loop,omitempty"`
+	// LoopBackingDev and LoopBackingInode identify the loop device's backing
+	// file (the image, or the engine's FUSE file), recorded before the
+	// attach: a loop device is found by them, never by path text.
+	LoopBackingDev   uint64 `json:"loopBackingDev,omitempty"`
+	LoopBackingInode uint64 `json:"loopBackingInode,omitempty"`
 	// Engine is set once the engine of an encrypted volume started.
 	Engine *Engine `json:"engine,omitempty"`
 	// Targets lists the publish target paths.

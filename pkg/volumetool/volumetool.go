@@ -17,10 +17,6 @@ import (
 	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
 )
 
-// maxKeyFileSize bounds what is read from a key file (cryptsetup's default
-// limit is 8 MiB).
-const maxKeyFileSize = 8 << 20
-
 // ParseSize parses a byte count with an optional suffix: K, M, G, T (powers
 // of 1024, as are Ki, Mi, Gi, Ti) or KB, MB, GB, TB (powers of 1000).
 func ParseSize(s string) (int64, error) {
@@ -47,27 +43,6 @@ func ParseSize(s string) (int64, error) {
 	return n * mult, nil
 }
 
-// ReadKeyFile reads a passphrase file whole, as cryptsetup --key-file does.
-func ReadKeyFile(path string) ([]byte, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, fmt.Errorf("key file: %w", err)
-	}
-	defer f.Close()
-	b, err := io.ReadAll(io.LimitReader(f, maxKeyFileSize+1))
-	if err != nil {
-		return nil, fmt.Errorf("key file %s: %w", path, err)
-	}
-	if len(b) == 0 {
-		return nil, fmt.Errorf("key file %s is empty", path)
-	}
-	if len(b) > maxKeyFileSize {
-		clear(b)
-		return nil, fmt.Errorf("key file %s is larger than %d bytes", path, maxKeyFileSize)
-	}
-	return b, nil
-}
-
 // Format makes a new LUKS2 image at path holding size usable bytes after the
 // header, with a random volume key in keyslot 0 under the key file's bytes.
 // It refuses to touch an existing file and removes a half-made one.
@@ -78,7 +53,7 @@ func Format(path string, size int64, keyFile string, sectorSize int) (err error)
 	if size%int64(sectorSize) != 0 {
 		return fmt.Errorf("--size %d is not a multiple of the sector size %d", size, sectorSize)
 	}
-	pass, err := ReadKeyFile(keyFile)
+	pass, err := crypt.ReadKeyFile(keyFile)
 	if err != nil {
 		return err
 	}

@@ -190,6 +190,8 @@ type driver struct {
 	done     chan struct{}
 	conn     *grpc.ClientConn
 
+	// mode is the driver's --mode ("all" if empty).
+	mode string
 	// extraArgs are appended to the driver's flags at the next (re)start.
 	extraArgs []string
 	// allowNotReady accepts a driver whose Probe answers "not ready" (its
@@ -217,6 +219,24 @@ func startDriver(t *testing.T, dir string) *driver {
 	return d
 }
 
+// startDriverMode starts a driver of the given mode with its own socket and
+// log (name.sock, name.log) on the shared data directory of dir.
+func startDriverMode(t *testing.T, dir, name, mode string, extraArgs ...string) *driver {
+	t.Helper()
+	d := &driver{
+		t:         t,
+		dir:       dir,
+		dataDir:   filepath.Join(dir, "data"),
+		stateDir:  filepath.Join(dir, "state"),
+		sock:      filepath.Join(dir, name+".sock"),
+		logPath:   filepath.Join(dir, name+".log"),
+		mode:      mode,
+		extraArgs: extraArgs,
+	}
+	d.start()
+	return d
+}
+
 func (d *driver) start() {
 	t := d.t
 	t.Helper()
@@ -227,8 +247,12 @@ func (d *driver) start() {
 	if err != nil {
 		t.Fatal(err)
 	}
+	mode := d.mode
+	if mode == "" {
+		mode = "all"
+	}
 	args := []string{"driver",
-		"--mode", "all",
+		"--mode", mode,
 		"--endpoint", "unix://" + d.sock,
 		"--data-dir", d.dataDir,
 		"--state-dir", d.stateDir,

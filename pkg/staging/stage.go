@@ -1,0 +1,282 @@
+package staging
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+
+	"k8s.io/klog/v2"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/blockdev"
+	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
+	"github.com/csi-encdisk/csi-encdisk/pkg/filesystem"
+	"github.com/csi-encdisk/csi-encdisk/pkg/loopdev"
+	"github.com/csi-encdisk/csi-encdisk/pkg/mounts"
+	"github.com/csi-encdisk/csi-encdisk/pkg/nodestate"
+)
+
+// DefaultFSType is made on a volume whose request names none.
+const DefaultFSType = "ext4"
+
+// Request is what to stage.
+type Request struct {
+	VolumeID string
+	Image    string
+	// StagingPath is where the filesystem is mounted (mount access). It may
+	// be empty for block access outside CSI (volume open --block).
+	StagingPath string
+	Access      string // nodestate.AccessMount or nodestate.AccessBlock
+	FSType      string // "" means: what the volume holds, else DefaultFSType
+	MountFlags  []string
+	ReadOnly    bool
+	// Encrypted is what the caller believes (the volume context); nil when
+	// it does not say. The image's header decides; a disagreement is
+	// ErrEncryptionMismatch and nothing is attached.
+	Encrypted *bool
+	// SectorSize of a plain volume's loop device (512 if 0). An encrypted
+	// volume's comes from its header.
+	SectorSize    int
+	AllowDiscards bool
+	// PassphraseFile unlocks an image made by hand (volume open --key-file);
+	// "" means the KMS named in the header's token.
+	PassphraseFile string
+	// NeverFormat: a volume without a filesystem is ErrNoFilesystem instead
+	// of getting one (its data came from elsewhere: a restore, a clone, an
+	// image opened by hand; "no filesystem" then means a wrong key or a
+	// damaged image, and a mkfs would destroy what is left).
+	NeverFormat bool
+}
+
+// Stage makes the volume usable at req.StagingPath (or as a loop device for
+// block access) and returns its state. A volume already staged the same way
+// and healthy is left as it is; a broken or half-made stage is torn down and
+// made again. On failure everything made is undone.
+func (m *Manager) Stage(ctx context.Context, req Request) (*nodestate.Volume, error) {
+	log := klog.FromContext(ctx).WithValues("volumeID", req.VolumeID)
+	if req.StagingPath != "" {
+		if err := m.checkPath("staging path", req.StagingPath); err != nil {
+			return nil, err
+		}
+	}
+	old, err := m.Load(req.VolumeID)
+	if err != nil {
+		return nil, err
+	}
+	if old != nil {
+		done, err := m.restage(ctx, old, req)
+		if err != nil || done {
+			return old, err
+		}
+	}
+	encrypted, kmsID, err := inspectImage(req.Image)
+	if err != nil {
+		return nil, err
+	}
+	if req.Encrypted != nil && *req.Encrypted != encrypted {
+		return nil, fmt.Errorf("%w: the volume context says encrypted=%t, the image %s %s", ErrEncryptionMismatch,
+			*req.Encrypted, req.Image, map[bool]string{true: "has a LUKS2 header", false: "has none"}[encrypted])
+	}
+	v := &nodestate.Volume{
+		VolumeID:    req.VolumeID,
+		Phase:       nodestate.PhaseStaging,
+		Encrypted:   encrypted,
+		Image:       req.Image,
+		StagingPath: req.StagingPath,
+		AccessType:  req.Access,
+		FSType:      req.FSType,
+		MountFlags:  req.MountFlags,
+		ReadOnly:    req.ReadOnly,
+		RunDir:      m.cfg.Store.RunDir(req.VolumeID),
+	}
+	if err := m.cfg.Store.Save(v); err != nil {
+		return nil, err
+	}
+	if err := m.build(ctx, v, req, kmsID); err != nil {
+		log.Error(err, "Stage failed, undoing")
+		if terr := m.Teardown(context.WithoutCancel(ctx), v); terr != nil {
+			log.Error(terr, "Undo of a failed stage was incomplete; the next stage or a restart retries")
+		}
+		return nil, err
+	}
+	v.Phase = nodestate.PhaseStaged
+	if err := m.cfg.Store.Save(v); err != nil {
+		return nil, err
+	}
+	log.Info("Volume staged", "encrypted", v.Encrypted, "access", v.AccessType, "fsType", v.FSType, "loop", v.Loop, "stagingPath", v.StagingPath)
+	return v, nil
+}
+
+// restage handles a volume that already has state: done when it is staged
+// as asked and healthy; otherwise what is left is torn down first.
+func (m *Manager) restage(ctx context.Context, old *nodestate.Volume, req Request) (done bool, err error) {
+	if old.Phase == nodestate.PhaseStaged {
+		if old.StagingPath != req.StagingPath {
+			return false, fmt.Errorf("%w: volume %q is staged at %s, not %s", ErrStagedElsewhere, req.VolumeID, old.StagingPath, req.StagingPath)
+		}
+		if old.AccessType != req.Access || (req.FSType != "" && old.FSType != req.FSType) || old.ReadOnly != req.ReadOnly {
+			return false, fmt.Errorf("%w: volume %q is staged at %s as %s %s, read-only %t", ErrIncompatible, req.VolumeID, old.StagingPath, old.AccessType, old.FSType, old.ReadOnly)
+		}
+		problems := m.Health(ctx, old)
+		if len(problems) == 0 {
+			return true, nil
+		}
+		klog.FromContext(ctx).Info("Staged volume is broken, staging it again", "volumeID", req.VolumeID, "problems", joinProblems(problems))
+	}
+	if len(old.Targets) > 0 {
+		return false, fmt.Errorf("%w: volume %q is published at %v and cannot be staged again", ErrStillPublished, req.VolumeID, old.Targets)
+	}
+	if err := m.Teardown(ctx, old); err != nil {
+		return false, fmt.Errorf("clean up the earlier stage of %q: %w", req.VolumeID, err)
+	}
+	return false, nil
+}
+
+// inspectImage reads whether an image is encrypted (it starts with a LUKS2
+// header) and the kmsID of its token. It reads public header data only.
+func inspectImage(image string) (encrypted bool, kmsID string, err error) {
+	f, err := os.Open(image)
+	if err != nil {
+		return false, "", fmt.Errorf("open image: %w", err)
+	}
+	defer f.Close()
+	h, err := crypt.ReadHeader(f)
+	switch {
+	case errors.Is(err, crypt.ErrNotLUKS2):
+		return false, "", nil
+	case err != nil:
+		return false, "", fmt.Errorf("%w: %s: %w", ErrBadHeader, image, err)
+	}
+	if tok, ok := h.KMSToken(); ok {
+		kmsID = tok.KMSID
+	}
+	return true, kmsID, nil
+}
+
+// build makes the pieces of a stage, saving the state after each so that a
+// crash or a failure can undo exactly what exists.
+func (m *Manager) build(ctx context.Context, v *nodestate.Volume, req Request, kmsID string) error {
+	backing := v.Image
+	v.SectorSize = req.SectorSize
+	if v.SectorSize == 0 {
+		v.SectorSize = 512
+	}
+	if v.Encrypted {
+		eng, err := m.startEngine(ctx, v, req, kmsID)
+		if err != nil {
+			return err
+		}
+		v.Engine = &nodestate.Engine{PID: eng.PID, File: eng.File, ControlSocket: eng.ControlSocket,
+			DataOffset: eng.DataOffset, AllowDiscards: req.AllowDiscards}
+		v.SectorSize = eng.SectorSize
+		backing = eng.File
+		if err := m.cfg.Store.Save(v); err != nil {
+			return err
+		}
+	}
+	// Record the backing file's identity before attaching, so that a crash
+	// right after the attach still finds the loop device.
+	var err error
+	if v.LoopBackingDev, v.LoopBackingInode, err = loopdev.BackingOf(backing); err != nil {
+		return err
+	}
+	if err := m.cfg.Store.Save(v); err != nil {
+		return err
+	}
+	// A read-only raw block volume gets a read-only loop device: a read-only
+	// bind mount does not stop writes through a device node. (A read-only
+	// filesystem stays on a writable loop device so its journal can replay.)
+	dev, err := loopdev.Attach(ctx, backing, v.SectorSize, v.ReadOnly && v.AccessType == nodestate.AccessBlock)
+	if err != nil {
+		return fmt.Errorf("attach a loop device: %w", err)
+	}
+	v.Loop = dev.Path
+	if err := m.cfg.Store.Save(v); err != nil {
+		return err
+	}
+	if v.AccessType == nodestate.AccessBlock {
+		return nil
+	}
+	return m.mountFilesystem(ctx, v, req.NeverFormat)
+}
+
+// startEngine starts the volume's engine; it unlocks the image itself.
+func (m *Manager) startEngine(ctx context.Context, v *nodestate.Volume, req Request, kmsID string) (*blockdev.Engine, error) {
+	spec := blockdev.EngineSpec{
+		VolumeID:        v.VolumeID,
+		Image:           v.Image,
+		RunDir:          v.RunDir,
+		PassphraseFile:  req.PassphraseFile,
+		ReadOnly:        v.ReadOnly,
+		AllowDiscards:   req.AllowDiscards,
+		BufferedBacking: m.cfg.BufferedBacking,
+	}
+	if spec.PassphraseFile == "" {
+		if m.cfg.KMS == nil {
+			return nil, fmt.Errorf("%w: volume %q is encrypted but this node has no KMS", ErrNoKMS, v.VolumeID)
+		}
+		ep, timeout, err := m.cfg.KMS.Endpoint(kmsID)
+		if err != nil {
+			return nil, err
+		}
+		spec.KMSEndpoint, spec.KMSID, spec.KMSTimeout = ep, kmsID, timeout
+	}
+	if err := os.MkdirAll(v.RunDir, 0o700); err != nil {
+		return nil, fmt.Errorf("create run dir: %w", err)
+	}
+	eng, rep, err := blockdev.StartEngine(ctx, m.cfg.EngineBinary, spec)
+	if rep != nil && m.cfg.KMS != nil {
+		m.cfg.KMS.CountCalls(kmsID, rep.KMSCalls)
+	}
+	return eng, err
+}
+
+// mountFilesystem makes a filesystem on the loop device if it has none
+// (never over an existing one) and mounts it at the staging path.
+func (m *Manager) mountFilesystem(ctx context.Context, v *nodestate.Volume, neverFormat bool) error {
+	found, err := filesystem.Detect(ctx, v.Loop)
+	if err != nil {
+		return err
+	}
+	fsType := v.FSType
+	switch {
+	case found == "" && v.ReadOnly:
+		return fmt.Errorf("%w: volume %q has no filesystem and its access mode is read-only", ErrNoFilesystem, v.VolumeID)
+	case found == "" && neverFormat:
+		return fmt.Errorf("%w: volume %q should hold data but shows no filesystem (a wrong key or a damaged image?); nothing was written", ErrNoFilesystem, v.VolumeID)
+	case found == "":
+		if fsType == "" {
+			fsType = DefaultFSType
+		}
+		if err := filesystem.Make(ctx, v.Loop, fsType); err != nil {
+			return err
+		}
+	case fsType == "":
+		fsType = found
+	case found != fsType:
+		return fmt.Errorf("%w: volume %q holds a %s filesystem, not %s; it is never formatted over", ErrFilesystemMismatch, v.VolumeID, found, fsType)
+	}
+	v.FSType = fsType
+	if err := m.cfg.Store.Save(v); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(v.StagingPath, 0o750); err != nil {
+		return fmt.Errorf("create staging path: %w", err)
+	}
+	return mounts.Mount(ctx, v.Loop, v.StagingPath, fsType, mountOptions(v))
+}
+
+// mountOptions are the staged filesystem's mount options.
+func mountOptions(v *nodestate.Volume) []string {
+	opts := slices.Clone(v.MountFlags)
+	if v.ReadOnly {
+		opts = append(opts, "ro")
+	}
+	if v.FSType == "xfs" && !slices.Contains(opts, "nouuid") {
+		// A restored snapshot or a clone carries its source's XFS UUID; without
+		// nouuid it could not be mounted next to its source.
+		opts = append(opts, "nouuid")
+	}
+	return opts
+}
