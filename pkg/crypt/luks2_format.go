@@ -8,7 +8,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-
 )
 
 // DefaultPBKDF2Iterations is the iteration count of the keyslot KDF and of
