@@ -27,6 +27,9 @@ go test -count=1 -timeout 20m ./test/sanity/...
 step "test/e2e (real FUSE, loop devices, mounts, fault injection)"
 go test -count=1 -timeout 20m ./test/e2e/...
 
+step "test/container (image built from nothing without a registry, cached; node plugin in a podman container)"
+go test -count=1 -timeout 25m -v ./test/container/...
+
 step "test/k8s tools (etcd, kube-apiserver, sidecars, helm: cached after the first build, ~30 min cold)"
 go run ./test/k8s/cmd/buildtools
 
