@@ -97,13 +97,14 @@ dpkg_excludes=(
 )
 # xfsprogs depends on python3 and libicu72 only for xfs_scrub and
 # xfs_scrub_all, which the driver never runs (mkfs.xfs and xfs_growfs link
-# neither): they are removed with those two programs (~75 MB).
-trim_packages="python3 python3-minimal python3.11 python3.11-minimal libpython3.11-minimal libpython3.11-stdlib libicu72"
+# neither): they are removed with those two programs (~70 MB), dependents
+# first (python3's prerm still runs python).
+trim_packages="python3 python3.11 libpython3.11-stdlib python3-minimal python3.11-minimal libpython3.11-minimal libicu72"
 trim_files="/usr/sbin/xfs_scrub /usr/sbin/xfs_scrub_all /usr/lib/xfsprogs /usr/include/xfs"
 # Merged /usr made by mmdebstrap's hook, so the usrmerge package (and the
 # full perl it needs, ~45 MB) stays out.
 hook_dir=/usr/share/mmdebstrap/hooks/merged-usr
-recipe="recipe=3 suite=$SUITE variant=minbase hooks=merged-usr packages=$packages excludes=${dpkg_excludes[*]} trim=$trim_packages trimfiles=$trim_files"
+recipe="recipe=4 suite=$SUITE variant=minbase hooks=merged-usr packages=$packages excludes=${dpkg_excludes[*]} trim=$trim_packages trimfiles=$trim_files"
 key=$(sha256sum <<<"$recipe" | cut -c1-12)
 base_image="localhost/csi-encdisk-base:$SUITE-$key"
 rootfs="$CACHE_DIR/rootfs-$SUITE-$key.tar"
@@ -115,7 +116,7 @@ elapsed() { echo "$(( $(date +%s) - $1 ))s"; }
 if [ -s "$rootfs" ]; then
   echo "build-image: base root filesystem cached: $rootfs"
 else
-  echo "build-image: mmdebstrap $SUITE (minbase + $packages) from $MIRROR"
+  echo "build-image: mmdebstrap $SUITE (minbase + ${packages% }) from $MIRROR"
   sources=("deb $MIRROR $SUITE main" "deb $MIRROR $SUITE-updates main")
   [ -n "$security_mirror" ] && sources+=("deb $security_mirror $SUITE-security main")
   dpkgopts=()
@@ -127,14 +128,18 @@ else
   trap 'rm -f "$tmp"' EXIT
   # --force-depends: xfsprogs keeps its (unused) dependency on python3.
   [ -d "$hook_dir" ] || die "$hook_dir missing (mmdebstrap too old?)"
+  set +e
   mmdebstrap --variant=minbase --quiet --hook-dir="$hook_dir" \
     --include="$(tr ' ' ',' <<<"$packages" | sed 's/,$//')" \
     --aptopt='Acquire::Retries "3"' \
     "${dpkgopts[@]}" \
-    --customize-hook="chroot \"\$1\" dpkg --purge --force-depends $trim_packages >/dev/null" \
+    --customize-hook="for p in $trim_packages; do chroot \"\$1\" dpkg --purge --force-depends \$p >/dev/null || exit 1; done" \
     --customize-hook="$rm_trimmed" \
     --customize-hook='rm -rf "$1"/var/cache/debconf/*-old "$1"/var/lib/dpkg/*-old "$1"/var/log/*' \
-    --format=tar "$SUITE" "$tmp" "${sources[@]}"
+    --format=tar "$SUITE" "$tmp" "${sources[@]}" 2>&1 | grep -v '^\(Selecting\|Preparing\|Unpacking\|Setting up\|(Reading\|dpkg-deb: building\)' >&2
+  rc=${PIPESTATUS[0]}
+  set -e
+  [ "$rc" -eq 0 ] || die "mmdebstrap failed (exit $rc, see above)"
   mv "$tmp" "$rootfs"
   trap - EXIT
   echo "build-image: mmdebstrap took $(elapsed "$t0"), $(du -h "$rootfs" | cut -f1)"

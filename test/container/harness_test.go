@@ -258,6 +258,7 @@ func sweep(root string) []error {
 	var errs []error
 	killUnder(root)
 	for range 3 {
+		errs = nil
 		for _, m := range mountsUnder(root) {
 			if out, err := exec.Command("umount", m).CombinedOutput(); err != nil {
 				if err2 := exec.Command("umount", "-l", m).Run(); err2 != nil {
@@ -265,12 +266,13 @@ func sweep(root string) []error {
 				}
 			}
 		}
+		errs = append(errs, detachTracked()...)
 		for _, dev := range loopsUnder(root) {
 			if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
 				errs = append(errs, fmt.Errorf("losetup -d %s: %v: %s", dev, err, bytes.TrimSpace(out)))
 			}
 		}
-		if len(mountsUnder(root)) == 0 && len(loopsUnder(root)) == 0 {
+		if len(mountsUnder(root)) == 0 && len(loopsUnder(root)) == 0 && len(trackedLoops) == 0 {
 			return nil
 		}
 		killUnder(root)
@@ -361,14 +363,18 @@ func loopsUnder(root string) []string {
 
 // loopBacking identifies what a loop device is attached to: the backing
 // file's device and inode (LOOP_GET_STATUS64), independent of the path the
-// kernel shows for it (which depends on the reader's mount namespace).
+// kernel shows for it (which depends on the reader's mount namespace: once
+// the engine died in the container, the host reads "/disk").
 type loopBacking struct {
 	dev, ino uint64
 	path     string // /sys/block/loopN/loop/backing_file as the host reads it
+	// dead: the backing file is on a FUSE mount whose server is gone
+	// (LOOP_GET_STATUS64 answers ENOTCONN); dev and ino are then unknown.
+	dead bool
 }
 
-// loopStatus returns what dev is attached to, or ok=false if it is detached.
-func loopStatus(dev string) (b loopBacking, ok bool, err error) {
+// loopStatus returns what dev is attached to, or attached=false.
+func loopStatus(dev string) (b loopBacking, attached bool, err error) {
 	f, err := os.OpenFile(dev, os.O_RDONLY, 0)
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) {
@@ -377,15 +383,56 @@ func loopStatus(dev string) (b loopBacking, ok bool, err error) {
 		return b, false, err
 	}
 	defer f.Close()
+	p, _ := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "loop", "backing_file"))
+	b.path = strings.TrimSpace(string(p))
 	st, err := unix.IoctlLoopGetStatus64(int(f.Fd()))
-	if errors.Is(err, unix.ENXIO) {
-		return b, false, nil
-	}
-	if err != nil {
+	switch {
+	case errors.Is(err, unix.ENXIO):
+		return loopBacking{}, false, nil
+	case errors.Is(err, unix.ENOTCONN):
+		b.dead = true
+		return b, true, nil
+	case err != nil:
 		return b, false, fmt.Errorf("LOOP_GET_STATUS64 %s: %w", dev, err)
 	}
-	p, _ := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "loop", "backing_file"))
-	return loopBacking{dev: st.Device, ino: st.Inode, path: strings.TrimSpace(string(p))}, true, nil
+	b.dev, b.ino = st.Device, st.Inode
+	return b, true, nil
+}
+
+// stillOurs tells whether dev is still attached to the file it had at
+// stage time (or to a dead FUSE file, which a loop device attached since by
+// someone else would not have).
+func stillOurs(dev string, staged loopBacking) (loopBacking, bool) {
+	now, attached, err := loopStatus(dev)
+	if err != nil || !attached {
+		return now, false
+	}
+	return now, now.dead || (now.dev == staged.dev && now.ino == staged.ino)
+}
+
+// trackedLoops are the loop devices the tests staged volumes on, with what
+// they were attached to; the sweep detaches those still attached to it.
+var trackedLoops = map[string]loopBacking{}
+
+func trackLoop(dev string, b loopBacking) { trackedLoops[dev] = b }
+
+// detachTracked detaches tracked loop devices still attached to their
+// volume's file, which the path-based loopsUnder cannot see once the path
+// reads "/disk".
+func detachTracked() []error {
+	var errs []error
+	for dev, b := range trackedLoops {
+		if _, ours := stillOurs(dev, b); !ours {
+			delete(trackedLoops, dev)
+			continue
+		}
+		if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
+			errs = append(errs, fmt.Errorf("losetup -d %s: %v: %s", dev, err, bytes.TrimSpace(out)))
+			continue
+		}
+		delete(trackedLoops, dev)
+	}
+	return errs
 }
 
 // ioResult is the outcome of one I/O attempt from the host.
