@@ -197,7 +197,11 @@ fi
 
 echo
 echo "Layers of $image (newest first):"
-podman history --format '{{.Size}}\t{{.CreatedBy}}' "$image" | cut -c1-110
+podman history --no-trunc --format '{{.Size}}|{{.CreatedBy}}|{{.Comment}}' "$image" |
+  awk -F'|' '{ what = $2; sub(/^\/bin\/sh -c #\(nop\) /, "", what)
+    if (what ~ /^ADD file:/) what = "base: " $3
+    sub(/COPY file:[0-9a-f]+ in /, "COPY ", what)
+    printf "  %9s  %s\n", $1, substr(what, 1, 100) }'
 echo "Total: $(podman image inspect --format '{{.Size}}' "$image" | awk '{printf "%.1f MB", $1/1e6}')"
 echo "build-image: done in $(elapsed "$t_start")"
 echo "image: $image"
