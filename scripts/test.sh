@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of csi-encdisk: formatting, vet, unit tests (with the race
-# detector), csi-sanity against the real driver, the end-to-end tests, and the
-# Kubernetes end-to-end run. Needs root (loop devices, FUSE, mounts).
+# detector), csi-sanity against the real driver, the end-to-end tests, the
+# container image (built here without a registry) running the node plugin in
+# podman, and the Kubernetes end-to-end run. Needs root (loop devices, FUSE,
+# mounts, privileged containers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
