@@ -32,7 +32,7 @@ for arg in "$@"; do
   case "$arg" in
     --containerd) load_containerd=yes ;;
     --no-containerd) load_containerd=no ;;
-    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument \"$arg\" (use --containerd, --no-containerd or --help)" ;;
   esac
 done
