@@ -2,9 +2,12 @@
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 
-.PHONY: build test demo deps fmt vet
+.PHONY: build test demo deps fmt vet image
 build:
 	go build -ldflags "$(LDFLAGS)" -o bin/csi-encdisk ./cmd/csi-encdisk
+# The container image, built here without a registry (see README "Container image").
+image:
+	scripts/build-image.sh
 deps:
 	scripts/install-deps.sh
 test:

@@ -23,6 +23,13 @@ packages=(
   rsync
   kmod
   procps
+  # The container image (scripts/build-image.sh) and test/container:
+  mmdebstrap       # Debian base root filesystem from the apt mirror (no registry)
+  podman           # import, build, save and run the image
+  buildah          # podman build's engine
+  runc             # OCI runtime (crun 1.8.1 refuses this host's hybrid cgroups)
+  uidmap           # newuidmap/newgidmap, which podman expects
+  containerd       # ctr: load the image into containerd (ctr -n k8s.io image import)
 )
 
 missing=()

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test of csi-encdisk: formatting, vet, unit tests (with the race
-# detector), csi-sanity against the real driver, the end-to-end tests, and the
-# Kubernetes end-to-end run. Needs root (loop devices, FUSE, mounts).
+# detector), csi-sanity against the real driver, the end-to-end tests, the
+# container image (built here without a registry) running the node plugin in
+# podman, and the Kubernetes end-to-end run. Needs root (loop devices, FUSE,
+# mounts, privileged containers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +28,9 @@ go test -count=1 -timeout 20m ./test/sanity/...
 
 step "test/e2e (real FUSE, loop devices, mounts, fault injection)"
 go test -count=1 -timeout 20m ./test/e2e/...
+
+step "test/container (image built from nothing without a registry, cached; node plugin in a podman container)"
+go test -count=1 -timeout 25m -v ./test/container/...
 
 step "test/k8s tools (etcd, kube-apiserver, sidecars, helm: cached after the first build, ~30 min cold)"
 go run ./test/k8s/cmd/buildtools
