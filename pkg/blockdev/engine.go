@@ -19,6 +19,8 @@ import (
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
+	"github.com/csi-encdisk/csi-encdisk/pkg/mounts"
+
 	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
 )
 
@@ -90,7 +92,7 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 	if err := os.MkdirAll(mnt, 0o700); err != nil {
 		return fmt.Errorf("engine: run dir: %w", err)
 	}
-	if mounted, _ := IsMountPoint(mnt); mounted {
+	if mounted, _ := mounts.IsMountPoint(mnt); mounted {
 		// A dead engine's mount; a live one would hold the control socket.
 		if err := DialControl(ControlSocketPath(spec.RunDir)).Health(ctx); err == nil {
 			return fmt.Errorf("engine: another engine already serves %s", mnt)

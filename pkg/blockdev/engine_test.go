@@ -19,7 +19,28 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
+	"github.com/csi-encdisk/csi-encdisk/pkg/filesystem"
+	"github.com/csi-encdisk/csi-encdisk/pkg/loopdev"
+	"github.com/csi-encdisk/csi-encdisk/pkg/mounts"
 )
+
+// loopAttach attaches file to a loop device and returns its path.
+func loopAttach(ctx context.Context, file string, sectorSize int, readOnly bool) (string, error) {
+	d, err := loopdev.Attach(ctx, file, sectorSize, readOnly)
+	if err != nil {
+		return "", err
+	}
+	return d.Path, nil
+}
+
+// loopOf returns the loop device backed by file, "" if none is.
+func loopOf(file string) (string, error) {
+	dev, ino, err := loopdev.BackingOf(file)
+	if err != nil {
+		return "", err
+	}
+	return loopdev.FindByBacking(dev, ino)
+}
 
 var execLookPath = exec.LookPath
 
@@ -112,14 +133,14 @@ func waitGone(t *testing.T, pid int) {
 // the engine's cleanup, so it runs first).
 func attach(t *testing.T, file string, sectorSize int) string {
 	t.Helper()
-	dev, err := LoopAttach(context.Background(), file, sectorSize, false)
+	dev, err := loopAttach(context.Background(), file, sectorSize, false)
 	if err != nil {
 		t.Fatalf("LoopAttach: %v", err)
 	}
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		if err := LoopDetach(ctx, dev); err != nil {
+		if err := loopdev.Detach(ctx, dev); err != nil {
 			t.Errorf("LoopDetach: %v", err)
 		}
 	})
@@ -129,11 +150,11 @@ func attach(t *testing.T, file string, sectorSize int) string {
 func mountTmp(t *testing.T, dev string) string {
 	t.Helper()
 	mnt := t.TempDir()
-	if err := Mount(context.Background(), dev, mnt, "ext4", nil); err != nil {
+	if err := mounts.Mount(context.Background(), dev, mnt, "ext4", nil); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if err := Unmount(context.Background(), mnt); err != nil {
+		if err := mounts.Unmount(context.Background(), mnt); err != nil {
 			t.Errorf("unmount: %v", err)
 			unix.Unmount(mnt, unix.MNT_DETACH)
 		}
@@ -193,13 +214,13 @@ func TestRoundTripThroughLoop(t *testing.T) {
 				t.Fatalf("plaintext file: %v, size %d, want %d", err, st.Size(), 32<<20)
 			}
 			dev := attach(t, eng.File, ss)
-			if b, _ := os.ReadFile(loopSys(dev, "dio")); strings.TrimSpace(string(b)) != "1" {
+			if b, _ := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "loop", "dio")); strings.TrimSpace(string(b)) != "1" {
 				t.Errorf("loop direct I/O = %q, want 1", b)
 			}
 			if b, _ := os.ReadFile(filepath.Join("/sys/block", filepath.Base(dev), "queue/logical_block_size")); strings.TrimSpace(string(b)) != fmt.Sprint(ss) {
 				t.Errorf("loop logical block size = %q, want %d", b, ss)
 			}
-			if found, err := LoopFindByFile(context.Background(), eng.File); err != nil || found != dev {
+			if found, err := loopOf(eng.File); err != nil || found != dev {
 				t.Errorf("LoopFindByFile = %q, %v; want %s", found, err, dev)
 			}
 
@@ -359,44 +380,44 @@ func testExt4OnEngine(t *testing.T, discards bool) {
 	eng := v.start(t, v.spec(discards))
 	dev := attach(t, eng.File, 4096)
 	ctx := context.Background()
-	if fs, err := DetectFilesystem(ctx, dev); err != nil || fs != "" {
+	if fs, err := filesystem.Detect(ctx, dev); err != nil || fs != "" {
 		t.Fatalf("DetectFilesystem on random data = %q, %v", fs, err)
 	}
-	if err := MakeFilesystem(ctx, dev, "ext4"); err != nil {
+	if err := filesystem.Make(ctx, dev, "ext4"); err != nil {
 		t.Fatal(err)
 	}
-	if fs, err := DetectFilesystem(ctx, dev); err != nil || fs != "ext4" {
+	if fs, err := filesystem.Detect(ctx, dev); err != nil || fs != "ext4" {
 		t.Fatalf("DetectFilesystem = %q, %v", fs, err)
 	}
-	if err := MakeFilesystem(ctx, dev, "ext4"); err == nil {
+	if err := filesystem.Make(ctx, dev, "ext4"); err == nil {
 		t.Fatal("MakeFilesystem over an existing filesystem succeeded")
 	}
 	mnt := t.TempDir()
-	if err := Mount(ctx, dev, mnt, "ext4", nil); err != nil {
+	if err := mounts.Mount(ctx, dev, mnt, "ext4", nil); err != nil {
 		t.Fatal(err)
 	}
 	mounted := true
 	defer func() {
 		if mounted {
-			Unmount(ctx, mnt)
+			mounts.Unmount(ctx, mnt)
 		}
 	}()
-	if ok, err := IsMountPoint(mnt); !ok || err != nil {
+	if ok, err := mounts.IsMountPoint(mnt); !ok || err != nil {
 		t.Fatalf("IsMountPoint = %v, %v", ok, err)
 	}
 	data := bytes.Repeat([]byte("EXT4-MARKER-csi-encdisk "), 200000)
 	if err := os.WriteFile(filepath.Join(mnt, "f"), data, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	st, err := FilesystemStats(mnt)
+	st, err := filesystem.Stats(mnt)
 	if err != nil || st.UsedBytes < int64(len(data)) || st.TotalBytes < 80<<20 || st.UsedInodes == 0 {
 		t.Fatalf("FilesystemStats = %+v, %v", st, err)
 	}
-	if err := Unmount(ctx, mnt); err != nil {
+	if err := mounts.Unmount(ctx, mnt); err != nil {
 		t.Fatal(err)
 	}
 	mounted = false
-	if ok, _ := IsMountPoint(mnt); ok {
+	if ok, _ := mounts.IsMountPoint(mnt); ok {
 		t.Fatal("still mounted")
 	}
 	if out, err := exec.Command("e2fsck", "-fn", dev).CombinedOutput(); err != nil {
@@ -424,7 +445,7 @@ func TestKillEngineGivesErrors(t *testing.T) {
 	eng := v.start(t, v.spec(false))
 	dev := attach(t, eng.File, 4096)
 	ctx := context.Background()
-	if err := MakeFilesystem(ctx, dev, "ext4"); err != nil {
+	if err := filesystem.Make(ctx, dev, "ext4"); err != nil {
 		t.Fatal(err)
 	}
 	mnt := mountTmp(t, dev)
@@ -475,7 +496,7 @@ func TestResize(t *testing.T) {
 	if err := ctl.Resize(ctx, 48<<20); err != nil {
 		t.Fatal(err)
 	}
-	if err := LoopSetCapacity(ctx, dev); err != nil {
+	if err := loopdev.SetCapacity(ctx, dev); err != nil {
 		t.Fatal(err)
 	}
 	d, err := os.Open(dev)
@@ -598,7 +619,7 @@ func TestStartEngineCleanupOnFailure(t *testing.T) {
 
 func assertClean(t *testing.T, runDir string) {
 	t.Helper()
-	if ok, _ := IsMountPoint(FUSEDir(runDir)); ok {
+	if ok, _ := mounts.IsMountPoint(FUSEDir(runDir)); ok {
 		t.Fatalf("FUSE mount left at %s", FUSEDir(runDir))
 	}
 	if _, err := os.Stat(ControlSocketPath(runDir)); err == nil {
@@ -654,11 +675,11 @@ func TestShutdownRefusedWhileInUse(t *testing.T) {
 	v := newTestVolume(t, 8<<20, 4096, false)
 	eng := v.start(t, v.spec(false))
 	ctx := context.Background()
-	dev, err := LoopAttach(ctx, eng.File, 4096, false)
+	dev, err := loopAttach(ctx, eng.File, 4096, false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { LoopDetach(context.Background(), dev) })
+	t.Cleanup(func() { loopdev.Detach(context.Background(), dev) })
 	ctl := DialControl(eng.ControlSocket)
 	if err := ctl.Shutdown(ctx); err == nil || !strings.Contains(err.Error(), "busy") {
 		t.Fatalf("Shutdown while in use: %v, want a busy error", err)
@@ -680,14 +701,14 @@ func TestShutdownRefusedWhileInUse(t *testing.T) {
 	if err != nil {
 		t.Fatalf("I/O after a refused shutdown: %v", err)
 	}
-	if err := LoopDetach(ctx, dev); err != nil {
+	if err := loopdev.Detach(ctx, dev); err != nil {
 		t.Fatal(err)
 	}
 	if err := UnmountEngine(ctx, v.runDir); err != nil {
 		t.Fatal(err)
 	}
 	waitGone(t, eng.PID)
-	if ok, _ := IsMountPoint(FUSEDir(v.runDir)); ok {
+	if ok, _ := mounts.IsMountPoint(FUSEDir(v.runDir)); ok {
 		t.Fatal("FUSE still mounted after shutdown")
 	}
 }
@@ -703,15 +724,15 @@ func TestOnlineGrow(t *testing.T) {
 			eng := v.start(t, v.spec(false))
 			dev := attach(t, eng.File, 4096)
 			ctx := context.Background()
-			if err := MakeFilesystem(ctx, dev, fstype); err != nil {
+			if err := filesystem.Make(ctx, dev, fstype); err != nil {
 				t.Fatal(err)
 			}
 			mnt := t.TempDir()
-			if err := Mount(ctx, dev, mnt, fstype, nil); err != nil {
+			if err := mounts.Mount(ctx, dev, mnt, fstype, nil); err != nil {
 				t.Fatal(err)
 			}
-			t.Cleanup(func() { Unmount(context.Background(), mnt) })
-			st0, err := FilesystemStats(mnt)
+			t.Cleanup(func() { mounts.Unmount(context.Background(), mnt) })
+			st0, err := filesystem.Stats(mnt)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -721,10 +742,10 @@ func TestOnlineGrow(t *testing.T) {
 			if err := DialControl(eng.ControlSocket).Resize(ctx, 0); err != nil {
 				t.Fatal(err)
 			}
-			if err := LoopSetCapacity(ctx, dev); err != nil {
+			if err := loopdev.SetCapacity(ctx, dev); err != nil {
 				t.Fatal(err)
 			}
-			err = ResizeFilesystem(ctx, dev, mnt, fstype)
+			err = filesystem.Resize(ctx, dev, mnt, fstype)
 			if fstype == "ext4" && !hasCapSysResource(t) {
 				// Online ext4 resize (EXT4_IOC_RESIZE_FS) needs CAP_SYS_RESOURCE;
 				// without it the error must say so.
@@ -736,7 +757,7 @@ func TestOnlineGrow(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			st1, err := FilesystemStats(mnt)
+			st1, err := filesystem.Stats(mnt)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -798,11 +819,11 @@ func TestRestartAfterCrash(t *testing.T) {
 	}
 	w.Close()
 	ctx := context.Background()
-	dev, err := LoopAttach(ctx, eng.File, 4096, false)
+	dev, err := loopAttach(ctx, eng.File, 4096, false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { LoopDetach(context.Background(), dev) })
+	t.Cleanup(func() { loopdev.Detach(context.Background(), dev) })
 	syscall.Kill(eng.PID, syscall.SIGKILL)
 	waitGone(t, eng.PID)
 	if _, err := os.Stat(eng.File); err == nil {
@@ -814,7 +835,7 @@ func TestRestartAfterCrash(t *testing.T) {
 	if _, _, err := StartEngine(ctx, os.Args[0], spec); err == nil || !strings.Contains(err.Error(), "still in use") {
 		t.Fatalf("StartEngine over a busy dead mount: %v", err)
 	}
-	if err := LoopDetach(ctx, dev); err != nil {
+	if err := loopdev.Detach(ctx, dev); err != nil {
 		t.Fatal(err)
 	}
 	eng2 := v.start(t, spec)

@@ -13,6 +13,8 @@ import (
 
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/mounts"
 )
 
 // StartTimeout bounds how long StartEngine waits for a new engine to serve
@@ -126,7 +128,7 @@ func StartEngine(ctx context.Context, binary string, spec EngineSpec) (*Engine, 
 // it lazily could let a second engine serve the same image.
 func cleanupDeadEngine(runDir string) error {
 	mnt := FUSEDir(runDir)
-	if ok, _ := IsMountPoint(mnt); ok {
+	if ok, _ := mounts.IsMountPoint(mnt); ok {
 		if err := unix.Unmount(mnt, 0); err != nil {
 			if errors.Is(err, unix.EBUSY) {
 				return fmt.Errorf("FUSE mount %s is still in use (detach its loop device first): %w", mnt, err)
@@ -147,7 +149,7 @@ func cleanupDeadEngine(runDir string) error {
 func UnmountEngine(ctx context.Context, runDir string) error {
 	mnt := FUSEDir(runDir)
 	if err := DialControl(ControlSocketPath(runDir)).Shutdown(ctx); err != nil {
-		mounted, merr := IsMountPoint(mnt)
+		mounted, merr := mounts.IsMountPoint(mnt)
 		if merr != nil {
 			return merr
 		}
@@ -168,7 +170,7 @@ func UnmountEngine(ctx context.Context, runDir string) error {
 	}
 	// The engine unmounted; wait for the mount to be gone from the table.
 	for {
-		mounted, err := IsMountPoint(mnt)
+		mounted, err := mounts.IsMountPoint(mnt)
 		if err != nil || !mounted {
 			return err
 		}
