@@ -41,6 +41,8 @@ func toStatus(err error, what string) error {
 		code = codes.InvalidArgument
 	case errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT):
 		code = codes.ResourceExhausted
+	case errors.Is(err, syscall.EFBIG):
+		code = codes.OutOfRange // the pool's filesystem cannot hold a file that large
 	case errors.Is(err, context.DeadlineExceeded):
 		code = codes.DeadlineExceeded
 	case errors.Is(err, context.Canceled):
