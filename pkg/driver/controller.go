@@ -492,6 +492,26 @@ func shredder(m *backend.Meta) backend.BuildFunc {
 	}
 }
 
+// deleteDamaged removes an object whose metadata is damaged: the metadata
+// cannot say whether it is encrypted, so its image is crypto-shredded when
+// it carries a LUKS2 header.
+func (c *ControllerServer) deleteDamaged(ctx context.Context, kind backend.Kind, id string, why error) error {
+	klog.FromContext(ctx).Info("Deleting an object whose metadata is damaged", "kind", kind, "id", id, "reason", why.Error())
+	shred := func(_ context.Context, img *os.File) error {
+		if _, err := crypt.ReadHeader(img); err != nil {
+			return nil // no LUKS2 header we can read: nothing to shred
+		}
+		if err := crypt.Wipe(img); err != nil {
+			return fmt.Errorf("crypto-shred %s: %w", id, err)
+		}
+		return nil
+	}
+	if err := c.pool.Delete(ctx, kind, id, shred); err != nil {
+		return toStatus(err, "delete "+string(kind)+" "+id)
+	}
+	return nil
+}
+
 // DeleteVolume crypto-shreds an encrypted volume's header and keyslots,
 // then removes its image. Snapshots keep their own copies.
 func (c *ControllerServer) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
@@ -501,6 +521,12 @@ func (c *ControllerServer) DeleteVolume(ctx context.Context, req *csi.DeleteVolu
 	}
 	m, err := c.pool.Get(ctx, backend.KindVolume, id)
 	if errors.Is(err, backend.ErrNotFound) {
+		return &csi.DeleteVolumeResponse{}, nil
+	}
+	if errors.Is(err, backend.ErrCorrupt) {
+		if err := c.deleteDamaged(ctx, backend.KindVolume, id, err); err != nil {
+			return nil, err
+		}
 		return &csi.DeleteVolumeResponse{}, nil
 	}
 	if err != nil {

@@ -35,6 +35,8 @@ func toStatus(err error, what string) error {
 	switch {
 	case errors.Is(err, backend.ErrNotFound):
 		code = codes.NotFound
+	case errors.Is(err, backend.ErrCorrupt):
+		code = codes.DataLoss
 	case errors.Is(err, errKMSUnavailable):
 		code = codes.Unavailable
 	case errors.Is(err, errUnknownKMS):
