@@ -327,6 +327,11 @@ func (c *ControllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolu
 			}
 			defer unlockSrc()
 		}
+		if meta.Encrypted {
+			if err := c.checkUnwraps(ctx, src.meta); err != nil {
+				return nil, toStatus(err, fmt.Sprintf("CreateVolume %s from %s %s", name, src.kind, src.meta.ID))
+			}
+		}
 		m, err = c.createFromSource(ctx, meta, src, headerBytes+meta.Size)
 	case meta.Encrypted:
 		m, err = c.createEncrypted(ctx, meta)
@@ -420,7 +425,6 @@ func (c *ControllerServer) createEncrypted(ctx context.Context, meta backend.Met
 	if err != nil {
 		return nil, err
 	}
-	token.KMSID = meta.KMSID
 	return c.pool.Create(ctx, backend.CreateRequest{
 		Meta:      meta,
 		ImageSize: crypt.DefaultDataOffset + meta.Size,
@@ -462,6 +466,46 @@ func (c *ControllerServer) createFromSource(ctx context.Context, meta backend.Me
 			return nil
 		},
 	})
+}
+
+// checkUnwraps makes sure that an encrypted source's token still unwraps
+// (one Decrypt; the plaintext is zeroed at once), so that a restore or
+// clone whose master key version was retired fails here, FailedPrecondition
+// naming the key_id, rather than at NodeStageVolume.
+func (c *ControllerServer) checkUnwraps(ctx context.Context, m *backend.Meta) error {
+	tok, err := c.readToken(ctx, m)
+	if err != nil {
+		return err
+	}
+	kmsID := tok.KMSID
+	if kmsID == "" {
+		kmsID = m.KMSID
+	}
+	kms, err := c.kms.Get(kmsID)
+	if err != nil {
+		return err
+	}
+	pass, err := kms.Unwrap(ctx, kmsUID(), tok)
+	clear(pass)
+	return err
+}
+
+// readToken returns the KMS token of an encrypted object's header.
+func (c *ControllerServer) readToken(ctx context.Context, m *backend.Meta) (*crypt.KMSToken, error) {
+	f, err := c.pool.OpenImage(ctx, m.Kind, m.ID)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	h, err := crypt.ReadHeader(f)
+	if err != nil {
+		return nil, fmt.Errorf("header of %s %s: %w", m.Kind, m.ID, err)
+	}
+	tok, ok := h.KMSToken()
+	if !ok {
+		return nil, fmt.Errorf("%s %s has no %s token in its LUKS2 header", m.Kind, m.ID, crypt.KMSTokenType)
+	}
+	return tok, nil
 }
 
 // dataOffset reads the data offset of an encrypted object's header.

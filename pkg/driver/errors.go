@@ -16,6 +16,10 @@ import (
 // answer in time); it maps to codes.Unavailable.
 var errKMSUnavailable = errors.New("KMS plugin unavailable")
 
+// errKMSKeyUnusable marks a key_id (master key version) that the KMS no
+// longer has or allows; it maps to codes.FailedPrecondition.
+var errKMSKeyUnusable = errors.New("KMS key unusable")
+
 // errUnknownKMS marks a kmsID that no configured plugin has; it maps to
 // codes.InvalidArgument.
 var errUnknownKMS = errors.New("unknown kmsID")
@@ -39,6 +43,8 @@ func toStatus(err error, what string) error {
 		code = codes.DataLoss
 	case errors.Is(err, errKMSUnavailable):
 		code = codes.Unavailable
+	case errors.Is(err, errKMSKeyUnusable):
+		code = codes.FailedPrecondition
 	case errors.Is(err, errUnknownKMS):
 		code = codes.InvalidArgument
 	case errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT):

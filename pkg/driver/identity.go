@@ -64,7 +64,7 @@ func (s *IdentityServer) Probe(ctx context.Context, _ *csi.ProbeRequest) (*csi.P
 		defer cancel()
 		k, err := s.kms.Get(DefaultKMSID)
 		if err == nil {
-			err = k.Status(ctx)
+			_, err = k.Status(ctx)
 		}
 		if err != nil {
 			log.Info("Probe: not ready", "reason", err.Error())

@@ -167,7 +167,7 @@ func (s *Service) Decrypt(_ context.Context, _ string, req *service.DecryptReque
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 	if !containsInt(vs, v) {
-		return nil, status.Errorf(codes.InvalidArgument, "key_id %s: no such master key version in region %s", req.KeyID, region)
+		return nil, status.Errorf(codes.FailedPrecondition, "key_id %s: no such master key version in region %s", req.KeyID, region)
 	}
 	pt, err := s.ks.Open(region, v, req.Ciphertext, aad(region, req.KeyID))
 	if err != nil {
