@@ -435,6 +435,9 @@ func (c *ControllerServer) createEncrypted(ctx context.Context, meta backend.Met
 				Passphrase: pass,
 				Token:      token,
 				Label:      backend.ObjectID(backend.KindVolume, meta.Name),
+				// Room for the largest token the KMS v2 API allows, now and
+				// after any re-wrap.
+				HeaderSize: crypt.KMSHeaderSize,
 			})
 			if err != nil {
 				return fmt.Errorf("format LUKS2 image: %w", err)

@@ -109,7 +109,30 @@ func (w clientWrapper) Wrap(ctx context.Context, uid string, passphrase []byte) 
 	if err != nil {
 		return nil, kmsError(err, "")
 	}
-	return &crypt.KMSToken{KMSID: w.id, KeyID: wr.KeyID, Ciphertext: wr.Ciphertext, Annotations: wr.Annotations}, nil
+	tok := &crypt.KMSToken{KMSID: w.id, KeyID: wr.KeyID, Ciphertext: wr.Ciphertext, Annotations: wr.Annotations}
+	if err := checkTokenSize(tok); err != nil {
+		return nil, fmt.Errorf("kms %q: plugin at %s: Encrypt: %w", w.id, w.c.Endpoint(), err)
+	}
+	return tok, nil
+}
+
+// checkTokenSize refuses an Encrypt answer beyond the KMS v2 API's limits,
+// which the LUKS2 metadata of new images (crypt.KMSHeaderSize) is sized
+// for; it wraps errKMSTokenTooLarge.
+func checkTokenSize(t *crypt.KMSToken) error {
+	ann := 0
+	for k, v := range t.Annotations {
+		ann += len(k) + len(v)
+	}
+	switch {
+	case len(t.Ciphertext) > crypt.MaxKMSCiphertext:
+		return fmt.Errorf("%w: ciphertext of %d bytes, more than the %d bytes the KMS v2 API allows", errKMSTokenTooLarge, len(t.Ciphertext), crypt.MaxKMSCiphertext)
+	case len(t.KeyID) > crypt.MaxKMSKeyID:
+		return fmt.Errorf("%w: key_id of %d bytes, more than the %d bytes the KMS v2 API allows", errKMSTokenTooLarge, len(t.KeyID), crypt.MaxKMSKeyID)
+	case ann > crypt.MaxKMSAnnotations:
+		return fmt.Errorf("%w: annotations of %d bytes (keys and values), more than the %d bytes the KMS v2 API allows", errKMSTokenTooLarge, ann, crypt.MaxKMSAnnotations)
+	}
+	return nil
 }
 
 // Unwrap implements kmsWrapper with the plugin's Decrypt.

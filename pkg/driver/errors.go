@@ -20,6 +20,10 @@ var errKMSUnavailable = errors.New("KMS plugin unavailable")
 // longer has or allows; it maps to codes.FailedPrecondition.
 var errKMSKeyUnusable = errors.New("KMS key unusable")
 
+// errKMSTokenTooLarge marks a KMS answer too large for the LUKS2 token
+// (beyond the KMS v2 API's limits); it maps to codes.FailedPrecondition.
+var errKMSTokenTooLarge = errors.New("KMS answer too large for the LUKS2 token")
+
 // errUnknownKMS marks a kmsID that no configured plugin has; it maps to
 // codes.InvalidArgument.
 var errUnknownKMS = errors.New("unknown kmsID")
@@ -43,7 +47,7 @@ func toStatus(err error, what string) error {
 		code = codes.DataLoss
 	case errors.Is(err, errKMSUnavailable):
 		code = codes.Unavailable
-	case errors.Is(err, errKMSKeyUnusable):
+	case errors.Is(err, errKMSKeyUnusable), errors.Is(err, errKMSTokenTooLarge):
 		code = codes.FailedPrecondition
 	case errors.Is(err, errUnknownKMS):
 		code = codes.InvalidArgument
