@@ -328,7 +328,12 @@ func TestCryptoShred(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	const keyslotOff, keyslotLen = 32 << 10, 256000 // 64-byte key x 4000 AF stripes
+	h, err := crypt.ReadHeader(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyslotOff := int64(2 * h.HeaderSize()) // the keyslot area follows both header copies
+	const keyslotLen = 256000               // 64-byte key x 4000 AF stripes
 	area := make([]byte, keyslotLen)
 	if _, err := f.ReadAt(area, keyslotOff); err != nil {
 		t.Fatal(err)

@@ -57,7 +57,9 @@ func TestMaxKMSAnswer(t *testing.T) {
 	}{
 		{"ciphertext", func(f *fakeKMS) { f.ctLen = crypt.MaxKMSCiphertext + 1 }, "1024 bytes"},
 		{"key_id", func(f *fakeKMS) { f.keyID += "k" }, "key_id of 1025 bytes"},
-		{"annotations", func(f *fakeKMS) { f.annotations = map[string][]byte{"x.example": make([]byte, crypt.MaxKMSAnnotations)} }, "32768 bytes"},
+		{"annotations", func(f *fakeKMS) {
+			f.annotations = map[string][]byte{"x.example": make([]byte, crypt.MaxKMSAnnotations)}
+		}, "32768 bytes"},
 	} {
 		f.set(func(f *fakeKMS) { f.ctLen, f.keyID, f.annotations = crypt.MaxKMSCiphertext, keyID, ann })
 		f.set(tc.set)
