@@ -126,6 +126,9 @@ type Pool interface {
 	Resize(ctx context.Context, id string, imageSize, size int64) (*Meta, error)
 	// OpenImage opens an object's image read-only.
 	OpenImage(ctx context.Context, kind Kind, id string) (*os.File, error)
+	// OpenImageForUpdate opens an object's image read-write, for header
+	// updates only (a re-wrapped KMS token); never for data.
+	OpenImageForUpdate(ctx context.Context, kind Kind, id string) (*os.File, error)
 	// ImagePath is where the node finds a volume's image.
 	ImagePath(volumeID string) (string, error)
 	// Capacity is the number of bytes free for new images.

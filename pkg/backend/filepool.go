@@ -455,6 +455,21 @@ func (p *FilePool) OpenImage(_ context.Context, kind Kind, id string) (*os.File,
 	return f, nil
 }
 
+// OpenImageForUpdate implements Pool.
+func (p *FilePool) OpenImageForUpdate(_ context.Context, kind Kind, id string) (*os.File, error) {
+	if err := checkID(kind, id); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(filepath.Join(p.objDir(kind, id), imageFile), os.O_RDWR, 0)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("%w: %s %s", ErrNotFound, kind, id)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("backend: open %s: %w", id, err)
+	}
+	return f, nil
+}
+
 // ImagePath implements Pool. The volume must exist.
 func (p *FilePool) ImagePath(volumeID string) (string, error) {
 	if err := checkID(KindVolume, volumeID); err != nil {

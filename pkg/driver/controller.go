@@ -495,20 +495,7 @@ func (c *ControllerServer) checkUnwraps(ctx context.Context, m *backend.Meta) er
 
 // readToken returns the KMS token of an encrypted object's header.
 func (c *ControllerServer) readToken(ctx context.Context, m *backend.Meta) (*crypt.KMSToken, error) {
-	f, err := c.pool.OpenImage(ctx, m.Kind, m.ID)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	h, err := crypt.ReadHeader(f)
-	if err != nil {
-		return nil, fmt.Errorf("header of %s %s: %w", m.Kind, m.ID, err)
-	}
-	tok, ok := h.KMSToken()
-	if !ok {
-		return nil, fmt.Errorf("%s %s has no %s token in its LUKS2 header", m.Kind, m.ID, crypt.KMSTokenType)
-	}
-	return tok, nil
+	return readTokenOf(ctx, c.pool, m)
 }
 
 // dataOffset reads the data offset of an encrypted object's header.

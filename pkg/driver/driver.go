@@ -70,6 +70,12 @@ type Config struct {
 	// KMSHealthInterval is how often each KMS plugin's health is checked
 	// for csi_encdisk_kms_up and the log (0: DefaultKMSHealthInterval).
 	KMSHealthInterval time.Duration
+	// RewrapInterval is how often the controller looks for volumes and
+	// snapshots wrapped under an older key_id than their KMS's current one
+	// (0: DefaultRewrapInterval); RewrapRate caps re-wraps per second (0:
+	// DefaultRewrapRate).
+	RewrapInterval time.Duration
+	RewrapRate     float64
 	// MetricsAddress, when set, serves Prometheus metrics on /metrics.
 	MetricsAddress string
 	// EngineBinary is the csi-encdisk executable the node starts as engine
@@ -92,6 +98,7 @@ type Driver struct {
 	node       *NodeServer
 	metrics    *callMetrics
 	kmsHealth  *kmsMonitor
+	rewrap     *rewrapper
 }
 
 // New checks cfg, opens the pool and the KMS clients (starting the built-in
@@ -135,6 +142,7 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 	d.kmsHealth = newKMSMonitor(d.kms.set, cfg.KMSHealthInterval, d.registry)
 	if cfg.Mode.controller() {
 		d.controller = newControllerServer(pool, d.kms.set, cfg.Region)
+		d.rewrap = newRewrapper(pool, d.kms.set, cfg.RewrapInterval, cfg.RewrapRate, d.registry)
 	}
 	if cfg.Mode.node() {
 		d.node, err = NewNodeServer(NodeConfig{
@@ -237,6 +245,9 @@ func (d *Driver) Run(ctx context.Context, endpoint string) error {
 	}
 	bgCtx, stopBackground := context.WithCancel(ctx)
 	wg.Go(func() { d.kmsHealth.run(bgCtx) })
+	if d.rewrap != nil {
+		wg.Go(func() { d.rewrap.run(bgCtx) })
+	}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(l) }()
 	log.Info("Serving CSI", "endpoint", endpoint, "mode", d.cfg.Mode, "driver", DriverName, "version", d.cfg.Version,
