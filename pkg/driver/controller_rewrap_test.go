@@ -7,7 +7,11 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	"github.com/csi-encdisk/csi-encdisk/pkg/backend"
+	"github.com/csi-encdisk/csi-encdisk/pkg/kmsclient"
 	"github.com/csi-encdisk/csi-encdisk/pkg/kmsplugin"
 )
 
@@ -74,5 +78,23 @@ func TestRewrapAll(t *testing.T) {
 	if metricValue(r.results.WithLabelValues("default", "ok")) != 5 {
 		t.Fatal("rewraps_total{result=ok} is not 5")
 	}
+	// The old version can go: disabled, and every object still unwraps,
+	// restores and clones.
+	if err := kmsplugin.SetVersionDisabled(ks, "r1", 2, true); err == nil {
+		t.Fatal("disabling the current version was accepted")
+	}
+	if err := kmsplugin.SetVersionDisabled(ks, "r1", 1, true); err != nil {
+		t.Fatal(err)
+	}
+	for _, o := range objs {
+		e.unlock(o.kind, o.id)
+	}
 	e.mustCreate("restored", 0, nil, snapSource(objs[3].id))
+	e.mustCreate("cloned", 0, nil, volSource(objs[1].id))
+	// Decrypt under the disabled version is FailedPrecondition.
+	c, _ := e.registry.Get("default")
+	_, err = c.Decrypt(ctx, "t", &kmsclient.Wrapped{Ciphertext: []byte("0123456789abcdef0123456789abcdef"), KeyID: "r1/v1"})
+	if !kmsclient.IsKeyUnusable(err) || status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("Decrypt under a disabled version: %v", err)
+	}
 }
