@@ -23,7 +23,9 @@ func TestSetKMSTokenLocks(t *testing.T) {
 	}
 	_, f := openHeader(t, image)
 	done := make(chan error, 1)
-	go func() { done <- SetKMSToken(f, &KMSToken{KMSID: "default", KeyID: "region-a/v2", Ciphertext: []byte("second")}) }()
+	go func() {
+		done <- SetKMSToken(f, &KMSToken{KMSID: "default", KeyID: "region-a/v2", Ciphertext: []byte("second")})
+	}()
 	select {
 	case err := <-done:
 		t.Fatalf("SetKMSToken did not wait for the header lock: %v", err)
