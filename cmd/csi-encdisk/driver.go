@@ -25,6 +25,9 @@ func runDriver(ctx context.Context, args []string) error {
 	kmsConfig := fs.String("kms-config", "", "YAML or JSON file listing KMS plugins by kmsID")
 	kmsEndpoint := fs.String("kms-endpoint", "", "socket of the \"default\" KMS v2 plugin (unix:///path)")
 	kmsTimeout := fs.Duration("kms-timeout", 0, "timeout of each KMS call (0: client default)")
+	kmsHealth := fs.Duration("kms-health-interval", driver.DefaultKMSHealthInterval, "how often each KMS plugin's Status is checked for the csi_encdisk_kms_up metric and the log (Probe never depends on the KMS)")
+	rewrapInterval := fs.Duration("rewrap-interval", driver.DefaultRewrapInterval, "controller: how often to re-wrap the passphrases of volumes and snapshots still under an older KMS key_id than the current one")
+	rewrapRate := fs.Float64("rewrap-rate", driver.DefaultRewrapRate, "controller: at most this many re-wraps per second (each costs a KMS Decrypt and Encrypt)")
 	metricsAddr := fs.String("metrics-address", "", "serve Prometheus metrics on this host:port (/metrics)")
 	maxVolumes := fs.Int64("max-volumes", 0, "volumes per node reported to the CO (0: no limit)")
 	klog.InitFlags(fs)
@@ -40,17 +43,20 @@ func runDriver(ctx context.Context, args []string) error {
 	}
 	defer klog.Flush()
 	d, err := driver.New(ctx, driver.Config{
-		Mode:           m,
-		NodeID:         *nodeID,
-		Region:         *region,
-		Version:        version,
-		DataDir:        *dataDir,
-		StateDir:       *stateDir,
-		KMSConfigFile:  *kmsConfig,
-		KMSEndpoint:    *kmsEndpoint,
-		KMSTimeout:     *kmsTimeout,
-		MetricsAddress: *metricsAddr,
-		MaxVolumes:     *maxVolumes,
+		Mode:              m,
+		NodeID:            *nodeID,
+		Region:            *region,
+		Version:           version,
+		DataDir:           *dataDir,
+		StateDir:          *stateDir,
+		KMSConfigFile:     *kmsConfig,
+		KMSEndpoint:       *kmsEndpoint,
+		KMSTimeout:        *kmsTimeout,
+		KMSHealthInterval: *kmsHealth,
+		RewrapInterval:    *rewrapInterval,
+		RewrapRate:        *rewrapRate,
+		MetricsAddress:    *metricsAddr,
+		MaxVolumes:        *maxVolumes,
 	})
 	if err != nil {
 		return err

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/kmsplugin"
 )
@@ -14,7 +15,10 @@ func runKMSPlugin(ctx context.Context, args []string) error {
 	if len(args) > 0 && args[0] == "rotate" {
 		return runKMSRotate(args[1:])
 	}
-	fs := newFlagSet("kms-plugin", "kms-plugin --listen unix://PATH --region REGION --keystore SPEC\n       csi-encdisk kms-plugin rotate --keystore SPEC --region REGION",
+	if len(args) > 0 && (args[0] == "disable-version" || args[0] == "enable-version") {
+		return runKMSDisable(args[0], args[1:])
+	}
+	fs := newFlagSet("kms-plugin", "kms-plugin --listen unix://PATH --region REGION --keystore SPEC\n       csi-encdisk kms-plugin rotate --keystore SPEC --region REGION\n       csi-encdisk kms-plugin disable-version|enable-version --keystore SPEC --region REGION --version N",
 		"Serves the Kubernetes KMS v2 plugin API (Status, Encrypt, Decrypt) on a unix socket with one\n"+
 			"AES-256-GCM master key per region, created on the region's first Encrypt and never deleted.\n"+
 			"'rotate' adds a new master key version: Encrypt uses it, Decrypt still opens older ones.\n"+
@@ -65,5 +69,31 @@ func runKMSRotate(args []string) error {
 		return err
 	}
 	fmt.Println(id)
+	return nil
+}
+
+func runKMSDisable(name string, args []string) error {
+	fs := newFlagSet("kms-plugin "+name, "kms-plugin "+name+" --keystore SPEC --region REGION --version N",
+		"disable-version makes Decrypt under master key version N fail (FailedPrecondition) without deleting\n"+
+			"the key; enable-version undoes it. Run 'csi-encdisk keys status' first: a version still referenced\n"+
+			"by a volume or snapshot must stay enabled. The current (newest) version cannot be disabled.")
+	region := fs.String("region", "", "region of the key (required)")
+	keystore := fs.String("keystore", "", keystoreHelp+" (required)")
+	v := fs.Int("version", 0, "master key version N (key_id REGION/vN) (required)")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if *region == "" || *keystore == "" || *v < 1 {
+		return errors.New("--region, --keystore and --version (1 or more) are required")
+	}
+	ks, err := kmsplugin.OpenKeystore(*keystore)
+	if err != nil {
+		return err
+	}
+	defer ks.Close()
+	if err := kmsplugin.SetVersionDisabled(ks, *region, *v, name == "disable-version"); err != nil {
+		return err
+	}
+	fmt.Printf("%s %sd\n", kmsplugin.KeyID(*region, *v), strings.TrimSuffix(name, "-version"))
 	return nil
 }

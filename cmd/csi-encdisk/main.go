@@ -29,6 +29,7 @@ func commands() map[string]command {
 	return map[string]command{
 		"driver":     {"run the CSI endpoint (controller, node or both)", runDriver},
 		"kms-plugin": {"run the built-in Kubernetes KMS v2 plugin, or rotate its master key", runKMSPlugin},
+		"keys":       {"say which KMS key_ids the volumes and snapshots of a pool still need", runKeys},
 		"engine":     {"serve one encrypted volume through FUSE (started by the node service)", runEngine},
 		"volume":     {"format, inspect, open or close an encrypted volume image outside Kubernetes", runVolume},
 		"demo":       {"walk the whole story on this machine and print a table", runDemo},

@@ -31,6 +31,14 @@ var ErrNotFound = errors.New("backend: not found")
 // the existing object's metadata is returned alongside.
 var ErrExists = errors.New("backend: already exists")
 
+// ErrCorrupt is returned (wrapped) for an object whose metadata cannot be
+// read or makes no sense: that one object is unusable (List skips it and
+// logs why), never the whole pool.
+var ErrCorrupt = errors.New("backend: damaged metadata")
+
+// MaxImageSize is the largest image (header included) a pool accepts: 1 EiB.
+const MaxImageSize int64 = 1 << 60
+
 // Meta is the metadata of one volume or snapshot. It holds no secret.
 type Meta struct {
 	ID   string `json:"id"`
@@ -55,6 +63,26 @@ type Meta struct {
 	// a repeated CreateVolume can be compared with the first.
 	Parameters map[string]string `json:"parameters,omitempty"`
 	CreatedAt  time.Time         `json:"createdAt"`
+}
+
+// check reports what makes m impossible as the metadata of object id of
+// kind, or nil.
+func (m *Meta) check(kind Kind, id string) error {
+	switch {
+	case m.ID != id:
+		return fmt.Errorf("it names object %q", m.ID)
+	case m.Kind != kind:
+		return fmt.Errorf("it names kind %q", m.Kind)
+	case m.Name == "":
+		return errors.New("it has no name")
+	case m.Size < 0 || m.Size > MaxImageSize:
+		return fmt.Errorf("size %d is outside 0 to %d", m.Size, MaxImageSize)
+	case m.ImageSize < m.Size || m.ImageSize > MaxImageSize:
+		return fmt.Errorf("image size %d is outside %d (size) to %d", m.ImageSize, m.Size, MaxImageSize)
+	case m.SectorSize != 0 && m.SectorSize != 512 && m.SectorSize != 4096:
+		return fmt.Errorf("sector size %d is not 512 or 4096", m.SectorSize)
+	}
+	return nil
 }
 
 // BuildFunc fills a new image before it becomes visible, for example by
@@ -98,6 +126,9 @@ type Pool interface {
 	Resize(ctx context.Context, id string, imageSize, size int64) (*Meta, error)
 	// OpenImage opens an object's image read-only.
 	OpenImage(ctx context.Context, kind Kind, id string) (*os.File, error)
+	// OpenImageForUpdate opens an object's image read-write, for header
+	// updates only (a re-wrapped KMS token); never for data.
+	OpenImageForUpdate(ctx context.Context, kind Kind, id string) (*os.File, error)
 	// ImagePath is where the node finds a volume's image.
 	ImagePath(volumeID string) (string, error)
 	// Capacity is the number of bytes free for new images.

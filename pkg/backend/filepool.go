@@ -325,7 +325,10 @@ func (p *FilePool) Get(_ context.Context, kind Kind, id string) (*Meta, error) {
 	}
 	var m Meta
 	if err := json.Unmarshal(data, &m); err != nil {
-		return nil, fmt.Errorf("backend: metadata of %s: %w", id, err)
+		return nil, fmt.Errorf("%w: %s %s: %s: %v", ErrCorrupt, kind, id, metaFile, err)
+	}
+	if err := m.check(kind, id); err != nil {
+		return nil, fmt.Errorf("%w: %s %s: %s: %v", ErrCorrupt, kind, id, metaFile, err)
 	}
 	return &m, nil
 }
@@ -346,7 +349,10 @@ func (p *FilePool) List(ctx context.Context, kind Kind) ([]*Meta, error) {
 			continue // removed meanwhile
 		}
 		if err != nil {
-			return nil, err
+			// One unreadable object must not hide the others: it is left
+			// out (and stays readable to Delete), with the reason logged.
+			klog.FromContext(ctx).Error(err, "Skipping an unreadable object of the pool", "kind", kind, "id", e.Name())
+			continue
 		}
 		out = append(out, m)
 	}
@@ -440,6 +446,21 @@ func (p *FilePool) OpenImage(_ context.Context, kind Kind, id string) (*os.File,
 		return nil, err
 	}
 	f, err := os.Open(filepath.Join(p.objDir(kind, id), imageFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("%w: %s %s", ErrNotFound, kind, id)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("backend: open %s: %w", id, err)
+	}
+	return f, nil
+}
+
+// OpenImageForUpdate implements Pool.
+func (p *FilePool) OpenImageForUpdate(_ context.Context, kind Kind, id string) (*os.File, error) {
+	if err := checkID(kind, id); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(filepath.Join(p.objDir(kind, id), imageFile), os.O_RDWR, 0)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("%w: %s %s", ErrNotFound, kind, id)
 	}

@@ -17,10 +17,26 @@ import (
 // it. 1000 is the minimum cryptsetup accepts for pbkdf2.
 const DefaultPBKDF2Iterations = 1000
 
+const afStripes = 4000
+
+// KMS v2 API limits on what a plugin's Encrypt may return
+// (k8s.io/kms/apis/v2, enforced by kube-apiserver): the token of a header
+// must hold the largest such answer.
 const (
-	afStripes      = 4000
-	keyslotsOffset = 2 * defaultHdrSize // keyslot area right after both header copies
+	MaxKMSCiphertext  = 1024
+	MaxKMSKeyID       = 1024
+	MaxKMSAnnotations = 32 * 1024 // keys and values together
 )
+
+// KMSHeaderSize is the size of one header copy (4 KiB binary header and
+// 124 KiB of JSON metadata) that makes room for a csi-encdisk-kms token of
+// the largest answer the KMS v2 API allows: a 1 KiB ciphertext (1.4 KiB in
+// base64), a 1 KiB key_id (6 KiB if every byte needs a JSON escape) and
+// 32 KiB of annotations (at most 3x that in JSON: keys are domain names of
+// at least 3 bytes, each costing 6 bytes of quotes and separators, values
+// grow by 4/3 in base64): about 108 KiB. cryptsetup accepts metadata sizes
+// of 16 KiB to 4 MiB in powers of two (--luks2-metadata-size).
+const KMSHeaderSize = 128 << 10
 
 // FormatOptions are the parameters of a new LUKS2 image.
 type FormatOptions struct {
@@ -36,6 +52,11 @@ type FormatOptions struct {
 	Token *KMSToken
 	// Label is the header label (at most 47 bytes).
 	Label string
+	// HeaderSize is the size of one header copy, binary header and JSON
+	// area: a power of two from 16 KiB to 4 MiB that leaves room for the
+	// keyslot area before DefaultDataOffset (0: 16 KiB, cryptsetup's
+	// default). The keyslot area starts right after both copies.
+	HeaderSize uint64
 }
 
 // Format writes a new LUKS2 header (both copies, keyslot 0, digest 0, one
@@ -55,6 +76,14 @@ func Format(f *os.File, dataSize int64, opts FormatOptions) (*Header, error) {
 	if dataSize <= 0 || dataSize%int64(opts.SectorSize) != 0 {
 		return nil, fmt.Errorf("crypt: data size %d is not a positive multiple of the sector size %d", dataSize, opts.SectorSize)
 	}
+	hdrSize := opts.HeaderSize
+	if hdrSize == 0 {
+		hdrSize = defaultHdrSize
+	}
+	if !validHdrSize(hdrSize) || 2*hdrSize+(1<<20) > DefaultDataOffset {
+		return nil, fmt.Errorf("crypt: header size %d: want a power of two from 16 KiB to 4 MiB", hdrSize)
+	}
+	keyslotsOffset := 2 * hdrSize
 	if len(opts.Label) >= lenLabel {
 		return nil, fmt.Errorf("crypt: label longer than %d bytes", lenLabel-1)
 	}
@@ -103,7 +132,7 @@ func Format(f *os.File, dataSize int64, opts FormatOptions) (*Header, error) {
 			Type:    "luks2",
 			KeySize: keySize,
 			AF:      jsonAF{Type: "luks1", Stripes: afStripes, Hash: "sha256"},
-			Area: jsonArea{Type: "raw", Offset: keyslotsOffset, Size: u64String(areaSize),
+			Area: jsonArea{Type: "raw", Offset: u64String(keyslotsOffset), Size: u64String(areaSize),
 				Encryption: "aes-xts-plain64", KeySize: keySize},
 			KDF: jsonKDF{Type: "pbkdf2", Hash: "sha256", Iterations: iters, Salt: kdfSalt},
 		}},
@@ -117,8 +146,8 @@ func Format(f *os.File, dataSize int64, opts FormatOptions) (*Header, error) {
 			Hash: "sha256", Iterations: iters, Salt: digestSalt, Digest: digest,
 		}},
 		"config": &jsonConfig{
-			JSONSize:     defaultHdrSize - binHeaderSize,
-			KeyslotsSize: DefaultDataOffset - keyslotsOffset,
+			JSONSize:     u64String(hdrSize - binHeaderSize),
+			KeyslotsSize: u64String(DefaultDataOffset - keyslotsOffset),
 		},
 	}
 	if opts.Token != nil {
@@ -136,7 +165,7 @@ func Format(f *os.File, dataSize int64, opts FormatOptions) (*Header, error) {
 	if err != nil {
 		return nil, err
 	}
-	hdr := headerFields{hdrSize: defaultHdrSize, seqID: 1, label: opts.Label, uuid: uuid, csumAlg: "sha256"}
+	hdr := headerFields{hdrSize: hdrSize, seqID: 1, label: opts.Label, uuid: uuid, csumAlg: "sha256"}
 
 	if err := f.Truncate(0); err != nil {
 		return nil, fmt.Errorf("crypt: truncate image: %w", err)
@@ -144,7 +173,7 @@ func Format(f *os.File, dataSize int64, opts FormatOptions) (*Header, error) {
 	if err := f.Truncate(DefaultDataOffset + dataSize); err != nil {
 		return nil, fmt.Errorf("crypt: size image: %w", err)
 	}
-	if _, err := f.WriteAt(area, keyslotsOffset); err != nil {
+	if _, err := f.WriteAt(area, int64(keyslotsOffset)); err != nil {
 		return nil, fmt.Errorf("crypt: write keyslot area: %w", err)
 	}
 	if err := writeHeaderCopies(f, hdr, jsonText); err != nil {

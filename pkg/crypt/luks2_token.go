@@ -1,6 +1,7 @@
 package crypt
 
 import (
+	"bytes"
 	"crypto/rand"
 	"encoding/json"
 	"errors"
@@ -8,6 +9,8 @@ import (
 	"io"
 	"os"
 	"strconv"
+
+	"golang.org/x/sys/unix"
 )
 
 // KMSTokenType is the LUKS2 token type that holds a volume's KMS-wrapped
@@ -69,11 +72,69 @@ func (h *Header) Tokens() map[string]json.RawMessage {
 	return out
 }
 
+// ErrTokenChanged is returned by ReplaceKMSToken when the header's token is
+// no longer the one the caller read (another process re-wrapped it).
+var ErrTokenChanged = errors.New("crypt: the KMS token changed meanwhile")
+
+// headerLockLen is the byte range that header updaters lock: both copies
+// of the largest LUKS2 header (2 x 4 MiB).
+const headerLockLen = 2 * (4 << 20)
+
+// lockHeader takes an open file description (OFD) write lock on the
+// header range of f, waiting for any other holder: every header updater of
+// any process (the controller's re-wrap, a node's stage-time re-wrap)
+// serialises on it. The lock belongs to f's open file description and goes
+// with its last close, or with the returned unlock.
+func lockHeader(f *os.File) (func(), error) {
+	lk := unix.Flock_t{Type: unix.F_WRLCK, Whence: io.SeekStart, Start: 0, Len: headerLockLen}
+	for {
+		err := unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLKW, &lk)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, unix.EINTR) {
+			return nil, fmt.Errorf("crypt: lock the LUKS2 header: %w", err)
+		}
+	}
+	return func() {
+		un := unix.Flock_t{Type: unix.F_UNLCK, Whence: io.SeekStart, Start: 0, Len: headerLockLen}
+		_ = unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLK, &un)
+	}, nil
+}
+
 // SetKMSToken stores t as the image's csi-encdisk-kms token (replacing the
 // existing one, else at the lowest free token id), bound to the keyslots of
 // the data segment's digest. Both header copies are rewritten with the
 // sequence id bumped, the secondary first, so a crash leaves a valid copy.
+// It holds an OFD write lock on the header range for the whole
+// read-modify-write, so concurrent updaters in any process never interleave.
 func SetKMSToken(f *os.File, t *KMSToken) error {
+	return ReplaceKMSToken(f, nil, t)
+}
+
+// ReplaceKMSToken is SetKMSToken on the condition that the header's token
+// still has old's ciphertext (old nil: unconditionally); otherwise it
+// changes nothing and returns ErrTokenChanged.
+func ReplaceKMSToken(f *os.File, old, t *KMSToken) error {
+	unlock, err := lockHeader(f)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	if old != nil {
+		h, err := ReadHeader(f)
+		if err != nil {
+			return err
+		}
+		cur, ok := h.KMSToken()
+		if !ok || !bytes.Equal(cur.Ciphertext, old.Ciphertext) || cur.KeyID != old.KeyID {
+			return ErrTokenChanged
+		}
+	}
+	return setKMSToken(f, t)
+}
+
+func setKMSToken(f *os.File, t *KMSToken) error {
 	h, err := ReadHeader(f)
 	if err != nil {
 		return err

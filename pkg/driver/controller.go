@@ -100,18 +100,48 @@ func checkCapabilities(caps []*csi.VolumeCapability) error {
 	return nil
 }
 
-// roundUp rounds n up to a multiple of unit.
+// MaxImageBytes is the largest image (header included) this driver makes:
+// 1 EiB. Every capacity is checked against it before any arithmetic, so a
+// size plus a header or a rounding can never overflow an int64. Pools whose
+// filesystem holds smaller files refuse larger images with EFBIG, which is
+// OutOfRange as well.
+const MaxImageBytes int64 = 1 << 60
+
+// maxCapacity is the largest usable capacity of a volume whose data starts
+// headerBytes into its image, rounded down to the sector size.
+func maxCapacity(headerBytes int64, sector int) int64 {
+	if headerBytes < 0 || headerBytes >= MaxImageBytes {
+		return 0
+	}
+	return (MaxImageBytes - headerBytes) / int64(sector) * int64(sector)
+}
+
+// roundUp rounds n up to a multiple of unit; n must be at most a multiple of
+// unit that fits an int64 (wantedSize checks it first).
 func roundUp(n, unit int64) int64 { return (n + unit - 1) / unit * unit }
 
 // wantedSize returns the size to give a volume, at least minSize, rounded
-// up to the sector size, within the request's range.
-func wantedSize(r *csi.CapacityRange, minSize int64, sector int) (int64, error) {
+// up to the sector size, within the request's range and at most maxSize (a
+// multiple of the sector size). Every input is range-checked before any
+// arithmetic: negative values are InvalidArgument, values beyond maxSize and
+// impossible ranges OutOfRange, naming the field and what it accepts.
+func wantedSize(r *csi.CapacityRange, minSize int64, sector int, maxSize int64) (int64, error) {
 	req, lim := r.GetRequiredBytes(), r.GetLimitBytes()
-	if req < 0 || lim < 0 {
-		return 0, invalid("capacity_range: bytes must not be negative")
+	if req < 0 {
+		return 0, invalid("capacity_range.required_bytes: %d is negative (accepted: 0 to %d)", req, maxSize)
+	}
+	if lim < 0 {
+		return 0, invalid("capacity_range.limit_bytes: %d is negative (accepted: 0 for no limit, or at least required_bytes)", lim)
 	}
 	if lim > 0 && req > lim {
 		return 0, status.Errorf(codes.OutOfRange, "capacity_range: required_bytes %d exceeds limit_bytes %d", req, lim)
+	}
+	if req > maxSize {
+		return 0, status.Errorf(codes.OutOfRange, "capacity_range.required_bytes: %d is more than the maximum %d bytes a volume can have "+
+			"(images are at most %d bytes, header included; sector size %d)", req, maxSize, MaxImageBytes, sector)
+	}
+	if minSize < 0 || minSize > maxSize {
+		return 0, status.Errorf(codes.OutOfRange, "volume_content_source: the source's size %d is outside 0 to %d bytes", minSize, maxSize)
 	}
 	size := req
 	if size == 0 && minSize > 0 {
@@ -123,9 +153,9 @@ func wantedSize(r *csi.CapacityRange, minSize int64, sector int) (int64, error) 
 			size = lim
 		}
 	}
-	size = max(roundUp(size, int64(sector)), minSize)
+	size = max(roundUp(size, int64(sector)), minSize) // both at most maxSize, a multiple of sector
 	if lim > 0 && size > lim {
-		return 0, status.Errorf(codes.OutOfRange, "capacity_range: the volume needs %d bytes (sector size %d, source size %d), more than limit_bytes %d", size, sector, minSize, lim)
+		return 0, status.Errorf(codes.OutOfRange, "capacity_range.limit_bytes: the volume needs %d bytes (sector size %d, source size %d), more than limit_bytes %d", size, sector, minSize, lim)
 	}
 	return size, nil
 }
@@ -248,6 +278,10 @@ func (c *ControllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolu
 		Parameters:    req.GetParameters(),
 	}
 	var minSize int64
+	headerBytes := int64(0)
+	if meta.Encrypted && src == nil {
+		headerBytes = crypt.DefaultDataOffset
+	}
 	if src != nil {
 		if err := c.checkSource(src, params); err != nil {
 			return nil, err
@@ -259,8 +293,13 @@ func (c *ControllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolu
 			meta.SourceVolumeID = src.meta.ID
 		}
 		minSize = src.meta.Size
+		if meta.Encrypted {
+			if headerBytes, err = c.dataOffset(ctx, src.meta); err != nil {
+				return nil, toStatus(err, "volume_content_source")
+			}
+		}
 	}
-	size, err := wantedSize(req.GetCapacityRange(), minSize, meta.SectorSize)
+	size, err := wantedSize(req.GetCapacityRange(), minSize, meta.SectorSize, maxCapacity(headerBytes, meta.SectorSize))
 	if err != nil {
 		return nil, err
 	}
@@ -288,7 +327,12 @@ func (c *ControllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolu
 			}
 			defer unlockSrc()
 		}
-		m, err = c.createFromSource(ctx, meta, src)
+		if meta.Encrypted {
+			if err := c.checkUnwraps(ctx, src.meta); err != nil {
+				return nil, toStatus(err, fmt.Sprintf("CreateVolume %s from %s %s", name, src.kind, src.meta.ID))
+			}
+		}
+		m, err = c.createFromSource(ctx, meta, src, headerBytes+meta.Size)
 	case meta.Encrypted:
 		m, err = c.createEncrypted(ctx, meta)
 	default:
@@ -381,7 +425,6 @@ func (c *ControllerServer) createEncrypted(ctx context.Context, meta backend.Met
 	if err != nil {
 		return nil, err
 	}
-	token.KMSID = meta.KMSID
 	return c.pool.Create(ctx, backend.CreateRequest{
 		Meta:      meta,
 		ImageSize: crypt.DefaultDataOffset + meta.Size,
@@ -392,6 +435,9 @@ func (c *ControllerServer) createEncrypted(ctx context.Context, meta backend.Met
 				Passphrase: pass,
 				Token:      token,
 				Label:      backend.ObjectID(backend.KindVolume, meta.Name),
+				// Room for the largest token the KMS v2 API allows, now and
+				// after any re-wrap.
+				HeaderSize: crypt.KMSHeaderSize,
 			})
 			if err != nil {
 				return fmt.Errorf("format LUKS2 image: %w", err)
@@ -403,15 +449,8 @@ func (c *ControllerServer) createEncrypted(ctx context.Context, meta backend.Met
 
 // createFromSource copies a snapshot or volume (header and data, hence the
 // same volume key) and grows the copy to the wanted size.
-func (c *ControllerServer) createFromSource(ctx context.Context, meta backend.Meta, src *source) (*backend.Meta, error) {
-	imageSize := meta.Size
-	if meta.Encrypted {
-		off, err := c.dataOffset(ctx, src.meta)
-		if err != nil {
-			return nil, err
-		}
-		imageSize = off + meta.Size
-	}
+// imageSize is the header (of the source) plus the new capacity.
+func (c *ControllerServer) createFromSource(ctx context.Context, meta backend.Meta, src *source, imageSize int64) (*backend.Meta, error) {
 	return c.pool.Create(ctx, backend.CreateRequest{
 		Meta:      meta,
 		Source:    src.meta,
@@ -430,6 +469,33 @@ func (c *ControllerServer) createFromSource(ctx context.Context, meta backend.Me
 			return nil
 		},
 	})
+}
+
+// checkUnwraps makes sure that an encrypted source's token still unwraps
+// (one Decrypt; the plaintext is zeroed at once), so that a restore or
+// clone whose master key version was retired fails here, FailedPrecondition
+// naming the key_id, rather than at NodeStageVolume.
+func (c *ControllerServer) checkUnwraps(ctx context.Context, m *backend.Meta) error {
+	tok, err := c.readToken(ctx, m)
+	if err != nil {
+		return err
+	}
+	kmsID := tok.KMSID
+	if kmsID == "" {
+		kmsID = m.KMSID
+	}
+	kms, err := c.kms.Get(kmsID)
+	if err != nil {
+		return err
+	}
+	pass, err := kms.Unwrap(ctx, kmsUID(), tok)
+	clear(pass)
+	return err
+}
+
+// readToken returns the KMS token of an encrypted object's header.
+func (c *ControllerServer) readToken(ctx context.Context, m *backend.Meta) (*crypt.KMSToken, error) {
+	return readTokenOf(ctx, c.pool, m)
 }
 
 // dataOffset reads the data offset of an encrypted object's header.
@@ -460,6 +526,26 @@ func shredder(m *backend.Meta) backend.BuildFunc {
 	}
 }
 
+// deleteDamaged removes an object whose metadata is damaged: the metadata
+// cannot say whether it is encrypted, so its image is crypto-shredded when
+// it carries a LUKS2 header.
+func (c *ControllerServer) deleteDamaged(ctx context.Context, kind backend.Kind, id string, why error) error {
+	klog.FromContext(ctx).Info("Deleting an object whose metadata is damaged", "kind", kind, "id", id, "reason", why.Error())
+	shred := func(_ context.Context, img *os.File) error {
+		if _, err := crypt.ReadHeader(img); err != nil {
+			return nil // no LUKS2 header we can read: nothing to shred
+		}
+		if err := crypt.Wipe(img); err != nil {
+			return fmt.Errorf("crypto-shred %s: %w", id, err)
+		}
+		return nil
+	}
+	if err := c.pool.Delete(ctx, kind, id, shred); err != nil {
+		return toStatus(err, "delete "+string(kind)+" "+id)
+	}
+	return nil
+}
+
 // DeleteVolume crypto-shreds an encrypted volume's header and keyslots,
 // then removes its image. Snapshots keep their own copies.
 func (c *ControllerServer) DeleteVolume(ctx context.Context, req *csi.DeleteVolumeRequest) (*csi.DeleteVolumeResponse, error) {
@@ -469,6 +555,12 @@ func (c *ControllerServer) DeleteVolume(ctx context.Context, req *csi.DeleteVolu
 	}
 	m, err := c.pool.Get(ctx, backend.KindVolume, id)
 	if errors.Is(err, backend.ErrNotFound) {
+		return &csi.DeleteVolumeResponse{}, nil
+	}
+	if errors.Is(err, backend.ErrCorrupt) {
+		if err := c.deleteDamaged(ctx, backend.KindVolume, id, err); err != nil {
+			return nil, err
+		}
 		return &csi.DeleteVolumeResponse{}, nil
 	}
 	if err != nil {
@@ -574,21 +666,20 @@ func (c *ControllerServer) ControllerExpandVolume(ctx context.Context, req *csi.
 		return nil, toStatus(err, "ControllerExpandVolume")
 	}
 	defer unlock()
-	size, err := wantedSize(req.GetCapacityRange(), 0, m.SectorSize)
+	headerBytes := int64(0)
+	if m.Encrypted {
+		if headerBytes, err = c.dataOffset(ctx, m); err != nil {
+			return nil, toStatus(err, "ControllerExpandVolume")
+		}
+	}
+	size, err := wantedSize(req.GetCapacityRange(), 0, m.SectorSize, maxCapacity(headerBytes, m.SectorSize))
 	if err != nil {
 		return nil, err
 	}
 	if size <= m.Size {
 		return &csi.ControllerExpandVolumeResponse{CapacityBytes: m.Size, NodeExpansionRequired: true}, nil
 	}
-	imageSize := size
-	if m.Encrypted {
-		off, err := c.dataOffset(ctx, m)
-		if err != nil {
-			return nil, toStatus(err, "ControllerExpandVolume")
-		}
-		imageSize = off + size
-	}
+	imageSize := headerBytes + size // both checked: at most MaxImageBytes
 	m, err = c.pool.Resize(ctx, id, imageSize, size)
 	if err != nil {
 		return nil, toStatus(err, "ControllerExpandVolume "+id)

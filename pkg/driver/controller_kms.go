@@ -18,16 +18,24 @@ import (
 )
 
 // kmsWrapper is the part of one KMS plugin's client the controller uses:
-// wrap a new volume's passphrase, and answer health checks.
+// wrap a new volume's passphrase, check that a stored one still unwraps,
+// re-wrap after a rotation, and report the plugin's health and key_id.
 type kmsWrapper interface {
+	// KMSID is the configured id of the plugin.
+	KMSID() string
 	// Endpoint names the plugin in errors.
 	Endpoint() string
-	// Status fails when the plugin cannot be reached or is unhealthy.
-	Status(ctx context.Context) error
+	// Status returns the plugin's health and current key_id; errors are
+	// mapped as Wrap's.
+	Status(ctx context.Context) (*kmsclient.Status, error)
 	// Wrap encrypts a passphrase and returns the token to store in the
 	// volume's LUKS2 header. Errors wrap errKMSUnavailable when the plugin
 	// cannot be reached, and never contain the plaintext.
 	Wrap(ctx context.Context, uid string, passphrase []byte) (*crypt.KMSToken, error)
+	// Unwrap decrypts a token's passphrase; the caller zeroes it. Errors
+	// wrap errKMSUnavailable, or errKMSKeyUnusable naming the token's
+	// key_id when the KMS no longer has or allows that key.
+	Unwrap(ctx context.Context, uid string, tok *crypt.KMSToken) ([]byte, error)
 }
 
 // kmsSet resolves a StorageClass's kmsID to its plugin.
@@ -35,6 +43,8 @@ type kmsSet interface {
 	// Get returns the plugin of kmsID ("" is "default"); an unknown ID gives
 	// an error wrapping errUnknownKMS that names the known IDs.
 	Get(kmsID string) (kmsWrapper, error)
+	// IDs lists the configured kmsIDs.
+	IDs() []string
 }
 
 // registrySet is a kmsSet on a kmsclient.Registry.
@@ -42,49 +52,96 @@ type registrySet struct{ r *kmsclient.Registry }
 
 // Get implements kmsSet.
 func (s registrySet) Get(kmsID string) (kmsWrapper, error) {
+	if kmsID == "" {
+		kmsID = kmsclient.DefaultID
+	}
 	c, err := s.r.Get(kmsID)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", errUnknownKMS, err)
 	}
-	return clientWrapper{c}, nil
+	return clientWrapper{c: c, id: kmsID}, nil
 }
 
+// IDs implements kmsSet.
+func (s registrySet) IDs() []string { return s.r.IDs() }
+
 // clientWrapper adapts a kmsclient.Client. Its errors keep the client's
-// text (which names the endpoint) but not its gRPC code: the driver picks
-// the code (Unavailable for an unreachable plugin, Internal otherwise).
-type clientWrapper struct{ c *kmsclient.Client }
+// text (which names the kmsID, the endpoint and the plugin's cause) but not
+// its gRPC code: the driver picks the code (Unavailable for an unreachable
+// plugin or KMS, FailedPrecondition for a key the KMS no longer has,
+// Internal otherwise).
+type clientWrapper struct {
+	c  *kmsclient.Client
+	id string
+}
+
+// KMSID implements kmsWrapper.
+func (w clientWrapper) KMSID() string { return w.id }
 
 // Endpoint implements kmsWrapper.
 func (w clientWrapper) Endpoint() string { return w.c.Endpoint() }
 
 // kmsError keeps the text of a KMS client error and marks an unreachable
-// plugin with errKMSUnavailable.
-func kmsError(err error) error {
-	if kmsclient.IsUnavailable(err) {
+// plugin with errKMSUnavailable, and a key_id the KMS no longer knows (when
+// the call named one) with errKMSKeyUnusable.
+func kmsError(err error, keyID string) error {
+	switch {
+	case kmsclient.IsUnavailable(err):
 		return fmt.Errorf("%w: %v", errKMSUnavailable, err)
+	case keyID != "" && kmsclient.IsKeyUnusable(err):
+		return fmt.Errorf("%w: key_id %q can no longer be used: %v", errKMSKeyUnusable, keyID, err)
 	}
 	return errors.New(err.Error())
 }
 
-// Status implements kmsWrapper: the plugin must answer healthz "ok".
-func (w clientWrapper) Status(ctx context.Context) error {
+// Status implements kmsWrapper.
+func (w clientWrapper) Status(ctx context.Context) (*kmsclient.Status, error) {
 	st, err := w.c.Status(ctx)
 	if err != nil {
-		return kmsError(err)
+		return nil, kmsError(err, "")
 	}
-	if st.Healthz != "ok" {
-		return fmt.Errorf("kms plugin at %s: healthz %q", w.c.Endpoint(), st.Healthz)
-	}
-	return nil
+	return st, nil
 }
 
 // Wrap implements kmsWrapper with the plugin's Encrypt.
 func (w clientWrapper) Wrap(ctx context.Context, uid string, passphrase []byte) (*crypt.KMSToken, error) {
 	wr, err := w.c.Encrypt(ctx, uid, passphrase)
 	if err != nil {
-		return nil, kmsError(err)
+		return nil, kmsError(err, "")
 	}
-	return &crypt.KMSToken{KeyID: wr.KeyID, Ciphertext: wr.Ciphertext, Annotations: wr.Annotations}, nil
+	tok := &crypt.KMSToken{KMSID: w.id, KeyID: wr.KeyID, Ciphertext: wr.Ciphertext, Annotations: wr.Annotations}
+	if err := checkTokenSize(tok); err != nil {
+		return nil, fmt.Errorf("kms %q: plugin at %s: Encrypt: %w", w.id, w.c.Endpoint(), err)
+	}
+	return tok, nil
+}
+
+// checkTokenSize refuses an Encrypt answer beyond the KMS v2 API's limits,
+// which the LUKS2 metadata of new images (crypt.KMSHeaderSize) is sized
+// for; it wraps errKMSTokenTooLarge.
+func checkTokenSize(t *crypt.KMSToken) error {
+	ann := 0
+	for k, v := range t.Annotations {
+		ann += len(k) + len(v)
+	}
+	switch {
+	case len(t.Ciphertext) > crypt.MaxKMSCiphertext:
+		return fmt.Errorf("%w: ciphertext of %d bytes, more than the %d bytes the KMS v2 API allows", errKMSTokenTooLarge, len(t.Ciphertext), crypt.MaxKMSCiphertext)
+	case len(t.KeyID) > crypt.MaxKMSKeyID:
+		return fmt.Errorf("%w: key_id of %d bytes, more than the %d bytes the KMS v2 API allows", errKMSTokenTooLarge, len(t.KeyID), crypt.MaxKMSKeyID)
+	case ann > crypt.MaxKMSAnnotations:
+		return fmt.Errorf("%w: annotations of %d bytes (keys and values), more than the %d bytes the KMS v2 API allows", errKMSTokenTooLarge, ann, crypt.MaxKMSAnnotations)
+	}
+	return nil
+}
+
+// Unwrap implements kmsWrapper with the plugin's Decrypt.
+func (w clientWrapper) Unwrap(ctx context.Context, uid string, tok *crypt.KMSToken) ([]byte, error) {
+	pt, err := w.c.Decrypt(ctx, uid, &kmsclient.Wrapped{Ciphertext: tok.Ciphertext, KeyID: tok.KeyID, Annotations: tok.Annotations})
+	if err != nil {
+		return nil, kmsError(err, tok.KeyID)
+	}
+	return pt, nil
 }
 
 // kmsSetup is the driver's KMS wiring: the set the controller uses, the

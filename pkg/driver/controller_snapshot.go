@@ -92,6 +92,12 @@ func (c *ControllerServer) DeleteSnapshot(ctx context.Context, req *csi.DeleteSn
 	if errors.Is(err, backend.ErrNotFound) {
 		return &csi.DeleteSnapshotResponse{}, nil
 	}
+	if errors.Is(err, backend.ErrCorrupt) {
+		if err := c.deleteDamaged(ctx, backend.KindSnapshot, id, err); err != nil {
+			return nil, err
+		}
+		return &csi.DeleteSnapshotResponse{}, nil
+	}
 	if err != nil {
 		return nil, toStatus(err, "DeleteSnapshot")
 	}

@@ -67,6 +67,15 @@ type Config struct {
 	KMSEndpoint string
 	// KMSTimeout bounds each KMS call (0: the client's default).
 	KMSTimeout time.Duration
+	// KMSHealthInterval is how often each KMS plugin's health is checked
+	// for csi_encdisk_kms_up and the log (0: DefaultKMSHealthInterval).
+	KMSHealthInterval time.Duration
+	// RewrapInterval is how often the controller looks for volumes and
+	// snapshots wrapped under an older key_id than their KMS's current one
+	// (0: DefaultRewrapInterval); RewrapRate caps re-wraps per second (0:
+	// DefaultRewrapRate).
+	RewrapInterval time.Duration
+	RewrapRate     float64
 	// MetricsAddress, when set, serves Prometheus metrics on /metrics.
 	MetricsAddress string
 	// EngineBinary is the csi-encdisk executable the node starts as engine
@@ -88,6 +97,8 @@ type Driver struct {
 	controller *ControllerServer
 	node       *NodeServer
 	metrics    *callMetrics
+	kmsHealth  *kmsMonitor
+	rewrap     *rewrapper
 }
 
 // New checks cfg, opens the pool and the KMS clients (starting the built-in
@@ -127,9 +138,11 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 	if d.kms, err = setupKMS(ctx, cfg, d.registry); err != nil {
 		return nil, fmt.Errorf("driver: %w", err)
 	}
-	d.identity = &IdentityServer{version: cfg.Version, pool: pool, kms: d.kms.set, controller: cfg.Mode.controller()}
+	d.identity = &IdentityServer{version: cfg.Version, pool: pool}
+	d.kmsHealth = newKMSMonitor(d.kms.set, cfg.KMSHealthInterval, d.registry)
 	if cfg.Mode.controller() {
 		d.controller = newControllerServer(pool, d.kms.set, cfg.Region)
+		d.rewrap = newRewrapper(pool, d.kms.set, cfg.RewrapInterval, cfg.RewrapRate, d.registry)
 	}
 	if cfg.Mode.node() {
 		d.node, err = NewNodeServer(NodeConfig{
@@ -216,6 +229,11 @@ func (d *Driver) Run(ctx context.Context, endpoint string) error {
 		})
 		log.Info("Serving metrics", "address", ml.Addr().String())
 	}
+	bgCtx, stopBackground := context.WithCancel(ctx)
+	wg.Go(func() { d.kmsHealth.run(bgCtx) })
+	if d.rewrap != nil {
+		wg.Go(func() { d.rewrap.run(bgCtx) })
+	}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(l) }()
 	log.Info("Serving CSI", "endpoint", endpoint, "mode", d.cfg.Mode, "driver", DriverName, "version", d.cfg.Version,
@@ -233,6 +251,7 @@ func (d *Driver) Run(ctx context.Context, endpoint string) error {
 	case <-time.After(30 * time.Second):
 		srv.Stop()
 	}
+	stopBackground()
 	if metricsSrv != nil {
 		sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		_ = metricsSrv.Shutdown(sctx)

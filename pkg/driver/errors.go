@@ -18,6 +18,14 @@ import (
 // answer in time); it maps to codes.Unavailable.
 var errKMSUnavailable = errors.New("KMS plugin unavailable")
 
+// errKMSKeyUnusable marks a key_id (master key version) that the KMS no
+// longer has or allows; it maps to codes.FailedPrecondition.
+var errKMSKeyUnusable = errors.New("KMS key unusable")
+
+// errKMSTokenTooLarge marks a KMS answer too large for the LUKS2 token
+// (beyond the KMS v2 API's limits); it maps to codes.FailedPrecondition.
+var errKMSTokenTooLarge = errors.New("KMS answer too large for the LUKS2 token")
+
 // errUnknownKMS marks a kmsID that no configured plugin has; it maps to
 // codes.InvalidArgument.
 var errUnknownKMS = errors.New("unknown kmsID")
@@ -30,6 +38,9 @@ var statusCodes = []struct {
 }{
 	{keyedlock.ErrBusy, codes.Aborted},
 	{backend.ErrNotFound, codes.NotFound},
+	{backend.ErrCorrupt, codes.DataLoss},
+	{errKMSKeyUnusable, codes.FailedPrecondition},
+	{errKMSTokenTooLarge, codes.FailedPrecondition},
 	{errKMSUnavailable, codes.Unavailable},
 	{errUnknownKMS, codes.InvalidArgument},
 	{staging.ErrReservedPath, codes.InvalidArgument},
@@ -70,6 +81,8 @@ func toStatus(err error, what string) error {
 	switch {
 	case errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT):
 		code = codes.ResourceExhausted
+	case errors.Is(err, syscall.EFBIG):
+		code = codes.OutOfRange // the pool's filesystem cannot hold a file that large
 	case errors.Is(err, context.DeadlineExceeded):
 		code = codes.DeadlineExceeded
 	case errors.Is(err, context.Canceled):

@@ -2,7 +2,6 @@ package driver
 
 import (
 	"context"
-	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/protobuf/types/known/wrapperspb"
@@ -14,20 +13,12 @@ import (
 // DriverName is the CSI driver name.
 const DriverName = "encdisk.csi.io"
 
-// probeTimeout bounds the KMS health check of Probe. It is below the
-// livenessprobe sidecar's default 1 s budget and below any KMS
-// call timeout, so that a KMS that does not answer makes Probe say "not
-// ready" promptly instead of running into the caller's deadline.
-const probeTimeout = 900 * time.Millisecond
-
 // IdentityServer implements csi.IdentityServer.
 type IdentityServer struct {
 	csi.UnimplementedIdentityServer
 
-	version    string
-	pool       backend.Pool
-	kms        kmsSet // nil when no controller runs here
-	controller bool
+	version string
+	pool    backend.Pool
 }
 
 var _ csi.IdentityServer = (*IdentityServer)(nil)
@@ -51,25 +42,15 @@ func (s *IdentityServer) GetPluginCapabilities(context.Context, *csi.GetPluginCa
 	}}, nil
 }
 
-// Probe is ready when the pool is writable and, where the controller runs,
-// the default KMS plugin answers Status.
+// Probe is ready when the pool is usable (writable). It depends on the
+// driver alone, never on the KMS: the liveness probe calls it, and a KMS
+// outage must not restart the driver (unencrypted volumes keep working;
+// encrypted operations fail Unavailable; csi_encdisk_kms_up and the log
+// show the KMS's health).
 func (s *IdentityServer) Probe(ctx context.Context, _ *csi.ProbeRequest) (*csi.ProbeResponse, error) {
-	log := klog.FromContext(ctx)
 	if err := s.pool.CheckWritable(ctx); err != nil {
-		log.Info("Probe: not ready", "reason", err.Error())
+		klog.FromContext(ctx).Info("Probe: not ready", "reason", err.Error())
 		return &csi.ProbeResponse{Ready: wrapperspb.Bool(false)}, nil
-	}
-	if s.controller && s.kms != nil {
-		ctx, cancel := context.WithTimeout(ctx, probeTimeout)
-		defer cancel()
-		k, err := s.kms.Get(DefaultKMSID)
-		if err == nil {
-			err = k.Status(ctx)
-		}
-		if err != nil {
-			log.Info("Probe: not ready", "reason", err.Error())
-			return &csi.ProbeResponse{Ready: wrapperspb.Bool(false)}, nil
-		}
 	}
 	return &csi.ProbeResponse{Ready: wrapperspb.Bool(true)}, nil
 }

@@ -197,7 +197,7 @@ func (c *Client) call(ctx context.Context, method string, fn func(ctx context.Co
 	case ctx.Err() != nil && code != codes.Unavailable:
 		code = codes.DeadlineExceeded
 	}
-	return &Error{Endpoint: c.endpoint, Method: method, Code: code, Message: st.Message()}
+	return &Error{KMSID: c.kmsID, Endpoint: c.endpoint, Method: method, Code: code, Message: st.Message()}
 }
 
 func retryable(err error) bool {
@@ -210,6 +210,7 @@ func retryable(err error) bool {
 
 // Error is a failed KMS call.
 type Error struct {
+	KMSID    string
 	Endpoint string
 	Method   string
 	Code     codes.Code
@@ -217,23 +218,82 @@ type Error struct {
 }
 
 func (e *Error) Error() string {
-	if e.Code == codes.Unavailable || e.Code == codes.DeadlineExceeded {
-		return fmt.Sprintf("kms plugin at %s unreachable (%s %s): %s", e.Endpoint, e.Method, e.Code, e.Message)
+	id := e.KMSID
+	if id == "" {
+		id = DefaultID
 	}
-	return fmt.Sprintf("kms plugin at %s: %s failed (%s): %s", e.Endpoint, e.Method, e.Code, e.Message)
+	if IsUnavailable(e) {
+		return fmt.Sprintf("kms %q: plugin at %s unreachable (%s %s): %s", id, e.Endpoint, e.Method, e.Code, e.Message)
+	}
+	return fmt.Sprintf("kms %q: plugin at %s: %s failed (%s): %s", id, e.Endpoint, e.Method, e.Code, e.Message)
 }
 
 // GRPCStatus lets status.FromError see the KMS call's code.
 func (e *Error) GRPCStatus() *status.Status { return status.New(e.Code, e.Error()) }
 
-// IsUnavailable reports whether err means the plugin could not be reached
-// in time (the driver answers Unavailable then).
-func IsUnavailable(err error) bool {
-	var e *Error
-	if errors.As(err, &e) {
-		return e.Code == codes.Unavailable || e.Code == codes.DeadlineExceeded
+// connectionFailures are texts by which plugins that answer gRPC Unknown
+// (or Internal) say that their own backend, or the socket, could not be
+// reached: a cloud KMS plugin whose KMS is down, a plugin whose emulator
+// refuses connections.
+var connectionFailures = []string{
+	"connection refused", "no such file", "transport", "connection reset", "broken pipe",
+	"dial ", "i/o timeout", "no route to host", "network is unreachable", "host is down",
+	"timed out", "timeout", "unavailable", "eof",
+}
+
+// keyGone are texts by which plugins say that a key_id (a master key
+// version) no longer exists or may no longer be used.
+var keyGone = []string{
+	"does not exist", "not found", "no such master key", "no such key", "disabled", "destroyed",
+	"scheduled for deletion", "pending deletion", "key_id is not", "unknown key",
+}
+
+func containsAny(msg string, list []string) bool {
+	msg = strings.ToLower(msg)
+	for _, s := range list {
+		if strings.Contains(msg, s) {
+			return true
+		}
 	}
 	return false
+}
+
+// IsUnavailable reports whether err means the plugin, or the KMS behind it,
+// could not be reached in time: codes Unavailable and DeadlineExceeded, and
+// Unknown or Internal whose message carries a connection failure ("connection
+// refused", "no such file", "transport ..."). The driver answers Unavailable
+// then, and the caller should retry.
+func IsUnavailable(err error) bool {
+	var e *Error
+	if !errors.As(err, &e) {
+		return false
+	}
+	switch e.Code {
+	case codes.Unavailable, codes.DeadlineExceeded:
+		return true
+	case codes.Unknown, codes.Internal:
+		return containsAny(e.Message, connectionFailures) && !containsAny(e.Message, keyGone)
+	}
+	return false
+}
+
+// IsKeyUnusable reports whether err means the KMS no longer knows, or no
+// longer lets anyone use, the key_id it was asked about (a deleted or
+// disabled master key version): codes NotFound and FailedPrecondition, and
+// any other code but Unavailable whose message says so. Retrying does not
+// help; the driver answers FailedPrecondition naming the key_id.
+func IsKeyUnusable(err error) bool {
+	var e *Error
+	if !errors.As(err, &e) || IsUnavailable(err) {
+		return false
+	}
+	switch e.Code {
+	case codes.NotFound, codes.FailedPrecondition:
+		return true
+	case codes.Canceled, codes.ResourceExhausted, codes.Unauthenticated:
+		return false
+	}
+	return containsAny(e.Message, keyGone)
 }
 
 type operationKey struct{}

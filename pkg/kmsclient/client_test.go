@@ -215,7 +215,7 @@ func TestMetricsByOperation(t *testing.T) {
 			t.Fatalf("Decrypt %d: %x %v", i, pt, err)
 		}
 	}
-	if _, err := c.Decrypt(stage, "uid", &kmsclient.Wrapped{Ciphertext: wrapped[0].Ciphertext, KeyID: "region-a/v9"}); status.Code(err) != codes.InvalidArgument {
+	if _, err := c.Decrypt(stage, "uid", &kmsclient.Wrapped{Ciphertext: wrapped[0].Ciphertext, KeyID: "region-a/v9"}); status.Code(err) != codes.FailedPrecondition {
 		t.Fatalf("Decrypt under an unknown key version: %v", err)
 	}
 	if _, err := c.Status(context.Background()); err != nil {
@@ -228,7 +228,7 @@ func TestMetricsByOperation(t *testing.T) {
 	}{
 		{map[string]string{"kms_id": "default", "operation": "CreateVolume", "method": "Encrypt", "result": "OK"}, encrypts},
 		{map[string]string{"operation": "NodeStageVolume", "method": "Decrypt", "result": "OK"}, decrypts},
-		{map[string]string{"operation": "NodeStageVolume", "method": "Decrypt", "result": "InvalidArgument"}, 1},
+		{map[string]string{"operation": "NodeStageVolume", "method": "Decrypt", "result": "FailedPrecondition"}, 1},
 		{map[string]string{"operation": "other", "method": "Status", "result": "OK"}, 1},
 		{map[string]string{"operation": "CreateVolume"}, encrypts},
 		{map[string]string{}, encrypts + decrypts + 2},
@@ -379,8 +379,12 @@ func TestPluginErrorNotRetried(t *testing.T) {
 		before := svc.dec.Load()
 		start := time.Now()
 		_, err := c.Decrypt(ctx, "uid", &kmsclient.Wrapped{Ciphertext: w.Ciphertext, KeyID: keyID})
-		if code := status.Code(err); code != codes.InvalidArgument {
-			t.Errorf("Decrypt with key_id %q: code %s, want InvalidArgument: %v", keyID, code, err)
+		want := codes.InvalidArgument
+		if keyID == "region-a/v2" { // a version the KMS does not have
+			want = codes.FailedPrecondition
+		}
+		if code := status.Code(err); code != want {
+			t.Errorf("Decrypt with key_id %q: code %s, want %s: %v", keyID, code, want, err)
 		}
 		if kmsclient.IsUnavailable(err) {
 			t.Errorf("Decrypt with key_id %q: IsUnavailable true for %v", keyID, err)

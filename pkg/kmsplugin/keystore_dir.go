@@ -215,3 +215,45 @@ func (d *DirKeystore) Close() error {
 	d.cache = map[string]cipher.AEAD{}
 	return nil
 }
+
+func (d *DirKeystore) disabledPath(region string, v int) string {
+	return filepath.Join(d.regionDir(region), fmt.Sprintf("v%d.disabled", v))
+}
+
+// Disabled reports whether key version v of region is disabled.
+func (d *DirKeystore) Disabled(region string, v int) (bool, error) {
+	if err := ValidateRegion(region); err != nil {
+		return false, err
+	}
+	_, err := os.Stat(d.disabledPath(region, v))
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("keystore: %w", err)
+	}
+	return true, nil
+}
+
+// SetDisabled disables (a marker file next to the key) or re-enables key
+// version v of region. The key itself stays, so disabling can be undone.
+func (d *DirKeystore) SetDisabled(region string, v int, disabled bool) error {
+	if err := ValidateRegion(region); err != nil {
+		return err
+	}
+	path := d.disabledPath(region, v)
+	if !disabled {
+		if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return fmt.Errorf("keystore: %w", err)
+		}
+		return syncDir(d.regionDir(region))
+	}
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY, 0o600)
+	if err != nil {
+		return fmt.Errorf("keystore: %w", err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("keystore: %w", err)
+	}
+	return syncDir(d.regionDir(region))
+}

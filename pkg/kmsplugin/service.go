@@ -167,7 +167,16 @@ func (s *Service) Decrypt(_ context.Context, _ string, req *service.DecryptReque
 		return nil, status.Error(codes.Internal, err.Error())
 	}
 	if !containsInt(vs, v) {
-		return nil, status.Errorf(codes.InvalidArgument, "key_id %s: no such master key version in region %s", req.KeyID, region)
+		return nil, status.Errorf(codes.FailedPrecondition, "key_id %s: no such master key version in region %s", req.KeyID, region)
+	}
+	if vd, ok := s.ks.(VersionDisabler); ok {
+		off, err := vd.Disabled(region, v)
+		if err != nil {
+			return nil, status.Error(codes.Internal, err.Error())
+		}
+		if off {
+			return nil, status.Errorf(codes.FailedPrecondition, "key_id %s is disabled (csi-encdisk kms-plugin enable-version re-enables it)", req.KeyID)
+		}
 	}
 	pt, err := s.ks.Open(region, v, req.Ciphertext, aad(region, req.KeyID))
 	if err != nil {
@@ -194,6 +203,35 @@ func Rotate(ks Keystore, region string) (string, error) {
 		return "", fmt.Errorf("rotate region %s: %w", region, err)
 	}
 	return KeyID(region, next), nil
+}
+
+// VersionDisabler is a Keystore whose key versions can be disabled: Decrypt
+// under a disabled version fails FailedPrecondition; the key stays, so it
+// can be enabled again. The directory keystore is one.
+type VersionDisabler interface {
+	Disabled(region string, v int) (bool, error)
+	SetDisabled(region string, v int, disabled bool) error
+}
+
+// SetVersionDisabled disables or re-enables master key version v of
+// region. The newest version (the one Encrypt uses) cannot be disabled:
+// rotate first.
+func SetVersionDisabled(ks Keystore, region string, v int, disabled bool) error {
+	vd, ok := ks.(VersionDisabler)
+	if !ok {
+		return errors.New("this keystore cannot disable key versions (the dir keystore can)")
+	}
+	vs, err := ks.Versions(region)
+	if err != nil {
+		return err
+	}
+	if !containsInt(vs, v) {
+		return fmt.Errorf("%s: no such master key version (versions: %v)", KeyID(region, v), vs)
+	}
+	if disabled && v == vs[len(vs)-1] {
+		return fmt.Errorf("%s is the current master key version; rotate before disabling it", KeyID(region, v))
+	}
+	return vd.SetDisabled(region, v, disabled)
 }
 
 func containsInt(list []int, v int) bool {
