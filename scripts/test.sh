@@ -20,6 +20,14 @@ fi
 step "go vet"
 go vet ./...
 
+step "staticcheck (pinned, built once into ~/.cache/csi-encdisk-tools)"
+tools="${HOME}/.cache/csi-encdisk-tools"
+if [ ! -x "$tools/staticcheck-v0.8.2" ]; then
+  GOBIN="$tools/tmp" go install honnef.co/go/tools/cmd/staticcheck@v0.8.2
+  mv "$tools/tmp/staticcheck" "$tools/staticcheck-v0.8.2"
+fi
+"$tools/staticcheck-v0.8.2" ./...
+
 step "unit tests (race detector)"
 go test -race -count=1 -timeout 30m ./pkg/... ./cmd/...
 
@@ -28,6 +36,9 @@ go test -count=1 -timeout 20m ./test/sanity/...
 
 step "test/e2e (real FUSE, loop devices, mounts, fault injection)"
 go test -count=1 -timeout 20m ./test/e2e/...
+
+step "test/keys (controller process: rotation, re-wrap of every object, crash in the middle, retire the old key)"
+go test -count=1 -timeout 10m ./test/keys/...
 
 step "test/container (image built from nothing without a registry, cached; node plugin in a podman container)"
 go test -count=1 -timeout 25m -v ./test/container/...

@@ -187,7 +187,7 @@ func pair(ctx context.Context, c *kmsclient.Client, size int) (enc, dec time.Dur
 	}
 	defer clear(got)
 	if !bytes.Equal(got, secret) {
-		return 0, 0, errors.New("Decrypt returned other bytes than were encrypted")
+		return 0, 0, errors.New("decrypt returned other bytes than were encrypted")
 	}
 	return enc, dec, nil
 }

@@ -196,8 +196,6 @@ func (h *Header) KeySize() int {
 // UUID returns the header's UUID.
 func (h *Header) UUID() string { return h.uuid }
 
-// Label returns the header's label ("" when none).
-func (h *Header) Label() string { return h.label }
 
 // SeqID returns the header's sequence id (bumped on every metadata update).
 func (h *Header) SeqID() uint64 { return h.seqID }

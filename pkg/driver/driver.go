@@ -11,7 +11,6 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"time"
 
@@ -167,8 +166,6 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 // Pool is the driver's volume store.
 func (d *Driver) Pool() *backend.FilePool { return d.pool }
 
-// Registry holds the driver's Prometheus metrics.
-func (d *Driver) Registry() *prometheus.Registry { return d.registry }
 
 // listen opens a unix:// endpoint with mode 0600 whatever the umask: a
 // stale socket is replaced, a live one or anything that is not a socket is
@@ -264,5 +261,3 @@ func (d *Driver) Run(ctx context.Context, endpoint string) error {
 	return nil
 }
 
-// trimUnix strips a unix:// scheme for messages.
-func trimUnix(ep string) string { return strings.TrimPrefix(ep, "unix://") }

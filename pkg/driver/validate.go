@@ -1,7 +1,6 @@
 package driver
 
 import (
-	"fmt"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -120,7 +119,3 @@ func parseNodeCapability(c *csi.VolumeCapability) (*nodeCapability, error) {
 	return out, nil
 }
 
-// String describes the capability for messages.
-func (c *nodeCapability) String() string {
-	return fmt.Sprintf("%s %s read-only %t", c.access, c.fsType, c.readOnly)
-}

@@ -48,8 +48,6 @@ func StartProcess(name, dir, bin string, args []string, env []string) (*Process,
 	return p, nil
 }
 
-// PID is the process id.
-func (p *Process) PID() int { return p.cmd.Process.Pid }
 
 // Exited reports whether the process has ended, and how.
 func (p *Process) Exited() (bool, error) {
