@@ -88,11 +88,16 @@ func writeReport(w io.WriteCloser, r *StartReport) {
 	_ = w.Close()
 }
 
-// readReport reads the one report of a new engine.
+// readReport reads the one report of a new engine, and waits until the
+// engine closed the pipe (so it holds nothing of its start any more).
 func readReport(r io.Reader) (*StartReport, error) {
+	lr := io.LimitReader(r, 1<<20)
 	var rep StartReport
-	if err := json.NewDecoder(io.LimitReader(r, 1<<20)).Decode(&rep); err != nil {
+	if err := json.NewDecoder(lr).Decode(&rep); err != nil {
 		return nil, fmt.Errorf("reading the engine's start report: %w", err)
+	}
+	if _, err := io.Copy(io.Discard, lr); err != nil {
+		return nil, fmt.Errorf("waiting for the engine to close its report pipe: %w", err)
 	}
 	return &rep, nil
 }
