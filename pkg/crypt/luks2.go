@@ -196,7 +196,6 @@ func (h *Header) KeySize() int {
 // UUID returns the header's UUID.
 func (h *Header) UUID() string { return h.uuid }
 
-
 // SeqID returns the header's sequence id (bumped on every metadata update).
 func (h *Header) SeqID() uint64 { return h.seqID }
 

@@ -166,7 +166,6 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 // Pool is the driver's volume store.
 func (d *Driver) Pool() *backend.FilePool { return d.pool }
 
-
 // listen opens a unix:// endpoint with mode 0600 whatever the umask: a
 // stale socket is replaced, a live one or anything that is not a socket is
 // refused.
@@ -260,4 +259,3 @@ func (d *Driver) Run(ctx context.Context, endpoint string) error {
 	}
 	return nil
 }
-

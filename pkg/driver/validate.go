@@ -118,4 +118,3 @@ func parseNodeCapability(c *csi.VolumeCapability) (*nodeCapability, error) {
 	}
 	return out, nil
 }
-

@@ -48,7 +48,6 @@ func StartProcess(name, dir, bin string, args []string, env []string) (*Process,
 	return p, nil
 }
 
-
 // Exited reports whether the process has ended, and how.
 func (p *Process) Exited() (bool, error) {
 	select {
