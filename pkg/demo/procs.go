@@ -9,8 +9,6 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -166,63 +164,4 @@ func sumCounter(r io.Reader, suffix string) (float64, error) {
 		total += v
 	}
 	return total, sc.Err()
-}
-
-// sweep is the last line of cleanup: whatever the CSI calls could not undo
-// under dir (mounts, loop devices, engine processes) is removed by force.
-func sweep(dir string) {
-	// Mounts under dir, deepest first.
-	if data, err := os.ReadFile("/proc/self/mountinfo"); err == nil {
-		var mounts []string
-		for _, line := range strings.Split(string(data), "\n") {
-			f := strings.Fields(line)
-			if len(f) > 4 && (f[4] == dir || strings.HasPrefix(f[4], dir+"/")) {
-				mounts = append(mounts, unescapeMount(f[4]))
-			}
-		}
-		sort.Slice(mounts, func(i, j int) bool { return len(mounts[i]) > len(mounts[j]) })
-		for _, m := range mounts {
-			if err := syscall.Unmount(m, 0); err != nil {
-				_ = syscall.Unmount(m, syscall.MNT_DETACH)
-			}
-		}
-	}
-	// Loop devices backed by files under dir.
-	if entries, err := filepath.Glob("/sys/block/loop*/loop/backing_file"); err == nil {
-		for _, bf := range entries {
-			data, err := os.ReadFile(bf)
-			if err != nil || !strings.HasPrefix(strings.TrimSpace(string(data)), dir+"/") {
-				continue
-			}
-			dev := "/dev/" + filepath.Base(filepath.Dir(filepath.Dir(bf)))
-			_ = exec.Command("losetup", "-d", dev).Run()
-		}
-	}
-	// Engine processes serving images under dir.
-	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, c := range procs {
-		data, err := os.ReadFile(c)
-		if err != nil || !strings.Contains(string(data), dir+"/") {
-			continue
-		}
-		pid, err := strconv.Atoi(filepath.Base(filepath.Dir(c)))
-		if err == nil && pid != os.Getpid() {
-			_ = syscall.Kill(pid, syscall.SIGKILL)
-		}
-	}
-	// FUSE mounts left by killed engines.
-	if data, err := os.ReadFile("/proc/self/mountinfo"); err == nil {
-		for _, line := range strings.Split(string(data), "\n") {
-			f := strings.Fields(line)
-			if len(f) > 4 && strings.HasPrefix(f[4], dir+"/") {
-				_ = syscall.Unmount(unescapeMount(f[4]), syscall.MNT_DETACH)
-			}
-		}
-	}
-}
-
-// unescapeMount undoes the octal escapes of /proc/self/mountinfo paths.
-func unescapeMount(s string) string {
-	r := strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`)
-	return r.Replace(s)
 }

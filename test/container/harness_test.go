@@ -11,7 +11,6 @@
 package container
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -19,17 +18,15 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
-	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/csiclient"
+	"github.com/csi-encdisk/csi-encdisk/pkg/sweep"
 )
 
 // image is the image under test (set by TestMain).
@@ -114,11 +111,7 @@ type nodeContainer struct {
 	dataDir string // same path inside and outside, like the chart's hostPath
 	kubelet string // same path inside and outside, like the chart's kubeletDir
 	sockDir string // the plugin directory, /csi inside
-	conn    *grpc.ClientConn
-
-	node     csi.NodeClient
-	ctrl     csi.ControllerClient
-	identity csi.IdentityClient
+	client  *csiclient.Client
 }
 
 // workDir makes a short host directory, bind-mounts it on itself and makes it
@@ -132,11 +125,11 @@ func workDir(t *testing.T) string {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		errs := sweep(dir)
+		errs := sweepDir(dir)
 		for _, err := range errs {
 			t.Errorf("cleanup of %s: %v", dir, err)
 		}
-		if len(errs) == 0 && len(mountsUnder(dir)) == 0 {
+		if len(errs) == 0 && len(sweep.MountsUnder(dir)) == 0 {
 			if err := os.RemoveAll(dir); err != nil {
 				t.Errorf("remove %s: %v", dir, err)
 			}
@@ -171,8 +164,8 @@ func startNode(t *testing.T, dir string) *nodeContainer {
 		}
 	}
 	t.Cleanup(func() {
-		if n.conn != nil {
-			n.conn.Close()
+		if n.client != nil {
+			n.client.Close()
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
@@ -203,15 +196,11 @@ func startNode(t *testing.T, dir string) *nodeContainer {
 	if _, err := podman(context.Background(), args...); err != nil {
 		t.Fatal(err)
 	}
-	conn, err := grpc.NewClient("unix://"+filepath.Join(n.sockDir, "csi.sock"),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
+	c, err := csiclient.Dial(filepath.Join(n.sockDir, "csi.sock"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	n.conn = conn
-	n.node = csi.NewNodeClient(conn)
-	n.ctrl = csi.NewControllerClient(conn)
-	n.identity = csi.NewIdentityClient(conn)
+	n.client = c
 	n.waitReady()
 	t.Logf("container %s (%s): Probe ready %s after podman run", n.name, image, time.Since(start).Round(time.Millisecond))
 	return n
@@ -220,21 +209,15 @@ func startNode(t *testing.T, dir string) *nodeContainer {
 // waitReady waits until the plugin answers Probe with ready.
 func (n *nodeContainer) waitReady() {
 	n.t.Helper()
-	deadline := time.Now().Add(90 * time.Second)
-	var last error
-	for time.Now().Before(deadline) {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		resp, err := n.identity.Probe(ctx, &csi.ProbeRequest{})
-		cancel()
-		if err == nil && (resp.GetReady() == nil || resp.GetReady().GetValue()) {
-			return
-		}
-		last = err
-		time.Sleep(200 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	last := n.client.WaitReady(ctx, false)
+	if last == nil {
+		return
 	}
 	state, _ := podman(context.Background(), "inspect", "--format", "{{.State.Status}} exit={{.State.ExitCode}}", n.name)
 	logs, _ := podman(context.Background(), "logs", "--tail", "40", n.name)
-	n.t.Fatalf("node plugin in %s not ready after 90 s (last Probe error: %v; container %s); log:\n%s", n.name, last, state, logs)
+	n.t.Fatalf("node plugin in %s not ready after 90 s (%v; container %s); log:\n%s", n.name, last, state, logs)
 }
 
 // restart restarts the container (every process in it dies: a pod restart).
@@ -250,16 +233,16 @@ func (n *nodeContainer) restart() time.Duration {
 	return time.Since(start)
 }
 
-// sweep removes what a test left under root: processes that name it (engines
+// sweepDir removes what a test left under root: processes that name it (engines
 // started by the container's driver run in its cgroup and die with it, but a
 // leak must not outlive the test), mounts under it (deepest first; root
 // itself last) and loop devices whose backing file is under it.
-func sweep(root string) []error {
+func sweepDir(root string) []error {
 	var errs []error
-	killUnder(root)
+	sweep.KillUnder(root)
 	for range 3 {
 		errs = nil
-		for _, m := range mountsUnder(root) {
+		for _, m := range sweep.MountsUnder(root) {
 			if out, err := exec.Command("umount", m).CombinedOutput(); err != nil {
 				if err2 := exec.Command("umount", "-l", m).Run(); err2 != nil {
 					errs = append(errs, fmt.Errorf("umount %s: %v: %s", m, err, bytes.TrimSpace(out)))
@@ -267,25 +250,17 @@ func sweep(root string) []error {
 			}
 		}
 		errs = append(errs, detachTracked()...)
-		for _, dev := range loopsUnder(root) {
+		for _, dev := range sweep.LoopsUnder(root) {
 			if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
 				errs = append(errs, fmt.Errorf("losetup -d %s: %v: %s", dev, err, bytes.TrimSpace(out)))
 			}
 		}
-		if len(mountsUnder(root)) == 0 && len(loopsUnder(root)) == 0 && len(trackedLoops) == 0 {
+		if len(sweep.MountsUnder(root)) == 0 && len(sweep.LoopsUnder(root)) == 0 && len(trackedLoops) == 0 {
 			return nil
 		}
-		killUnder(root)
+		sweep.KillUnder(root)
 	}
 	return errs
-}
-
-// killUnder kills processes whose command line names root.
-func killUnder(root string) {
-	for _, pid := range pidsMentioning(root, "") {
-		_ = syscall.Kill(pid, syscall.SIGKILL)
-	}
-	time.Sleep(100 * time.Millisecond)
 }
 
 // pidsMentioning lists host processes whose command line contains every
@@ -311,51 +286,6 @@ func pidsMentioning(s ...string) []int {
 		}
 		if ok {
 			out = append(out, pid)
-		}
-	}
-	return out
-}
-
-// mountsUnder lists host mount points under root (root included), deepest
-// first.
-func mountsUnder(root string) []string {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return nil
-	}
-	defer f.Close()
-	var out []string
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 5 {
-			continue
-		}
-		mp := unescapeMount(fields[4])
-		if mp == root || strings.HasPrefix(mp, root+"/") {
-			out = append(out, mp)
-		}
-	}
-	sort.SliceStable(out, func(i, j int) bool { return len(out[i]) > len(out[j]) })
-	return out
-}
-
-func unescapeMount(s string) string {
-	return strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`).Replace(s)
-}
-
-// loopsUnder lists loop devices whose backing file (as the host sees it) is
-// under root.
-func loopsUnder(root string) []string {
-	entries, _ := os.ReadDir("/sys/block")
-	var out []string
-	for _, e := range entries {
-		if !strings.HasPrefix(e.Name(), "loop") {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/sys/block", e.Name(), "loop", "backing_file"))
-		if err == nil && strings.HasPrefix(strings.TrimSpace(string(b)), root+"/") {
-			out = append(out, "/dev/"+e.Name())
 		}
 	}
 	return out
