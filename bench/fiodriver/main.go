@@ -29,15 +29,10 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/container-storage-interface/spec/lib/go/csi"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
+	"github.com/csi-encdisk/csi-encdisk/pkg/csiclient"
 )
 
-const (
-	region    = "bench"
-	regionKey = "topology.encdisk.csi.io/region"
-)
+const region = "bench"
 
 func main() {
 	bin := flag.String("bin", "", "path of a built csi-encdisk binary (required)")
@@ -65,17 +60,9 @@ type bench struct {
 	dir    string
 	driver *exec.Cmd
 	done   chan struct{} // closed when the driver has exited
-	conn   *grpc.ClientConn
-	ctrl   csi.ControllerClient
-	node   csi.NodeClient
-	vols   []*volume
-}
-
-// volume is one created volume and how far it got.
-type volume struct {
-	id, staging, target string
-	context             map[string]string
-	staged, published   bool
+	client *csiclient.Client
+	pubs   []*csiclient.Publication
+	vols   []string
 }
 
 func run(ctx context.Context, bin, dir string, size int64) (err error) {
@@ -91,14 +78,21 @@ func run(ctx context.Context, bin, dir string, size int64) (err error) {
 	for _, v := range []struct {
 		label, encrypted string
 	}{{"enc", "true"}, {"plain", "false"}} {
-		vol, err := b.create(ctx, "fio-"+v.label, size, v.encrypted)
+		vol, err := b.client.CreateVolume(ctx, csiclient.VolumeRequest{Name: "fio-" + v.label, Size: size, Access: "ext4",
+			Parameters: map[string]string{"encrypted": v.encrypted}, Region: region})
 		if err != nil {
 			return fmt.Errorf("create %s volume: %w", v.label, err)
 		}
-		if err := b.stagePublish(ctx, vol, v.label); err != nil {
+		b.vols = append(b.vols, vol.GetVolumeId())
+		p, err := csiclient.NewPublication(vol, "ext4", b.dir, v.label)
+		if err != nil {
+			return err
+		}
+		b.pubs = append(b.pubs, p)
+		if err := b.client.StagePublish(ctx, p); err != nil {
 			return fmt.Errorf("stage and publish %s volume: %w", v.label, err)
 		}
-		fmt.Printf("%s=%s\n", v.label, vol.target)
+		fmt.Printf("%s=%s\n", v.label, p.TargetPath)
 	}
 	fmt.Println("ready")
 
@@ -164,86 +158,10 @@ func (b *bench) start(ctx context.Context, bin string) error {
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
-	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return fmt.Errorf("connect to the driver: %w", err)
-	}
-	b.conn = conn
-	b.ctrl = csi.NewControllerClient(conn)
-	b.node = csi.NewNodeClient(conn)
-	id := csi.NewIdentityClient(conn)
-	for {
-		probe, err := id.Probe(wctx, &csi.ProbeRequest{})
-		if err == nil && (probe.GetReady() == nil || probe.GetReady().GetValue()) {
-			return nil
-		}
-		select {
-		case <-wctx.Done():
-			return fmt.Errorf("driver not ready: %v (%w)", err, wctx.Err())
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
-}
-
-func mountCapability() *csi.VolumeCapability {
-	return &csi.VolumeCapability{
-		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: "ext4"}},
-		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
-	}
-}
-
-// create asks the controller for a volume and remembers it for teardown.
-func (b *bench) create(ctx context.Context, name string, size int64, encrypted string) (*volume, error) {
-	resp, err := b.ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{
-		Name:               name,
-		CapacityRange:      &csi.CapacityRange{RequiredBytes: size},
-		VolumeCapabilities: []*csi.VolumeCapability{mountCapability()},
-		Parameters:         map[string]string{"encrypted": encrypted},
-		AccessibilityRequirements: &csi.TopologyRequirement{
-			Preferred: []*csi.Topology{{Segments: map[string]string{regionKey: region}}},
-		},
-	})
-	if err != nil {
-		return nil, fmt.Errorf("CreateVolume: %w", err)
-	}
-	v := &volume{id: resp.GetVolume().GetVolumeId(), context: resp.GetVolume().GetVolumeContext()}
-	b.vols = append(b.vols, v)
-	return v, nil
-}
-
-// stagePublish stages and publishes v as ext4 under DIR/staging and DIR/pods.
-func (b *bench) stagePublish(ctx context.Context, v *volume, label string) error {
-	v.staging = filepath.Join(b.dir, "staging", label)
-	v.target = filepath.Join(b.dir, "pods", label)
-	if err := os.MkdirAll(v.staging, 0o750); err != nil {
+	if b.client, err = csiclient.Dial(sock); err != nil {
 		return err
 	}
-	if err := os.MkdirAll(filepath.Dir(v.target), 0o750); err != nil {
-		return err
-	}
-	if _, err := b.node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{
-		VolumeId:          v.id,
-		StagingTargetPath: v.staging,
-		VolumeCapability:  mountCapability(),
-		VolumeContext:     v.context,
-	}); err != nil {
-		// A failed stage may have left pieces; unstage is idempotent.
-		v.staged = true
-		return fmt.Errorf("NodeStageVolume: %w", err)
-	}
-	v.staged = true
-	if _, err := b.node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{
-		VolumeId:          v.id,
-		StagingTargetPath: v.staging,
-		TargetPath:        v.target,
-		VolumeCapability:  mountCapability(),
-		VolumeContext:     v.context,
-	}); err != nil {
-		v.published = true
-		return fmt.Errorf("NodePublishVolume: %w", err)
-	}
-	v.published = true
-	return nil
+	return b.client.WaitReady(wctx, false)
 }
 
 // teardown unpublishes, unstages and deletes every volume, newest first,
@@ -254,26 +172,9 @@ func (b *bench) teardown() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
 	var errs []error
-	for i := len(b.vols) - 1; i >= 0 && b.conn != nil; i-- {
-		v := b.vols[i]
-		if v.published {
-			if _, err := b.node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v.id, TargetPath: v.target}); err != nil {
-				errs = append(errs, fmt.Errorf("NodeUnpublishVolume %s: %w", v.id, err))
-				continue
-			}
-		}
-		if v.staged {
-			if _, err := b.node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v.id, StagingTargetPath: v.staging}); err != nil {
-				errs = append(errs, fmt.Errorf("NodeUnstageVolume %s: %w", v.id, err))
-				continue
-			}
-		}
-		if _, err := b.ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.id}); err != nil {
-			errs = append(errs, fmt.Errorf("DeleteVolume %s: %w", v.id, err))
-		}
-	}
-	if b.conn != nil {
-		b.conn.Close()
+	if b.client != nil {
+		errs = append(errs, b.client.Teardown(ctx, b.pubs, b.vols))
+		b.client.Close()
 	}
 	if b.driver != nil {
 		select {

@@ -21,9 +21,9 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"github.com/csi-encdisk/csi-encdisk/pkg/backend"
 	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
-	"google.golang.org/grpc"
+	"github.com/csi-encdisk/csi-encdisk/pkg/csiclient"
+	"github.com/csi-encdisk/csi-encdisk/pkg/sweep"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 )
 
@@ -60,26 +60,16 @@ type run struct {
 	region      string
 	metricsAddr string
 	kms, driver *process
-	conn        *grpc.ClientConn
-	ctrl        csi.ControllerClient
-	node        csi.NodeClient
+	client      *csiclient.Client
 	rows        []row
 	state       storyState
 	// what cleanup must undo, newest last
-	published []publication
+	published []*csiclient.Publication
 	volumes   []string
 	snapshots []string
 }
 
-type publication struct {
-	volumeID, staging, target string
-	staged, published         bool
-}
-
-const (
-	driverName = "encdisk.csi.io"
-	regionKey  = "topology.encdisk.csi.io/region"
-)
+const driverName = "encdisk.csi.io"
 
 // Run runs the demo. It returns an error unless every check held; whatever
 // happens (ctx cancelled by Ctrl-C included) it cleans up before returning.
@@ -251,117 +241,52 @@ func (r *run) start(ctx context.Context) (string, error) {
 	if err := waitForSocket(wctx, p, r.csiSock); err != nil {
 		return "", err
 	}
-	conn, err := grpc.NewClient("unix://"+r.csiSock, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	if err != nil {
-		return "", fmt.Errorf("connect to the driver: %w", err)
+	if r.client, err = csiclient.Dial(r.csiSock); err != nil {
+		return "", err
 	}
-	r.conn = conn
-	r.ctrl = csi.NewControllerClient(conn)
-	r.node = csi.NewNodeClient(conn)
-	id := csi.NewIdentityClient(conn)
-	info, err := id.GetPluginInfo(wctx, &csi.GetPluginInfoRequest{})
+	info, err := r.client.Identity.GetPluginInfo(wctx, &csi.GetPluginInfoRequest{})
 	if err != nil {
 		return "", fmt.Errorf("GetPluginInfo: %w", err)
 	}
 	if info.GetName() != driverName {
 		return "", fmt.Errorf("driver name %q, want %q", info.GetName(), driverName)
 	}
-	for {
-		probe, err := id.Probe(wctx, &csi.ProbeRequest{})
-		if err == nil && (probe.GetReady() == nil || probe.GetReady().GetValue()) {
-			break
-		}
-		select {
-		case <-wctx.Done():
-			return "", fmt.Errorf("driver not ready: %v", err)
-		case <-time.After(100 * time.Millisecond):
-		}
+	if err := r.client.WaitReady(wctx, false); err != nil {
+		return "", err
 	}
 	return fmt.Sprintf("%s %s ready", info.GetName(), info.GetVendorVersion()), nil
 }
 
-func mountCapability() *csi.VolumeCapability {
-	return &csi.VolumeCapability{
-		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: "ext4"}},
-		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
-	}
-}
-
-// createVolume asks the controller for a volume and remembers it for cleanup.
+// createVolume asks the controller for an ext4 volume and remembers it for
+// cleanup.
 func (r *run) createVolume(ctx context.Context, name string, size int64, params map[string]string, src *csi.VolumeContentSource) (*csi.Volume, error) {
-	resp, err := r.ctrl.CreateVolume(ctx, &csi.CreateVolumeRequest{
-		Name:                name,
-		CapacityRange:       &csi.CapacityRange{RequiredBytes: size},
-		VolumeCapabilities:  []*csi.VolumeCapability{mountCapability()},
-		Parameters:          params,
-		VolumeContentSource: src,
-		AccessibilityRequirements: &csi.TopologyRequirement{
-			Preferred: []*csi.Topology{{Segments: map[string]string{regionKey: r.region}}},
-		},
-	})
+	vol, err := r.client.CreateVolume(ctx, csiclient.VolumeRequest{Name: name, Size: size, Access: "ext4",
+		Parameters: params, Source: src, Region: r.region})
 	if err != nil {
 		return nil, err
 	}
-	r.volumes = append(r.volumes, resp.GetVolume().GetVolumeId())
-	return resp.GetVolume(), nil
+	r.volumes = append(r.volumes, vol.GetVolumeId())
+	return vol, nil
 }
 
 // stagePublish stages and publishes a volume with an ext4 filesystem and
 // returns the publication (the target path is where pods would see it).
-func (r *run) stagePublish(ctx context.Context, vol *csi.Volume, label string) (*publication, error) {
-	pub := &publication{
-		volumeID: vol.GetVolumeId(),
-		staging:  filepath.Join(r.dir, "staging", label),
-		target:   filepath.Join(r.dir, "pods", label),
-	}
-	if err := os.MkdirAll(pub.staging, 0o750); err != nil {
+func (r *run) stagePublish(ctx context.Context, vol *csi.Volume, label string) (*csiclient.Publication, error) {
+	p, err := csiclient.NewPublication(vol, "ext4", r.dir, label)
+	if err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(filepath.Dir(pub.target), 0o750); err != nil {
-		return nil, err
-	}
-	r.published = append(r.published, *pub)
-	p := &r.published[len(r.published)-1]
-	if _, err := r.node.NodeStageVolume(ctx, &csi.NodeStageVolumeRequest{
-		VolumeId:          vol.GetVolumeId(),
-		StagingTargetPath: pub.staging,
-		VolumeCapability:  mountCapability(),
-		VolumeContext:     vol.GetVolumeContext(),
-	}); err != nil {
-		return nil, fmt.Errorf("NodeStageVolume: %w", err)
-	}
-	p.staged = true
-	if _, err := r.node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{
-		VolumeId:          vol.GetVolumeId(),
-		StagingTargetPath: pub.staging,
-		TargetPath:        pub.target,
-		VolumeCapability:  mountCapability(),
-		VolumeContext:     vol.GetVolumeContext(),
-	}); err != nil {
-		return nil, fmt.Errorf("NodePublishVolume: %w", err)
-	}
-	p.published = true
-	return p, nil
+	r.published = append(r.published, p)
+	return p, r.client.StagePublish(ctx, p)
 }
 
 // unpublishUnstage undoes stagePublish for volumeID.
 func (r *run) unpublishUnstage(ctx context.Context, volumeID string) error {
-	for i := range r.published {
-		p := &r.published[i]
-		if p.volumeID != volumeID {
-			continue
-		}
-		if p.published {
-			if _, err := r.node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: p.volumeID, TargetPath: p.target}); err != nil {
-				return fmt.Errorf("NodeUnpublishVolume: %w", err)
+	for _, p := range r.published {
+		if p.ID() == volumeID {
+			if err := r.client.UnpublishUnstage(ctx, p); err != nil {
+				return err
 			}
-			p.published = false
-		}
-		if p.staged {
-			if _, err := r.node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: p.volumeID, StagingTargetPath: p.staging}); err != nil {
-				return fmt.Errorf("NodeUnstageVolume: %w", err)
-			}
-			p.staged = false
 		}
 	}
 	return nil
@@ -370,7 +295,7 @@ func (r *run) unpublishUnstage(ctx context.Context, volumeID string) error {
 // The story's state between steps.
 type storyState struct {
 	source, restored *csi.Volume
-	sourcePub        *publication
+	sourcePub        *csiclient.Publication
 	snapshotID       string
 	marker           []byte
 	content          []byte
@@ -399,7 +324,7 @@ func (r *run) stagePublishSource(ctx context.Context) (string, error) {
 		return "", err
 	}
 	r.st().sourcePub = pub
-	return "mounted at " + pub.target, nil
+	return "mounted at " + pub.TargetPath, nil
 }
 
 func (r *run) writeFile(ctx context.Context) (string, error) {
@@ -416,7 +341,7 @@ func (r *run) writeFile(ctx context.Context) (string, error) {
 		buf.WriteByte('\n')
 	}
 	st.content = buf.Bytes()
-	if err := writeSynced(filepath.Join(st.sourcePub.target, "hello.txt"), st.content); err != nil {
+	if err := writeSynced(filepath.Join(st.sourcePub.TargetPath, "hello.txt"), st.content); err != nil {
 		return "", err
 	}
 	return fmt.Sprintf("hello.txt, %d bytes, fsync'd", len(st.content)), nil
@@ -460,7 +385,7 @@ func (r *run) controlUnencrypted(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	if err := writeSynced(filepath.Join(pub.target, "hello.txt"), r.st().content); err != nil {
+	if err := writeSynced(filepath.Join(pub.TargetPath, "hello.txt"), r.st().content); err != nil {
 		return "", err
 	}
 	hits, _, err := scanTree(ctx, r.dataDir, r.st().marker)
@@ -470,7 +395,7 @@ func (r *run) controlUnencrypted(ctx context.Context) (string, error) {
 	if err := r.unpublishUnstage(ctx, vol.GetVolumeId()); err != nil {
 		return "", err
 	}
-	if _, err := r.ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: vol.GetVolumeId()}); err != nil {
+	if _, err := r.client.Controller.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: vol.GetVolumeId()}); err != nil {
 		return "", fmt.Errorf("DeleteVolume: %w", err)
 	}
 	r.forgetVolume(vol.GetVolumeId())
@@ -481,7 +406,7 @@ func (r *run) controlUnencrypted(ctx context.Context) (string, error) {
 }
 
 func (r *run) snapshot(ctx context.Context) (string, error) {
-	resp, err := r.ctrl.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{
+	resp, err := r.client.Controller.CreateSnapshot(ctx, &csi.CreateSnapshotRequest{
 		SourceVolumeId: r.st().source.GetVolumeId(),
 		Name:           "demo-snapshot",
 	})
@@ -497,15 +422,9 @@ func (r *run) snapshot(ctx context.Context) (string, error) {
 	return snap.GetSnapshotId() + ", ready, encrypted with the volume's key", nil
 }
 
-func snapshotSource(id string) *csi.VolumeContentSource {
-	return &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
-		Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: id},
-	}}
-}
-
 func (r *run) restore(ctx context.Context) (string, error) {
 	// The class names no "encrypted": the restored volume inherits it.
-	vol, err := r.createVolume(ctx, "demo-restored", r.opts.VolumeSize, map[string]string{}, snapshotSource(r.st().snapshotID))
+	vol, err := r.createVolume(ctx, "demo-restored", r.opts.VolumeSize, map[string]string{}, csiclient.SnapshotSource(r.st().snapshotID))
 	if err != nil {
 		return "", fmt.Errorf("CreateVolume from snapshot: %w", err)
 	}
@@ -523,7 +442,7 @@ func (r *run) stageAndReadBack(ctx context.Context, label string) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	got, err := os.ReadFile(filepath.Join(pub.target, "hello.txt"))
+	got, err := os.ReadFile(filepath.Join(pub.TargetPath, "hello.txt"))
 	if err != nil {
 		return 0, fmt.Errorf("read back: %w", err)
 	}
@@ -543,7 +462,7 @@ func (r *run) readRestored(ctx context.Context) (string, error) {
 
 func (r *run) refuseConversion(ctx context.Context) (string, error) {
 	_, err := r.createVolume(ctx, "demo-unencrypted-from-encrypted", r.opts.VolumeSize,
-		map[string]string{"encrypted": "false"}, snapshotSource(r.st().snapshotID))
+		map[string]string{"encrypted": "false"}, csiclient.SnapshotSource(r.st().snapshotID))
 	if err == nil {
 		return "", errors.New("the driver made an unencrypted volume from an encrypted snapshot")
 	}
@@ -611,20 +530,20 @@ func (r *run) deleteAll(ctx context.Context) (string, error) {
 		return "", fmt.Errorf("keep a link to the source image: %w", err)
 	}
 	n := 0
-	for _, p := range append([]publication(nil), r.published...) {
-		if err := r.unpublishUnstage(ctx, p.volumeID); err != nil {
+	for _, p := range r.published {
+		if err := r.client.UnpublishUnstage(ctx, p); err != nil {
 			return "", err
 		}
 	}
 	for _, id := range append([]string(nil), r.volumes...) {
-		if _, err := r.ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
+		if _, err := r.client.Controller.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id}); err != nil {
 			return "", fmt.Errorf("DeleteVolume %s: %w", id, err)
 		}
 		r.forgetVolume(id)
 		n++
 	}
 	for _, id := range append([]string(nil), r.snapshots...) {
-		if _, err := r.ctrl.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: id}); err != nil {
+		if _, err := r.client.Controller.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: id}); err != nil {
 			return "", fmt.Errorf("DeleteSnapshot %s: %w", id, err)
 		}
 		r.snapshots = r.snapshots[1:]
@@ -658,21 +577,19 @@ func (r *run) forgetVolume(id string) {
 func (r *run) cleanup() {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	if r.node != nil && r.driver != nil && !r.driver.exited() {
-		for i := len(r.published) - 1; i >= 0; i-- {
-			_ = r.unpublishUnstage(ctx, r.published[i].volumeID)
-		}
-		for _, id := range r.volumes {
-			_, _ = r.ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id})
-		}
+	if r.client != nil && r.driver != nil && !r.driver.exited() {
+		_ = r.client.Teardown(ctx, r.published, r.volumes)
 		for _, id := range r.snapshots {
-			_, _ = r.ctrl.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: id})
+			_, _ = r.client.Controller.DeleteSnapshot(ctx, &csi.DeleteSnapshotRequest{SnapshotId: id})
 		}
 	}
-	if r.conn != nil {
-		r.conn.Close()
+	if r.client != nil {
+		r.client.Close()
 	}
 	r.driver.stop(15 * time.Second)
 	r.kms.stop(10 * time.Second)
-	sweep(r.dir)
+	// The last line of cleanup: whatever the CSI calls could not undo.
+	for _, err := range sweep.Tree(r.dir) {
+		fmt.Fprintf(os.Stderr, "demo cleanup: %v\n", err)
+	}
 }

@@ -102,15 +102,15 @@ func TestRawBlockEncrypted(t *testing.T) {
 			v := d.createVolume(t, name, size, blockAccess, map[string]string{
 				"encrypted": "true", "allowDiscards": strconv.FormatBool(discards)}, "")
 			d.stageAndPublish(t, v)
-			fi, err := os.Stat(v.target)
+			fi, err := os.Stat(v.TargetPath)
 			if err != nil {
 				t.Fatal(err)
 			}
 			if fi.Mode()&os.ModeDevice == 0 {
-				t.Fatalf("published target %s is not a block device (mode %v)", v.target, fi.Mode())
+				t.Fatalf("published target %s is not a block device (mode %v)", v.TargetPath, fi.Mode())
 			}
-			data := fillDevice(t, v.target, size)
-			checkDevice(t, v.target, data)
+			data := fillDevice(t, v.TargetPath, size)
+			checkDevice(t, v.TargetPath, data)
 			image := d.imagePath(t, v.id())
 			dataOffset := d.dataOffset(t, v.id())
 			if fileContains(t, image, data[5*mib:5*mib+4096]) {
@@ -121,21 +121,21 @@ func TestRawBlockEncrypted(t *testing.T) {
 			d.unpublish(t, v)
 			d.unstage(t, v)
 			d.stageAndPublish(t, v)
-			checkDevice(t, v.target, data)
+			checkDevice(t, v.TargetPath, data)
 
-			run(t, "mkfs.ext4", "-q", "-F", v.target)
+			run(t, "mkfs.ext4", "-q", "-F", v.TargetPath)
 			mnt := filepath.Join(dir, "mnt-"+name)
 			if err := os.MkdirAll(mnt, 0o755); err != nil {
 				t.Fatal(err)
 			}
-			run(t, "mount", "-t", "ext4", v.target, mnt)
+			run(t, "mount", "-t", "ext4", v.TargetPath, mnt)
 			payload := make([]byte, 8*mib)
 			_, _ = rand.Read(payload)
 			if err := os.WriteFile(filepath.Join(mnt, "payload"), payload, 0o644); err != nil {
 				t.Fatal(err)
 			}
 			run(t, "umount", mnt)
-			run(t, "e2fsck", "-fn", v.target)
+			run(t, "e2fsck", "-fn", v.TargetPath)
 
 			d.unpublish(t, v)
 			d.unstage(t, v)
@@ -158,14 +158,14 @@ func TestRawBlockReadOnly(t *testing.T) {
 	const size = 16 * mib
 	v := d.createVolume(t, "ro", size, blockAccess, map[string]string{"encrypted": "true"}, "")
 	d.stageAndPublish(t, v)
-	data := fillDevice(t, v.target, size)
+	data := fillDevice(t, v.TargetPath, size)
 	d.unpublish(t, v)
 	d.unstage(t, v)
 
-	v.cap.AccessMode.Mode = csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY
+	v.Capability.AccessMode.Mode = csi.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY
 	d.stageAndPublish(t, v)
-	checkDevice(t, v.target, data)
-	f, err := os.OpenFile(v.target, os.O_WRONLY|unix.O_DIRECT, 0)
+	checkDevice(t, v.TargetPath, data)
+	f, err := os.OpenFile(v.TargetPath, os.O_WRONLY|unix.O_DIRECT, 0)
 	if err == nil {
 		buf := alignedBuf(4096)
 		_, err = f.WriteAt(buf, 0)

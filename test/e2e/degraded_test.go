@@ -32,7 +32,7 @@ func TestEngineIOErrorsDegraded(t *testing.T) {
 	if err := os.Truncate(img, st.Size()-31*mib); err != nil {
 		t.Fatal(err)
 	}
-	f, err := os.OpenFile(v.target, os.O_RDONLY|unix.O_DIRECT, 0)
+	f, err := os.OpenFile(v.TargetPath, os.O_RDONLY|unix.O_DIRECT, 0)
 	if err != nil {
 		t.Fatalf("open published device: %v", err)
 	}

@@ -26,8 +26,8 @@ func TestExpandOnline(t *testing.T) {
 	v := d.createVolume(t, "grow", 320*mib, "xfs", map[string]string{"encrypted": "true"}, "")
 	d.stageAndPublish(t, v)
 	marker := newMarker(t)
-	writeMarker(t, v.target, marker)
-	before := fsSize(t, v.target)
+	writeMarker(t, v.TargetPath, marker)
+	before := fsSize(t, v.TargetPath)
 
 	const newSize = 512 * mib
 	cresp, err := d.ctrl.ControllerExpandVolume(ctxT(t), &csi.ControllerExpandVolumeRequest{
@@ -39,27 +39,27 @@ func TestExpandOnline(t *testing.T) {
 		t.Fatalf("ControllerExpandVolume gave %d bytes, want >= %d", cresp.GetCapacityBytes(), newSize)
 	}
 	nresp, err := d.node.NodeExpandVolume(ctxT(t), &csi.NodeExpandVolumeRequest{
-		VolumeId: v.id(), VolumePath: v.target, VolumeCapability: v.cap,
-		CapacityRange: &csi.CapacityRange{RequiredBytes: newSize}, StagingTargetPath: v.staging})
+		VolumeId: v.id(), VolumePath: v.TargetPath, VolumeCapability: v.Capability,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: newSize}, StagingTargetPath: v.StagingPath})
 	if err != nil {
 		t.Fatalf("NodeExpandVolume: %v\nlog:\n%s", err, d.logTail())
 	}
 	if nresp.GetCapacityBytes() < newSize {
 		t.Fatalf("NodeExpandVolume reports %d bytes, want >= %d", nresp.GetCapacityBytes(), newSize)
 	}
-	after := fsSize(t, v.target)
+	after := fsSize(t, v.TargetPath)
 	if after < before*3/2 {
 		t.Fatalf("filesystem did not grow online: %d -> %d bytes", before, after)
 	}
 	t.Logf("filesystem grew online from %d to %d bytes", before, after)
-	readMarker(t, v.target, marker)
+	readMarker(t, v.TargetPath, marker)
 
 	// The grown volume still stages from scratch with the new size.
 	d.unpublish(t, v)
 	d.unstage(t, v)
 	d.stageAndPublish(t, v)
-	readMarker(t, v.target, marker)
-	if got := fsSize(t, v.target); got != after {
+	readMarker(t, v.TargetPath, marker)
+	if got := fsSize(t, v.TargetPath); got != after {
 		t.Fatalf("filesystem size after restage %d, want %d", got, after)
 	}
 }

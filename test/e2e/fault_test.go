@@ -22,7 +22,7 @@ import (
 // health returns the node's health entries for a volume.
 func (d *driver) health(t *testing.T, v *volume) []*csi.VolumeHealth_VolumeHealthEntry {
 	t.Helper()
-	resp, err := d.node.NodeGetVolumeHealth(ctxT(t), &csi.NodeGetVolumeHealthRequest{VolumeId: v.id(), StagingTargetPath: v.staging})
+	resp, err := d.node.NodeGetVolumeHealth(ctxT(t), &csi.NodeGetVolumeHealthRequest{VolumeId: v.id(), StagingTargetPath: v.StagingPath})
 	if err != nil {
 		t.Fatalf("NodeGetVolumeHealth: %v", err)
 	}
@@ -50,7 +50,7 @@ func TestKillNodePluginDuringIO(t *testing.T) {
 	enginePID := d.enginePID(t, v.id())
 
 	var out bytes.Buffer
-	fio := exec.Command("fio", "--name=verify", "--filename="+filepath.Join(v.target, "fio.dat"),
+	fio := exec.Command("fio", "--name=verify", "--filename="+filepath.Join(v.TargetPath, "fio.dat"),
 		"--size=48M", "--rw=randwrite", "--bs=4k", "--ioengine=libaio", "--iodepth=8", "--direct=1",
 		"--verify=crc32c", "--verify_backlog=512", "--verify_fatal=1", "--do_verify=1",
 		"--time_based", "--runtime=12")
@@ -134,7 +134,7 @@ func TestKillEngine(t *testing.T) {
 	v := d.createVolume(t, "victim", 64*mib, "ext4", map[string]string{"encrypted": "true"}, "")
 	d.stageAndPublish(t, v)
 	marker := newMarker(t)
-	writeMarker(t, v.target, marker)
+	writeMarker(t, v.TargetPath, marker)
 	if h := d.health(t, v); len(h) != 0 {
 		t.Fatalf("healthy volume reports problems: %v", h)
 	}
@@ -164,7 +164,7 @@ func TestKillEngine(t *testing.T) {
 	// Each writer closes its file before it reports, so nothing keeps the
 	// mount busy when the test unpublishes.
 	writeAndSync := func(name string, flags int, data []byte) error {
-		f, err := os.OpenFile(filepath.Join(v.target, name), os.O_CREATE|os.O_WRONLY|flags, 0o644)
+		f, err := os.OpenFile(filepath.Join(v.TargetPath, name), os.O_CREATE|os.O_WRONLY|flags, 0o644)
 		if err != nil {
 			return err
 		}
@@ -232,7 +232,7 @@ func TestRecoverCleansDeadStage(t *testing.T) {
 	v := d.createVolume(t, "orphan", 64*mib, "ext4", map[string]string{"encrypted": "true"}, "")
 	d.stage(t, v)
 	marker := newMarker(t)
-	writeMarker(t, v.staging, marker)
+	writeMarker(t, v.StagingPath, marker)
 	pid := d.enginePID(t, v.id())
 	if !d.hasNodeState(v.id()) {
 		t.Fatal("hasNodeState does not see the state of a staged volume")
@@ -245,7 +245,7 @@ func TestRecoverCleansDeadStage(t *testing.T) {
 	for deadline := time.Now().Add(10 * time.Second); processAlive(pid) && time.Now().Before(deadline); {
 		time.Sleep(50 * time.Millisecond)
 	}
-	run(t, "umount", v.staging)
+	run(t, "umount", v.StagingPath)
 
 	d.restart()
 	if d.hasNodeState(v.id()) {
@@ -258,7 +258,7 @@ func TestRecoverCleansDeadStage(t *testing.T) {
 		t.Fatalf("loop devices left after recovery: %v", l)
 	}
 	d.stage(t, v)
-	readMarker(t, v.staging, marker)
+	readMarker(t, v.StagingPath, marker)
 	d.unstage(t, v)
 }
 
@@ -277,11 +277,11 @@ func TestStageWithoutKMS(t *testing.T) {
 	d.allowNotReady = true
 	d.restart()
 
-	if err := os.MkdirAll(enc.staging, 0o750); err != nil {
+	if err := os.MkdirAll(enc.StagingPath, 0o750); err != nil {
 		t.Fatal(err)
 	}
 	_, err := d.node.NodeStageVolume(ctxT(t), &csi.NodeStageVolumeRequest{
-		VolumeId: enc.id(), StagingTargetPath: enc.staging, VolumeCapability: enc.cap, VolumeContext: enc.vol.GetVolumeContext()})
+		VolumeId: enc.id(), StagingTargetPath: enc.StagingPath, VolumeCapability: enc.Capability, VolumeContext: enc.Volume.GetVolumeContext()})
 	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), dead) {
 		t.Fatalf("NodeStageVolume without a KMS: got %v, want Unavailable naming %s", err, dead)
 	}
@@ -295,7 +295,7 @@ func TestStageWithoutKMS(t *testing.T) {
 		t.Fatalf("a failed stage left loop devices: %v", l)
 	}
 	d.stageAndPublish(t, plain)
-	writeMarker(t, plain.target, newMarker(t))
+	writeMarker(t, plain.TargetPath, newMarker(t))
 	d.unpublish(t, plain)
 	d.unstage(t, plain)
 }

@@ -16,8 +16,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"sort"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -25,7 +23,9 @@ import (
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/csiclient"
+	"github.com/csi-encdisk/csi-encdisk/pkg/sweep"
 )
 
 // requiredTools are the programs the tests run.
@@ -79,7 +79,7 @@ func workDir(t *testing.T) string {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		if errs := sweep(dir); len(errs) > 0 {
+		if errs := sweep.Tree(dir); len(errs) > 0 {
 			t.Errorf("cleanup of %s: %v", dir, errors.Join(errs...))
 		}
 		if err := os.RemoveAll(dir); err != nil {
@@ -89,94 +89,11 @@ func workDir(t *testing.T) string {
 	return dir
 }
 
-// sweep kills processes that mention root in their command line (driver,
-// engines, fio), unmounts everything mounted under root (deepest first) and
-// detaches loop devices whose backing file is under root.
-func sweep(root string) []error {
-	var errs []error
-	killUnder(root)
-	for range 3 {
-		mounts := mountsUnder(root)
-		for _, m := range mounts {
-			if out, err := exec.Command("umount", m).CombinedOutput(); err != nil {
-				_ = exec.Command("umount", "-l", m).Run()
-				errs = append(errs, fmt.Errorf("umount %s: %v: %s", m, err, bytes.TrimSpace(out)))
-			}
-		}
-		for _, dev := range loopsUnder(root) {
-			if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
-				errs = append(errs, fmt.Errorf("losetup -d %s: %v: %s", dev, err, bytes.TrimSpace(out)))
-			}
-		}
-		killUnder(root)
-		if len(mountsUnder(root)) == 0 && len(loopsUnder(root)) == 0 {
-			break
-		}
-	}
-	return errs
-}
-
-func killUnder(root string) {
-	entries, _ := os.ReadDir("/proc")
-	self := os.Getpid()
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == self {
-			continue
-		}
-		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil || !bytes.Contains(cmdline, []byte(root)) {
-			continue
-		}
-		_ = syscall.Kill(pid, syscall.SIGKILL)
-	}
-	time.Sleep(100 * time.Millisecond)
-}
-
 // mountsUnder lists mount points under root, deepest first.
-func mountsUnder(root string) []string {
-	b, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return nil
-	}
-	var out []string
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 5 {
-			continue
-		}
-		mp := unescapeMount(f[4])
-		if mp == root || strings.HasPrefix(mp, root+"/") {
-			out = append(out, mp)
-		}
-	}
-	sort.Slice(out, func(i, j int) bool { return len(out[i]) > len(out[j]) })
-	return out
-}
-
-func unescapeMount(s string) string {
-	r := strings.NewReplacer(`\040`, " ", `\011`, "\t", `\012`, "\n", `\134`, `\`)
-	return r.Replace(s)
-}
+func mountsUnder(root string) []string { return sweep.MountsUnder(root) }
 
 // loopsUnder lists loop devices whose backing file is under root.
-func loopsUnder(root string) []string {
-	entries, _ := os.ReadDir("/sys/block")
-	var out []string
-	for _, e := range entries {
-		if !strings.HasPrefix(e.Name(), "loop") {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/sys/block", e.Name(), "loop", "backing_file"))
-		if err != nil {
-			continue
-		}
-		if strings.HasPrefix(strings.TrimSpace(string(b)), root+"/") {
-			out = append(out, "/dev/"+e.Name())
-		}
-	}
-	return out
-}
+func loopsUnder(root string) []string { return sweep.LoopsUnder(root) }
 
 // driver is one running `csi-encdisk driver --mode all`.
 type driver struct {
@@ -198,7 +115,8 @@ type driver struct {
 	// controller cannot reach the KMS).
 	allowNotReady bool
 
-	ctrl     csi.ControllerClient
+	client   *csiclient.Client
+	ctrl     csi.ControllerClient // client's services, for brevity
 	node     csi.NodeClient
 	identity csi.IdentityClient
 }
@@ -291,25 +209,15 @@ func (d *driver) start() {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	conn, err := grpc.NewClient("unix://"+d.sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	c, err := csiclient.Dial(d.sock)
 	if err != nil {
 		t.Fatal(err)
 	}
-	d.conn = conn
-	d.ctrl = csi.NewControllerClient(conn)
-	d.node = csi.NewNodeClient(conn)
-	d.identity = csi.NewIdentityClient(conn)
-	for {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		resp, err := d.identity.Probe(ctx, &csi.ProbeRequest{})
-		cancel()
-		if err == nil && (resp.GetReady() == nil || resp.GetReady().GetValue() || d.allowNotReady) {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("driver not ready: %v; log:\n%s", err, d.logTail())
-		}
-		time.Sleep(100 * time.Millisecond)
+	d.client, d.conn, d.ctrl, d.node, d.identity = c, c.Conn, c.Controller, c.Node, c.Identity
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	defer cancel()
+	if err := c.WaitReady(ctx, d.allowNotReady); err != nil {
+		t.Fatalf("%v; log:\n%s", err, d.logTail())
 	}
 }
 
@@ -373,63 +281,41 @@ func ctxT(t *testing.T) context.Context {
 
 // volume is a created volume and where the test stages and publishes it.
 type volume struct {
-	vol     *csi.Volume
-	block   bool
-	staging string
-	target  string
-	cap     *csi.VolumeCapability
+	*csiclient.Publication
+	block bool
 }
 
-func (v *volume) id() string { return v.vol.GetVolumeId() }
+func (v *volume) id() string { return v.ID() }
 
 // blockAccess asks createVolume for a raw block volume.
-const blockAccess = "block"
+const blockAccess = csiclient.Block
 
-// capability is SINGLE_NODE_WRITER with raw block access (access "block")
-// or a filesystem of type access.
-func capability(access string) *csi.VolumeCapability {
-	c := &csi.VolumeCapability{AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER}}
-	if access == blockAccess {
-		c.AccessType = &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}}
-	} else {
-		c.AccessType = &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: access}}
-	}
-	return c
-}
-
-// createVolume creates a volume (optionally from a snapshot) and deletes it
-// at cleanup. access is "block" or a filesystem type.
+// createVolume creates a volume (optionally from a snapshot), places it
+// under the test's directory, and deletes it at cleanup. access is "block"
+// or a filesystem type.
 func (d *driver) createVolume(t *testing.T, name string, size int64, access string, params map[string]string, fromSnapshot string) *volume {
 	t.Helper()
-	req := &csi.CreateVolumeRequest{
-		Name:               name,
-		CapacityRange:      &csi.CapacityRange{RequiredBytes: size},
-		VolumeCapabilities: []*csi.VolumeCapability{capability(access)},
-		Parameters:         params,
-	}
+	req := csiclient.VolumeRequest{Name: name, Size: size, Access: access, Parameters: params}
 	if fromSnapshot != "" {
-		req.VolumeContentSource = &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
-			Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: fromSnapshot}}}
+		req.Source = csiclient.SnapshotSource(fromSnapshot)
 	}
-	resp, err := d.ctrl.CreateVolume(ctxT(t), req)
+	vol, err := d.client.CreateVolume(ctxT(t), req)
 	if err != nil {
-		t.Fatalf("CreateVolume %s: %v", name, err)
+		t.Fatal(err)
 	}
-	v := &volume{
-		vol:     resp.GetVolume(),
-		block:   access == blockAccess,
-		staging: filepath.Join(d.dir, "staging", name),
-		target:  filepath.Join(d.dir, "pods", name, "target"),
-		cap:     capability(access),
+	p, err := csiclient.NewPublication(vol, access, d.dir, name)
+	if err != nil {
+		t.Fatal(err)
 	}
+	v := &volume{Publication: p, block: access == blockAccess}
 	t.Cleanup(func() {
 		if d.conn == nil {
 			return
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
-		_, _ = d.node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v.id(), TargetPath: v.target})
-		_, _ = d.node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v.id(), StagingTargetPath: v.staging})
+		_, _ = d.node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: v.id(), TargetPath: v.TargetPath})
+		_, _ = d.node.NodeUnstageVolume(ctx, &csi.NodeUnstageVolumeRequest{VolumeId: v.id(), StagingTargetPath: v.StagingPath})
 		_, _ = d.ctrl.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: v.id()})
 	})
 	return v
@@ -437,45 +323,31 @@ func (d *driver) createVolume(t *testing.T, name string, size int64, access stri
 
 func (d *driver) stage(t *testing.T, v *volume) {
 	t.Helper()
-	if err := os.MkdirAll(v.staging, 0o750); err != nil {
-		t.Fatal(err)
-	}
-	_, err := d.node.NodeStageVolume(ctxT(t), &csi.NodeStageVolumeRequest{
-		VolumeId:          v.id(),
-		StagingTargetPath: v.staging,
-		VolumeCapability:  v.cap,
-		VolumeContext:     v.vol.GetVolumeContext(),
-	})
-	if err != nil {
-		t.Fatalf("NodeStageVolume %s: %v\nlog:\n%s", v.id(), err, d.logTail())
+	if err := d.client.Stage(ctxT(t), v.Publication); err != nil {
+		t.Fatalf("%v\nlog:\n%s", err, d.logTail())
 	}
 }
 
 func (d *driver) publish(t *testing.T, v *volume) {
 	t.Helper()
-	_, err := d.node.NodePublishVolume(ctxT(t), &csi.NodePublishVolumeRequest{
-		VolumeId:          v.id(),
-		StagingTargetPath: v.staging,
-		TargetPath:        v.target,
-		VolumeCapability:  v.cap,
-		VolumeContext:     v.vol.GetVolumeContext(),
-	})
-	if err != nil {
-		t.Fatalf("NodePublishVolume %s: %v\nlog:\n%s", v.id(), err, d.logTail())
+	if err := d.client.Publish(ctxT(t), v.Publication, false); err != nil {
+		t.Fatalf("%v\nlog:\n%s", err, d.logTail())
 	}
 }
 
 func (d *driver) unpublish(t *testing.T, v *volume) {
 	t.Helper()
-	if _, err := d.node.NodeUnpublishVolume(ctxT(t), &csi.NodeUnpublishVolumeRequest{VolumeId: v.id(), TargetPath: v.target}); err != nil {
-		t.Fatalf("NodeUnpublishVolume %s: %v", v.id(), err)
+	v.Published = true // always ask, whatever the test did by hand
+	if err := d.client.Unpublish(ctxT(t), v.Publication); err != nil {
+		t.Fatal(err)
 	}
 }
 
 func (d *driver) unstage(t *testing.T, v *volume) {
 	t.Helper()
-	if _, err := d.node.NodeUnstageVolume(ctxT(t), &csi.NodeUnstageVolumeRequest{VolumeId: v.id(), StagingTargetPath: v.staging}); err != nil {
-		t.Fatalf("NodeUnstageVolume %s: %v\nlog:\n%s", v.id(), err, d.logTail())
+	v.Staged = true
+	if err := d.client.Unstage(ctxT(t), v.Publication); err != nil {
+		t.Fatalf("%v\nlog:\n%s", err, d.logTail())
 	}
 }
 

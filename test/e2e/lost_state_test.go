@@ -20,7 +20,7 @@ func TestUnstageWithLostState(t *testing.T) {
 			d := startDriver(t, dir)
 			v := d.createVolume(t, "lost-"+enc, 32*mib, "ext4", map[string]string{"encrypted": enc}, "")
 			d.stage(t, v)
-			writeMarker(t, v.staging, newMarker(t))
+			writeMarker(t, v.StagingPath, newMarker(t))
 			pid := 0
 			if enc == "true" {
 				pid = d.enginePID(t, v.id())

@@ -60,7 +60,7 @@ func TestEngineMetrics(t *testing.T) {
 	t.Cleanup(d.stop)
 	v := d.createVolume(t, "metrics", 32*mib, "ext4", map[string]string{"encrypted": "true"}, "")
 	d.stage(t, v)
-	writeMarker(t, v.staging, newMarker(t))
+	writeMarker(t, v.StagingPath, newMarker(t))
 
 	id := v.id()
 	up := fmt.Sprintf(`csi_encdisk_engine_up{volume_id=%q}`, id)

@@ -18,8 +18,8 @@ func TestRepublishIncompatible(t *testing.T) {
 	d.stageAndPublish(t, v)
 	d.publish(t, v) // same request again: OK
 	_, err := d.node.NodePublishVolume(ctxT(t), &csi.NodePublishVolumeRequest{
-		VolumeId: v.id(), StagingTargetPath: v.staging, TargetPath: v.target,
-		VolumeCapability: v.cap, VolumeContext: v.vol.GetVolumeContext(), Readonly: true,
+		VolumeId: v.id(), StagingTargetPath: v.StagingPath, TargetPath: v.TargetPath,
+		VolumeCapability: v.Capability, VolumeContext: v.Volume.GetVolumeContext(), Readonly: true,
 	})
 	if status.Code(err) != codes.AlreadyExists {
 		t.Fatalf("read-only publish over a read-write one: %v, want AlreadyExists", err)

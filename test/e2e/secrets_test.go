@@ -46,7 +46,7 @@ func TestNoSecretLeaks(t *testing.T) {
 	d := startDriver(t, dir)
 	v := d.createVolume(t, "secret", 64*mib, "ext4", map[string]string{"encrypted": "true"}, "")
 	d.stageAndPublish(t, v)
-	writeMarker(t, v.target, newMarker(t))
+	writeMarker(t, v.TargetPath, newMarker(t))
 	image := d.imagePath(t, v.id())
 	enginePID := d.enginePID(t, v.id())
 

@@ -218,16 +218,16 @@ func TestEncryptionDecidedByImage(t *testing.T) {
 		v   *volume
 		ctx string
 	}{{enc, "false"}, {plain, "true"}} {
-		if err := os.MkdirAll(c.v.staging, 0o750); err != nil {
+		if err := os.MkdirAll(c.v.StagingPath, 0o750); err != nil {
 			t.Fatal(err)
 		}
 		volCtx := map[string]string{}
-		for k, val := range c.v.vol.GetVolumeContext() {
+		for k, val := range c.v.Volume.GetVolumeContext() {
 			volCtx[k] = val
 		}
 		volCtx["encrypted"] = c.ctx
 		_, err := d.node.NodeStageVolume(ctxT(t), &csi.NodeStageVolumeRequest{VolumeId: c.v.id(),
-			StagingTargetPath: c.v.staging, VolumeCapability: c.v.cap, VolumeContext: volCtx})
+			StagingTargetPath: c.v.StagingPath, VolumeCapability: c.v.Capability, VolumeContext: volCtx})
 		if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "encrypted") {
 			t.Fatalf("stage of %s with encrypted=%s in its context: %v, want FailedPrecondition", c.v.id(), c.ctx, err)
 		}
@@ -243,15 +243,15 @@ func TestReservedPathsRefused(t *testing.T) {
 	v := d.createVolume(t, "v", 16*mib, "ext4", map[string]string{"encrypted": "true"}, "")
 	for _, p := range []string{filepath.Join(d.dataDir, "pool"), filepath.Join(d.dataDir, "x"), d.stateDir, filepath.Join(d.stateDir, "run")} {
 		_, err := d.node.NodeStageVolume(ctxT(t), &csi.NodeStageVolumeRequest{VolumeId: v.id(),
-			StagingTargetPath: p, VolumeCapability: v.cap, VolumeContext: v.vol.GetVolumeContext()})
+			StagingTargetPath: p, VolumeCapability: v.Capability, VolumeContext: v.Volume.GetVolumeContext()})
 		if status.Code(err) != codes.InvalidArgument {
 			t.Fatalf("stage at %s: %v, want InvalidArgument", p, err)
 		}
 		wantNothingStaged(t, d, v.id())
 	}
 	d.stage(t, v)
-	_, err := d.node.NodePublishVolume(ctxT(t), &csi.NodePublishVolumeRequest{VolumeId: v.id(), StagingTargetPath: v.staging,
-		TargetPath: filepath.Join(d.dataDir, "pool", "target"), VolumeCapability: v.cap})
+	_, err := d.node.NodePublishVolume(ctxT(t), &csi.NodePublishVolumeRequest{VolumeId: v.id(), StagingTargetPath: v.StagingPath,
+		TargetPath: filepath.Join(d.dataDir, "pool", "target"), VolumeCapability: v.Capability})
 	if status.Code(err) != codes.InvalidArgument {
 		t.Fatalf("publish into the pool: %v, want InvalidArgument", err)
 	}
@@ -271,17 +271,17 @@ func TestUnpublishTouchesOnlyItsOwn(t *testing.T) {
 	if err := os.WriteFile(file, []byte("keep me"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	for _, c := range []struct{ id, target string }{
-		{b.id(), file}, {"no-such-volume", file}, {b.id(), a.staging}, {a.id(), a.staging},
+	for _, c := range []struct{ id, TargetPath string }{
+		{b.id(), file}, {"no-such-volume", file}, {b.id(), a.StagingPath}, {a.id(), a.StagingPath},
 	} {
-		if _, err := d.node.NodeUnpublishVolume(ctxT(t), &csi.NodeUnpublishVolumeRequest{VolumeId: c.id, TargetPath: c.target}); err != nil {
-			t.Fatalf("unpublish %s at %s: %v, want OK", c.id, c.target, err)
+		if _, err := d.node.NodeUnpublishVolume(ctxT(t), &csi.NodeUnpublishVolumeRequest{VolumeId: c.id, TargetPath: c.TargetPath}); err != nil {
+			t.Fatalf("unpublish %s at %s: %v, want OK", c.id, c.TargetPath, err)
 		}
 	}
 	if got, err := os.ReadFile(file); err != nil || string(got) != "keep me" {
 		t.Fatalf("a file the node never published was touched: %q %v", got, err)
 	}
-	if m := mountsUnder(a.staging); len(m) == 0 {
+	if m := mountsUnder(a.StagingPath); len(m) == 0 {
 		t.Fatal("another volume's staging mount was unmounted")
 	}
 	d.unstage(t, a)

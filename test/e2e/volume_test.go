@@ -72,8 +72,8 @@ func TestEncryptedVolumeLifecycle(t *testing.T) {
 
 	d.stageAndPublish(t, enc)
 	d.stageAndPublish(t, plain)
-	writeMarker(t, enc.target, marker)
-	writeMarker(t, plain.target, plainMarker)
+	writeMarker(t, enc.TargetPath, marker)
+	writeMarker(t, plain.TargetPath, plainMarker)
 
 	encImage := d.imagePath(t, enc.id())
 	plainImage := d.imagePath(t, plain.id())
@@ -88,23 +88,23 @@ func TestEncryptedVolumeLifecycle(t *testing.T) {
 
 	d.unpublish(t, enc)
 	d.unstage(t, enc)
-	if _, err := os.Stat(filepath.Join(enc.staging, "marker")); err == nil {
+	if _, err := os.Stat(filepath.Join(enc.StagingPath, "marker")); err == nil {
 		t.Fatal("marker still visible at the staging path after unstage")
 	}
 	d.stageAndPublish(t, enc)
-	readMarker(t, enc.target, marker)
+	readMarker(t, enc.TargetPath, marker)
 
 	// The same with 512-byte encryption sectors.
 	enc512 := d.createVolume(t, "enc512", 64*mib, "ext4", map[string]string{"encrypted": "true", "sectorSize": "512"}, "")
 	d.stageAndPublish(t, enc512)
-	writeMarker(t, enc512.target, marker)
+	writeMarker(t, enc512.TargetPath, marker)
 	if img := d.imagePath(t, enc512.id()); fileContains(t, img, marker) {
 		t.Fatalf("the plaintext marker is in the 512-byte-sector image %s", img)
 	}
 	d.unpublish(t, enc512)
 	d.unstage(t, enc512)
 	d.stageAndPublish(t, enc512)
-	readMarker(t, enc512.target, marker)
+	readMarker(t, enc512.TargetPath, marker)
 	d.unpublish(t, enc512)
 	d.unstage(t, enc512)
 
@@ -120,11 +120,11 @@ func TestEncryptedVolumeLifecycle(t *testing.T) {
 		}
 	})
 	restored := d.createVolume(t, "restored", 64*mib, "ext4", map[string]string{"encrypted": "true"}, snapID)
-	if restored.vol.GetVolumeContext()["encrypted"] != "true" {
-		t.Fatalf("restored volume context %v does not say encrypted", restored.vol.GetVolumeContext())
+	if restored.Volume.GetVolumeContext()["encrypted"] != "true" {
+		t.Fatalf("restored volume context %v does not say encrypted", restored.Volume.GetVolumeContext())
 	}
 	d.stageAndPublish(t, restored)
-	readMarker(t, restored.target, marker)
+	readMarker(t, restored.TargetPath, marker)
 	if img := d.imagePath(t, restored.id()); fileContains(t, img, marker) {
 		t.Fatalf("the plaintext marker is in the restored image %s", img)
 	}
