@@ -59,6 +59,12 @@ func runMain(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
+	if b := os.Getenv("E2E_BINARY"); b != "" {
+		// Run the tests against another build (e.g. an older commit, to
+		// see which tests fail on it).
+		binary = b
+		return m.Run()
+	}
 	binary = filepath.Join(dir, "csi-encdisk")
 	build := exec.Command("go", "build", "-o", binary, "github.com/csi-encdisk/csi-encdisk/cmd/csi-encdisk")
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
