@@ -126,11 +126,7 @@ func withContext(ctx context.Context, conn *net.UnixConn, fn func() error) error
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	if d, ok := ctx.Deadline(); ok {
-		if err := conn.SetDeadline(d); err != nil {
-			return err
-		}
-	}
+	// ctx's deadline too arrives through AfterFunc, after ctx.Err is set.
 	stop := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Now()) })
 	err := fn()
 	stop()

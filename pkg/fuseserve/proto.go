@@ -68,17 +68,17 @@ const (
 
 // Open reply flags.
 const (
-	fopenDirectIO              = 1 << 0
-	fopenParallelDirectWrites  = 1 << 6
-	fattrSize                  = 1 << 3 // fuse_setattr_in.valid
-	rootNodeID                 = 1
-	fileNodeID                 = 2
-	notifyInvalInode           = 2
-	notifyResend               = 7
-	uniqueResend        uint64 = 1 << 63 // ORed into a resent request's unique
-	protoMajor                 = 7
-	protoMinMinor              = 31 // oldest protocol minor we talk
-	protoMaxMinor              = 45 // newest one whose structures we know
+	fopenDirectIO                    = 1 << 0
+	fopenParallelDirectWrites        = 1 << 6
+	fattrSize                        = 1 << 3 // fuse_setattr_in.valid
+	rootNodeID                       = 1
+	fileNodeID                       = 2
+	notifyInvalInode                 = 2
+	notifyResend                     = 7
+	uniqueResend              uint64 = 1 << 63 // ORed into a resent request's unique
+	protoMajor                       = 7
+	protoMinMinor                    = 31 // oldest protocol minor we talk
+	protoMaxMinor                    = 45 // newest one whose structures we know
 )
 
 var le = binary.LittleEndian

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -178,18 +179,28 @@ type server struct {
 
 // stopReaders makes every reader return. Readers block in read(2) on the
 // descriptor, which nothing but a request ends (signals restart it, close
-// does not wake it). So after setting stop it asks the kernel for requests:
-// each FUSE_NOTIFY_RETRIEVE of the root directory queues one FUSE_NOTIFY_REPLY
-// (no reply expected) and wakes one reader, which ignores it and sees stop.
-// Leftovers are read and ignored by the next server.
+// does not wake it). So after setting stop it makes the kernel queue requests:
+// each FUSE_NOTIFY_RETRIEVE of the file queues one FUSE_NOTIFY_REPLY (which
+// expects no reply) and wakes one reader, which ignores it and sees stop.
+// Leftovers are read and ignored by the next server. Retrieve needs the
+// file's inode in the kernel's cache (the loop device keeps it open); if it
+// is not, a stat of the file through the mount point makes a LOOKUP instead.
 func (s *server) stopReaders(done <-chan struct{}, alive *atomic.Int32) {
 	s.stop.Store(true)
-	var body [32]byte // fuse_notify_retrieve_out
-	le.PutUint64(body[8:], rootNodeID)
+	var body [32]byte // fuse_notify_retrieve_out: notify_unique, nodeid, offset, size
+	le.PutUint64(body[8:], fileNodeID)
+	var statting atomic.Bool
 	for {
 		for range alive.Load() {
-			if err := s.notify(notifyRetrieve, body[:]); err != nil {
-				return // connection gone: readers see ENODEV
+			err := s.notify(notifyRetrieve, body[:])
+			if err == unix.ENOENT && s.sess.Mountpoint != "" && statting.CompareAndSwap(false, true) {
+				go func() {
+					_, _ = os.Stat(filepath.Join(s.sess.Mountpoint, FileName))
+					statting.Store(false)
+				}()
+			}
+			if err != nil {
+				break // ENODEV: the connection ended, readers see it too
 			}
 		}
 		select {
