@@ -64,7 +64,7 @@ func runChild(sock string) error {
 	if err != nil {
 		return err
 	}
-	f := &fdFile{fd: int(mem.Fd()), size: st.Size()}
+	f := &fdFile{file: mem, fd: int(mem.Fd()), size: st.Size()}
 	// Replay test: writes at these offsets stop the server's progress,
 	// after (apply) or before (before) reaching the memory, and say so on
 	// the socket.
@@ -84,6 +84,7 @@ func runChild(sock string) error {
 
 // fdFile serves a descriptor (a memfd in the tests) with pread/pwrite.
 type fdFile struct {
+	file  *os.File // keeps fd open (its finalizer would close it)
 	fd    int
 	size  int64
 	syncs int64
@@ -153,6 +154,17 @@ type supervisor struct {
 	conn  *net.UnixConn
 	out   *bytes.Buffer
 	gen   int
+
+	unmounted bool
+}
+
+// unmount unmounts the FUSE mount (the loop device must be detached).
+func (s *supervisor) unmount() {
+	s.t.Helper()
+	if err := Unmount(s.dir); err != nil {
+		s.t.Fatal(err)
+	}
+	s.unmounted = true
 }
 
 func newSupervisor(t *testing.T, size int64) *supervisor {
@@ -250,9 +262,11 @@ func (s *supervisor) teardown() {
 	if s.dev == nil {
 		return
 	}
-	if err := Unmount(s.dir); err != nil {
-		s.t.Errorf("%v", err)
-		_ = unix.Unmount(s.dir, unix.MNT_DETACH)
+	if !s.unmounted {
+		if err := Unmount(s.dir); err != nil {
+			s.t.Errorf("%v", err)
+			_ = unix.Unmount(s.dir, unix.MNT_DETACH)
+		}
 	}
 	s.kill()
 	s.dev.Close()
