@@ -102,6 +102,9 @@ func (f *fdFile) ReadAt(p []byte, off int64) (int, syscall.Errno) {
 }
 
 func (f *fdFile) WriteAt(p []byte, off int64) (int, syscall.Errno) {
+	if os.Getenv("FUSESERVE_TRACE") != "" {
+		fmt.Fprintf(os.Stderr, "pid %d write %d+%d\n", os.Getpid(), off, len(p))
+	}
 	if f.hang != nil && off == f.hangBefore {
 		f.hang()
 	}
