@@ -21,12 +21,13 @@ type Stats struct {
 	IOErrors   uint64 `json:"ioErrors"`
 	Size       int64  `json:"size"`     // bytes served (the data segment)
 	DirectIO   bool   `json:"directIO"` // the image is read and written with O_DIRECT
+	Resent     uint64 `json:"resent"`   // requests the kernel delivered again after a takeover
 }
 
 // The control protocol: one JSON request and one JSON reply per connection
 // on a unix socket that only root can reach (mode 0600).
 type controlRequest struct {
-	Op   string `json:"op"` // health | stats | resize | shutdown
+	Op   string `json:"op"` // health | stats | resize | shutdown | handoff
 	Size int64  `json:"size,omitempty"`
 }
 
@@ -53,7 +54,7 @@ func listenControl(path string) (net.Listener, error) {
 }
 
 // serveControl answers requests until ln is closed.
-func serveControl(ln net.Listener, e *engine, shutdown func() error) {
+func serveControl(ln net.Listener, e *engine, shutdown func() error, handoff func()) {
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -80,8 +81,10 @@ func serveControl(ln net.Listener, e *engine, shutdown func() error) {
 					if err := shutdown(); err != nil {
 						rep.Error = err.Error()
 					}
+				case "handoff":
+					handoff()
 				default:
-					rep.Error = fmt.Sprintf("unknown op %q (health, stats, resize, shutdown)", req.Op)
+					rep.Error = fmt.Sprintf("unknown op %q (health, stats, resize, shutdown, handoff)", req.Op)
 				}
 			}
 			json.NewEncoder(c).Encode(&rep)
@@ -150,5 +153,13 @@ func (c *Control) Resize(ctx context.Context, dataSize int64) error {
 // (and the engine keeps serving) while the file is in use, e.g. by a loop device.
 func (c *Control) Shutdown(ctx context.Context) error {
 	_, err := c.call(ctx, controlRequest{Op: "shutdown"})
+	return err
+}
+
+// Handoff makes the engine stop serving without unmounting: it answers what
+// it has read, then exits, and the connection lives on for a successor that
+// its supervisor starts on the same descriptor (an upgrade).
+func (c *Control) Handoff(ctx context.Context) error {
+	_, err := c.call(ctx, controlRequest{Op: "handoff"})
 	return err
 }

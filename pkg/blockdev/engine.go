@@ -1,35 +1,31 @@
 package blockdev
 
 import (
-	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"time"
 
-	"github.com/hanwen/go-fuse/v2/fs"
-	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
-	"github.com/csi-encdisk/csi-encdisk/pkg/mounts"
-
 	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
+	"github.com/csi-encdisk/csi-encdisk/pkg/fuseserve"
+	"github.com/csi-encdisk/csi-encdisk/pkg/mounts"
 )
 
-// fuseRequestTimeout is written to fs.fuse.default_request_timeout (seconds)
-// when that sysctl is 0, before mounting: if some other process holds a copy
-// of the /dev/fuse descriptor of a dead engine, I/O then fails after this
-// long instead of hanging in D state. A timed-out request aborts the whole
-// connection, so it is far above any sane latency of a live engine.
-const fuseRequestTimeout = 120
+// fuseRequestTimeout bounds how long a FUSE request may wait (the
+// connection's own FUSE_REQUEST_TIMEOUT): while no engine serves the file
+// (one died and its replacement is not there yet), I/O waits; past this the
+// kernel aborts the connection and I/O fails instead of hanging in D state.
+// It is far above any sane latency of a live engine and above the longest
+// gap a supervisor leaves before a replacement resends.
+const fuseRequestTimeout = 120 * time.Second
 
 // engine serves the plaintext of one image's data segment.
 type engine struct {
@@ -40,9 +36,9 @@ type engine struct {
 	direct     *os.File // image opened O_DIRECT, nil if the filesystem refuses it
 	buffered   *os.File // image opened without O_DIRECT
 	size       atomic.Int64
-	pool       *bufPool
-	zero       []byte // one all-zero sector, for discard mode
-	node       *diskNode
+	zero       []byte   // one all-zero sector, for discard mode
+	dev        *os.File // the FUSE connection (/dev/fuse)
+	fuseStats  fuseserve.Stats
 
 	readOps, writeOps, readBytes, writeBytes, ioErrors atomic.Uint64
 }
@@ -50,11 +46,16 @@ type engine struct {
 // RunEngine is the engine process. It reads the image's LUKS2 header, gets
 // the passphrase itself (KMS unwrap or passphrase file: no other process of
 // the node ever holds it), unlocks the volume key and keeps it only as the
-// cipher's key schedule in locked memory, mounts the FUSE file and the
-// control socket, tells its starter on report how that went, and serves until
-// a Shutdown request or a signal (ctx) unmounts the FUSE mount. A busy mount
-// (loop device still attached) is not torn down on a signal: the engine keeps
-// serving.
+// cipher's key schedule in locked memory, serves the plaintext as the FUSE
+// file RunDir/fuse/disk with a control socket beside it, tells its starter
+// on report how that went, and serves until the FUSE mount is unmounted (a
+// Shutdown request, or a signal while nothing uses the mount) or a Handoff
+// request stops it while the connection lives on for a successor.
+//
+// Without spec.FUSEFD the engine mounts the FUSE file itself. With it, the
+// connection was mounted by a supervisor (the engine host), which keeps a
+// copy of the descriptor; spec.Resend then asks the kernel to deliver again
+// what a dead predecessor had read and not answered.
 func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err error) {
 	calls := &kmsCallCounter{}
 	rep := &StartReport{}
@@ -68,7 +69,7 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 		return err
 	}
 	harden()
-	e := &engine{spec: spec, pool: newBufPool()}
+	e := &engine{spec: spec}
 	if e.buffered, err = os.OpenFile(spec.Image, os.O_RDWR, 0); err != nil {
 		return fmt.Errorf("engine: open image: %w", err)
 	}
@@ -86,62 +87,118 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 	if e.direct != nil {
 		defer e.direct.Close()
 	}
-	setFUSETimeout()
 
 	mnt := FUSEDir(spec.RunDir)
-	if err := os.MkdirAll(mnt, 0o700); err != nil {
-		return fmt.Errorf("engine: run dir: %w", err)
+	dev, sess, err := e.connect(ctx, mnt)
+	if err != nil {
+		return err
 	}
-	if mounted, _ := mounts.IsMountPoint(mnt); mounted {
-		// A dead engine's mount; a live one would hold the control socket.
-		if err := DialControl(ControlSocketPath(spec.RunDir)).Health(ctx); err == nil {
-			return fmt.Errorf("engine: another engine already serves %s", mnt)
-		}
-		if err := cleanupDeadEngine(spec.RunDir); err != nil {
-			return fmt.Errorf("engine: stale mount: %w", err)
-		}
-	}
+	defer dev.Close()
+	e.dev = dev
 	ln, err := listenControl(ControlSocketPath(spec.RunDir))
 	if err != nil {
+		if spec.FUSEFD == 0 {
+			_ = fuseserve.Unmount(mnt)
+		}
 		return err
 	}
 	defer ln.Close()
 
-	srv, err := e.mount(mnt)
-	if err != nil {
-		return err
-	}
-	served := make(chan struct{})
-	go func() { srv.Wait(); close(served) }()
+	// serveCtx ends the server without unmounting (Handoff); unmounting
+	// (Shutdown) ends it with the connection.
+	serveCtx, handoff := context.WithCancel(context.Background())
+	defer handoff()
 	var unmountMu sync.Mutex // control requests and signals may race
 	shutdown := func() error {
 		unmountMu.Lock()
 		defer unmountMu.Unlock()
-		if err := srv.Unmount(); err != nil {
+		if err := fuseserve.Unmount(mnt); err != nil {
 			return fmt.Errorf("unmount %s: %w", mnt, err)
 		}
 		return nil
 	}
-	go serveControl(ln, e, shutdown)
+	go serveControl(ln, e, shutdown, handoff)
+	served := make(chan error, 1)
+	go func() {
+		served <- fuseserve.Serve(serveCtx, dev, sess, e, fuseserve.ServeOptions{Resend: spec.Resend, Stats: &e.fuseStats})
+	}()
 	klog.InfoS("Engine serving", "volumeID", spec.VolumeID, "image", spec.Image, "file", PlainFile(spec.RunDir),
-		"size", e.size.Load(), "sectorSize", e.sectorSize, "allowDiscards", spec.AllowDiscards, "directIO", e.direct != nil)
+		"size", e.size.Load(), "sectorSize", e.sectorSize, "allowDiscards", spec.AllowDiscards, "directIO", e.direct != nil,
+		"takeover", spec.FUSEFD != 0, "resend", spec.Resend)
 	writeReport(report, &StartReport{DataOffset: e.dataOffset, SectorSize: e.sectorSize, Size: e.size.Load(), KMSCalls: calls.report()})
 
 	sig := ctx.Done()
 	for {
 		select {
-		case <-served:
-			if err := unix.Fdatasync(int(e.buffered.Fd())); err != nil {
-				return fmt.Errorf("engine: final fdatasync of %s: %w", spec.Image, err)
+		case err := <-served:
+			if errors.Is(err, context.Canceled) {
+				err = nil // handed off: the connection lives on
 			}
-			klog.InfoS("Engine stopped", "volumeID", spec.VolumeID)
-			return nil
+			if serr := unix.Fdatasync(int(e.buffered.Fd())); serr != nil && err == nil {
+				err = fmt.Errorf("engine: final fdatasync of %s: %w", spec.Image, serr)
+			}
+			klog.InfoS("Engine stopped", "volumeID", spec.VolumeID, "err", err)
+			return err
 		case <-sig:
 			sig = nil
+			if spec.FUSEFD != 0 {
+				// A supervised engine stops serving and leaves the connection
+				// to its supervisor, which starts a successor if it wants one.
+				handoff()
+				continue
+			}
 			if err := shutdown(); err != nil {
 				klog.ErrorS(err, "Signal received but the FUSE mount is busy; engine keeps serving", "volumeID", spec.VolumeID)
 			}
 		}
+	}
+}
+
+// connect mounts the FUSE file on mnt, or takes the connection a supervisor
+// handed down (spec.FUSEFD, spec.Session).
+func (e *engine) connect(ctx context.Context, mnt string) (*os.File, *fuseserve.Session, error) {
+	if e.spec.FUSEFD != 0 {
+		var sess fuseserve.Session
+		if err := json.Unmarshal([]byte(e.spec.Session), &sess); err != nil {
+			return nil, nil, fmt.Errorf("engine: --session: %w", err)
+		}
+		if err := sess.Validate(); err != nil {
+			return nil, nil, fmt.Errorf("engine: --session: %w", err)
+		}
+		dev := os.NewFile(uintptr(e.spec.FUSEFD), "fuse")
+		if dev == nil {
+			return nil, nil, fmt.Errorf("engine: --fuse-fd %d is not open", e.spec.FUSEFD)
+		}
+		return dev, &sess, nil
+	}
+	if err := os.MkdirAll(mnt, 0o700); err != nil {
+		return nil, nil, fmt.Errorf("engine: run dir: %w", err)
+	}
+	if mounted, _ := mounts.IsMountPoint(mnt); mounted {
+		// A dead engine's mount; a live one would hold the control socket.
+		if err := DialControl(ControlSocketPath(e.spec.RunDir)).Health(ctx); err == nil {
+			return nil, nil, fmt.Errorf("engine: another engine already serves %s", mnt)
+		}
+		if err := cleanupDeadEngine(e.spec.RunDir); err != nil {
+			return nil, nil, fmt.Errorf("engine: stale mount: %w", err)
+		}
+	}
+	dev, sess, err := fuseserve.Mount(ctx, mnt, MountOptions(e.spec.VolumeID))
+	if err != nil {
+		return nil, nil, fmt.Errorf("engine: FUSE mount on %s: %w", mnt, err)
+	}
+	return dev, sess, nil
+}
+
+// MountOptions are the FUSE mount options of a volume's engine (whoever
+// mounts it: the engine itself or its supervisor).
+func MountOptions(volumeID string) fuseserve.MountOptions {
+	return fuseserve.MountOptions{
+		FsName:         "csi-encdisk:" + volumeID,
+		Subtype:        "csi-encdisk",
+		MaxWrite:       1 << 20,
+		MaxBackground:  64,
+		RequestTimeout: fuseRequestTimeout,
 	}
 }
 
@@ -208,9 +265,11 @@ func (e *engine) resize(want int64) error {
 	if err := e.refreshSize(want); err != nil {
 		return err
 	}
-	if e.node != nil {
+	if e.dev != nil {
 		// Drop the kernel's cached attributes so the next stat sees the size.
-		e.node.NotifyContent(0, 0)
+		if err := fuseserve.InvalidateAttr(e.dev); err != nil {
+			return err
+		}
 	}
 	klog.InfoS("Engine resized", "volumeID", e.spec.VolumeID, "size", e.size.Load())
 	return nil
@@ -221,272 +280,6 @@ func (e *engine) stats() *Stats {
 		ReadOps: e.readOps.Load(), WriteOps: e.writeOps.Load(),
 		ReadBytes: e.readBytes.Load(), WriteBytes: e.writeBytes.Load(),
 		IOErrors: e.ioErrors.Load(), Size: e.size.Load(),
-		DirectIO: e.direct != nil,
+		DirectIO: e.direct != nil, Resent: e.fuseStats.Resent.Load(),
 	}
-}
-
-func (e *engine) mount(dir string) (*fuse.Server, error) {
-	e.node = &diskNode{e: e}
-	root := &rootNode{e: e}
-	zero, hour := time.Duration(0), time.Hour
-	opts := &fs.Options{
-		MountOptions: fuse.MountOptions{
-			FsName:            "csi-encdisk:" + e.spec.VolumeID,
-			Name:              "csi-encdisk",
-			DirectMount:       true,
-			DirectMountStrict: true,
-			MaxWrite:          chunkSize,
-			MaxBackground:     64,
-			DisableSplice:     true,
-			ExtraCapabilities: fuse.CAP_ASYNC_DIO,
-		},
-		AttrTimeout:  &zero,
-		EntryTimeout: &hour,
-	}
-	srv, err := fs.Mount(dir, root, opts)
-	if err != nil {
-		return nil, fmt.Errorf("engine: FUSE mount on %s: %w", dir, err)
-	}
-	return srv, nil
-}
-
-// setFUSETimeout sets fs.fuse.default_request_timeout if the kernel has it
-// and nobody set it yet (it applies to connections made afterwards).
-func setFUSETimeout() {
-	const p = "/proc/sys/fs/fuse/default_request_timeout"
-	b, err := os.ReadFile(p)
-	if err != nil {
-		klog.V(2).InfoS("Kernel has no FUSE request timeout", "err", err)
-		return
-	}
-	if v, _ := strconv.Atoi(strings.TrimSpace(string(b))); v != 0 {
-		return
-	}
-	if err := os.WriteFile(p, []byte(strconv.Itoa(fuseRequestTimeout)), 0); err != nil {
-		klog.ErrorS(err, "Setting fs.fuse.default_request_timeout failed")
-	}
-}
-
-// rootNode is the FUSE root directory; it holds the one file.
-type rootNode struct {
-	fs.Inode
-	e *engine
-}
-
-var _ fs.NodeOnAdder = (*rootNode)(nil)
-
-// OnAdd adds the plaintext file.
-func (r *rootNode) OnAdd(ctx context.Context) {
-	ch := r.NewPersistentInode(ctx, r.e.node, fs.StableAttr{Mode: syscall.S_IFREG, Ino: 2})
-	r.AddChild(FileName, ch, false)
-}
-
-// diskNode is the plaintext file.
-type diskNode struct {
-	fs.Inode
-	e *engine
-}
-
-var (
-	_ fs.NodeOpener    = (*diskNode)(nil)
-	_ fs.NodeGetattrer = (*diskNode)(nil)
-	_ fs.NodeSetattrer = (*diskNode)(nil)
-	_ fs.NodeReader    = (*diskNode)(nil)
-	_ fs.NodeWriter    = (*diskNode)(nil)
-	_ fs.NodeFsyncer   = (*diskNode)(nil)
-	_ fs.NodeFlusher   = (*diskNode)(nil)
-	_ fs.NodeAllocater = (*diskNode)(nil)
-)
-
-// Open serves every open with direct I/O (no page cache in the engine's
-// path) and lets writes to the file run in parallel.
-func (d *diskNode) Open(_ context.Context, _ uint32) (fs.FileHandle, uint32, syscall.Errno) {
-	return nil, fuse.FOPEN_DIRECT_IO | fuse.FOPEN_PARALLEL_DIRECT_WRITES, 0
-}
-
-// Getattr reports the data segment's size.
-func (d *diskNode) Getattr(_ context.Context, _ fs.FileHandle, out *fuse.AttrOut) syscall.Errno {
-	d.fill(out)
-	return 0
-}
-
-func (d *diskNode) fill(out *fuse.AttrOut) {
-	size := uint64(d.e.size.Load())
-	out.Mode = syscall.S_IFREG | 0o600
-	out.Nlink = 1
-	out.Size = size
-	out.Blocks = size / 512
-	out.Blksize = uint32(d.e.sectorSize)
-}
-
-// Setattr refuses size changes (the size follows the image); the rest is a no-op.
-func (d *diskNode) Setattr(_ context.Context, _ fs.FileHandle, in *fuse.SetAttrIn, out *fuse.AttrOut) syscall.Errno {
-	if sz, ok := in.GetSize(); ok && int64(sz) != d.e.size.Load() {
-		return syscall.EPERM
-	}
-	d.fill(out)
-	return 0
-}
-
-// aligned reports whether off and n are whole encryption sectors.
-func (e *engine) aligned(off int64, n int) bool {
-	ss := int64(e.sectorSize)
-	return off >= 0 && off%ss == 0 && int64(n)%ss == 0
-}
-
-// Read decrypts whole sectors into dest.
-func (d *diskNode) Read(_ context.Context, _ fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
-	e := d.e
-	if !e.aligned(off, len(dest)) {
-		return nil, syscall.EINVAL
-	}
-	size := e.size.Load()
-	if off >= size {
-		return fuse.ReadResultData(nil), 0
-	}
-	n := int(min(int64(len(dest)), size-off))
-	bp := e.pool.get()
-	defer e.pool.put(bp)
-	buf := *bp
-	ss := e.sectorSize
-	for done := 0; done < n; {
-		c := min(n-done, chunkSize)
-		pos := off + int64(done)
-		if err := e.pread(buf[:c], e.dataOffset+pos); err != nil {
-			e.ioErrors.Add(1)
-			klog.ErrorS(err, "Image read failed", "volumeID", e.spec.VolumeID, "offset", pos, "length", c)
-			return nil, ioErrno(err)
-		}
-		if e.spec.AllowDiscards {
-			// A punched sector reads back as zero plaintext.
-			for s := 0; s < c; s += ss {
-				out := dest[done+s : done+s+ss]
-				if bytes.Equal(buf[s:s+ss], e.zero) {
-					clear(out)
-				} else {
-					e.xts.DecryptSectors(out, buf[s:s+ss], uint64(pos+int64(s))/512)
-				}
-			}
-		} else {
-			e.xts.DecryptSectors(dest[done:done+c], buf[:c], uint64(pos)/512)
-		}
-		done += c
-	}
-	e.readOps.Add(1)
-	e.readBytes.Add(uint64(n))
-	return fuse.ReadResultData(dest[:n]), 0
-}
-
-// Write encrypts whole sectors and writes them to the image.
-func (d *diskNode) Write(_ context.Context, _ fs.FileHandle, data []byte, off int64) (uint32, syscall.Errno) {
-	e := d.e
-	if !e.aligned(off, len(data)) {
-		return 0, syscall.EINVAL
-	}
-	if off+int64(len(data)) > e.size.Load() {
-		return 0, syscall.ENOSPC
-	}
-	bp := e.pool.get()
-	defer e.pool.put(bp)
-	buf := *bp
-	for done := 0; done < len(data); {
-		c := min(len(data)-done, chunkSize)
-		pos := off + int64(done)
-		e.xts.EncryptSectors(buf[:c], data[done:done+c], uint64(pos)/512)
-		if err := e.pwrite(buf[:c], e.dataOffset+pos); err != nil {
-			e.ioErrors.Add(1)
-			klog.ErrorS(err, "Image write failed", "volumeID", e.spec.VolumeID, "offset", pos, "length", c)
-			return 0, ioErrno(err)
-		}
-		done += c
-	}
-	e.writeOps.Add(1)
-	e.writeBytes.Add(uint64(len(data)))
-	return uint32(len(data)), 0
-}
-
-// pread fills buf from the image at off, through O_DIRECT when possible.
-func (e *engine) pread(buf []byte, off int64) error {
-	if e.direct != nil {
-		_, err := e.direct.ReadAt(buf, off)
-		if !errors.Is(err, syscall.EINVAL) {
-			return err
-		}
-	}
-	_, err := e.buffered.ReadAt(buf, off)
-	return err
-}
-
-// pwrite writes buf to the image at off, through O_DIRECT when possible.
-func (e *engine) pwrite(buf []byte, off int64) error {
-	if e.direct != nil {
-		_, err := e.direct.WriteAt(buf, off)
-		if !errors.Is(err, syscall.EINVAL) {
-			return err
-		}
-	}
-	_, err := e.buffered.WriteAt(buf, off)
-	return err
-}
-
-// Fsync makes written data durable in the image.
-func (d *diskNode) Fsync(_ context.Context, _ fs.FileHandle, _ uint32) syscall.Errno {
-	return d.e.sync()
-}
-
-// Flush (close of a descriptor) also syncs the image.
-func (d *diskNode) Flush(_ context.Context, _ fs.FileHandle) syscall.Errno {
-	return d.e.sync()
-}
-
-func (e *engine) sync() syscall.Errno {
-	if err := unix.Fdatasync(int(e.buffered.Fd())); err != nil {
-		e.ioErrors.Add(1)
-		klog.ErrorS(err, "fdatasync of the image failed", "volumeID", e.spec.VolumeID)
-		return ioErrno(err)
-	}
-	return 0
-}
-
-// Allocate serves the loop device's discard (PUNCH_HOLE) and write-zeroes
-// (ZERO_RANGE). Without AllowDiscards every mode gets EOPNOTSUPP, so the
-// kernel writes real (encrypted) zeros and the image never has holes that
-// would decrypt to garbage. With it, both punch holes in the image, which
-// Read turns back into zero plaintext.
-func (d *diskNode) Allocate(_ context.Context, _ fs.FileHandle, off, size uint64, mode uint32) syscall.Errno {
-	e := d.e
-	if !e.spec.AllowDiscards {
-		return syscall.EOPNOTSUPP
-	}
-	switch mode &^ unix.FALLOC_FL_KEEP_SIZE {
-	case unix.FALLOC_FL_PUNCH_HOLE, unix.FALLOC_FL_ZERO_RANGE:
-	default:
-		return syscall.EOPNOTSUPP
-	}
-	ss := uint64(e.sectorSize)
-	if off > 1<<62 || size > 1<<62 || off%ss != 0 || size%ss != 0 {
-		return syscall.EINVAL
-	}
-	end := min(int64(off+size), e.size.Load())
-	if int64(off) >= end {
-		return 0
-	}
-	err := unix.Fallocate(int(e.buffered.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE,
-		e.dataOffset+int64(off), end-int64(off))
-	if err != nil {
-		e.ioErrors.Add(1)
-		klog.ErrorS(err, "Punching a hole in the image failed", "volumeID", e.spec.VolumeID, "offset", off, "length", size)
-		return ioErrno(err)
-	}
-	return 0
-}
-
-// ioErrno maps an image I/O error to the errno the kernel passes up: the
-// system call's own, or EIO (a short read of a truncated image, ...).
-func ioErrno(err error) syscall.Errno {
-	var errno syscall.Errno
-	if errors.As(err, &errno) {
-		return errno
-	}
-	return syscall.EIO
 }

@@ -35,6 +35,14 @@ type EngineSpec struct {
 	// BufferedBacking opens the image without O_DIRECT (for measurements;
 	// the default, O_DIRECT, avoids caching every block twice).
 	BufferedBacking bool
+
+	// FUSEFD is an inherited /dev/fuse descriptor whose connection a
+	// supervisor mounted (0: the engine mounts RunDir/fuse itself); Session
+	// is that connection's fuseserve.Session as JSON. Resend asks the kernel
+	// to deliver again the requests a dead predecessor had read.
+	FUSEFD  int
+	Session string
+	Resend  bool
 }
 
 // RegisterFlags defines the engine's flags on fs, bound to s.
@@ -49,6 +57,9 @@ func (s *EngineSpec) RegisterFlags(fs *flag.FlagSet) {
 	fs.BoolVar(&s.ReadOnly, "read-only", false, "never write the image's header (no re-wrap after a rotation)")
 	fs.BoolVar(&s.AllowDiscards, "allow-discards", false, "punch holes on discard; all-zero ciphertext sectors read as zeros")
 	fs.BoolVar(&s.BufferedBacking, "buffered-backing", false, "open the image without O_DIRECT (for measurements)")
+	fs.IntVar(&s.FUSEFD, "fuse-fd", 0, "serve the FUSE connection on this inherited descriptor instead of mounting (set by the engine host)")
+	fs.StringVar(&s.Session, "session", "", "the --fuse-fd connection's negotiated parameters, JSON (set by the engine host)")
+	fs.BoolVar(&s.Resend, "resend", false, "ask the kernel to resend what a dead predecessor had read (set by the engine host)")
 }
 
 // Args is the argv (after the binary) that runs the engine for s: the
@@ -104,6 +115,10 @@ func (s EngineSpec) Validate() error {
 		return fmt.Errorf("engine spec: control socket %s is longer than a unix socket path may be (%d bytes): use a shorter state directory", ControlSocketPath(s.RunDir), maxSocketPath-1)
 	case (s.KMSEndpoint == "") == (s.PassphraseFile == ""):
 		return errors.New("engine spec: give exactly one of a KMS endpoint and a passphrase file")
+	case s.FUSEFD < 0 || s.FUSEFD == 1 || s.FUSEFD == 2 || s.FUSEFD == ReportFD:
+		return fmt.Errorf("engine spec: --fuse-fd %d is not a descriptor an engine can be given", s.FUSEFD)
+	case (s.FUSEFD == 0) != (s.Session == ""):
+		return errors.New("engine spec: --fuse-fd and --session go together")
 	case s.KMSTimeout < 0:
 		return fmt.Errorf("engine spec: KMS timeout %s must not be negative", s.KMSTimeout)
 	}
