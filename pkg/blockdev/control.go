@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/csi-encdisk/csi-encdisk/pkg/fuseserve"
 	"net"
 	"os"
 	"time"
@@ -83,8 +84,22 @@ func serveControl(ln net.Listener, e *engine, shutdown func() error, handoff fun
 					}
 				case "handoff":
 					handoff()
+				case "fuse":
+					// A supervisor adopting this engine takes a copy of the
+					// FUSE connection (SCM_RIGHTS) instead of a JSON reply.
+					uc, ok := c.(*net.UnixConn)
+					if ok && e.dev != nil {
+						ctx, cancel := context.WithTimeout(context.Background(), controlTimeout)
+						err := fuseserve.SendSession(ctx, uc, e.sess, e.dev)
+						cancel()
+						if err != nil {
+							klog.ErrorS(err, "Handing the FUSE connection to a supervisor failed", "volumeID", e.spec.VolumeID)
+						}
+						return
+					}
+					rep.Error = "no FUSE connection to hand over"
 				default:
-					rep.Error = fmt.Sprintf("unknown op %q (health, stats, resize, shutdown, handoff)", req.Op)
+					rep.Error = fmt.Sprintf("unknown op %q (health, stats, resize, shutdown, handoff, fuse)", req.Op)
 				}
 			}
 			json.NewEncoder(c).Encode(&rep)
@@ -162,4 +177,29 @@ func (c *Control) Shutdown(ctx context.Context) error {
 func (c *Control) Handoff(ctx context.Context) error {
 	_, err := c.call(ctx, controlRequest{Op: "handoff"})
 	return err
+}
+
+// FUSE asks the engine for a copy of its FUSE connection's descriptor and
+// Session (a supervisor adopting an engine it did not start). The caller
+// owns the returned file.
+func (c *Control) FUSE(ctx context.Context) (*os.File, *fuseserve.Session, error) {
+	ctx, cancel := context.WithTimeout(ctx, controlTimeout)
+	defer cancel()
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", c.socket)
+	if err != nil {
+		return nil, nil, fmt.Errorf("engine control %s: %w", c.socket, err)
+	}
+	defer conn.Close()
+	if err := json.NewEncoder(conn).Encode(&controlRequest{Op: "fuse"}); err != nil {
+		return nil, nil, fmt.Errorf("engine control %s: fuse: %w", c.socket, err)
+	}
+	sess, files, err := fuseserve.ReceiveSession(ctx, conn.(*net.UnixConn))
+	if err != nil {
+		return nil, nil, fmt.Errorf("engine control %s: fuse: %w", c.socket, err)
+	}
+	for _, f := range files[1:] {
+		f.Close()
+	}
+	return files[0], sess, nil
 }

@@ -38,6 +38,7 @@ type engine struct {
 	size       atomic.Int64
 	zero       []byte   // one all-zero sector, for discard mode
 	dev        *os.File // the FUSE connection (/dev/fuse)
+	sess       *fuseserve.Session
 	fuseStats  fuseserve.Stats
 
 	readOps, writeOps, readBytes, writeBytes, ioErrors atomic.Uint64
@@ -94,7 +95,7 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 		return err
 	}
 	defer dev.Close()
-	e.dev = dev
+	e.dev, e.sess = dev, sess
 	ln, err := listenControl(ControlSocketPath(spec.RunDir))
 	if err != nil {
 		if spec.FUSEFD == 0 {

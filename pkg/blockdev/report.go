@@ -57,9 +57,9 @@ func reasonOf(err error) string {
 	return ""
 }
 
-// err turns a failed report back into an error that wraps the sentinel of
+// Err turns a failed report back into an error that wraps the sentinel of
 // its reason; nil when the engine serves.
-func (r *StartReport) err() error {
+func (r *StartReport) Err() error {
 	if r.Error == "" {
 		return nil
 	}

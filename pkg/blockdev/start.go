@@ -33,6 +33,20 @@ const LogFileName = "engine.log"
 // ErrWrongPassphrase when that is why, and the report (possibly nil) still
 // counts the KMS calls made.
 func StartEngine(ctx context.Context, binary string, spec EngineSpec) (*Engine, *StartReport, error) {
+	return startEngine(ctx, binary, spec, nil)
+}
+
+// StartEngineOn is StartEngine for a supervisor that mounted the FUSE file
+// itself (fuseserve.Mount with MountOptions) and keeps dev, a copy of the
+// connection's descriptor: the engine serves that connection (spec.Session
+// must be its Session as JSON; spec.Resend after a predecessor died). On
+// failure the engine is killed and the mount left to the supervisor.
+func StartEngineOn(ctx context.Context, binary string, spec EngineSpec, dev *os.File) (*Engine, *StartReport, error) {
+	spec.FUSEFD = ReportFD + 1 // cmd.ExtraFiles[1]
+	return startEngine(ctx, binary, spec, dev)
+}
+
+func startEngine(ctx context.Context, binary string, spec EngineSpec, dev *os.File) (*Engine, *StartReport, error) {
 	if err := spec.Validate(); err != nil {
 		return nil, nil, err
 	}
@@ -41,8 +55,12 @@ func StartEngine(ctx context.Context, binary string, spec EngineSpec) (*Engine, 
 		return nil, nil, fmt.Errorf("start engine: an engine already answers on %s", sock)
 	}
 	// A dead engine's mount ("transport endpoint is not connected") would
-	// fail the mkdir below and the new mount.
-	if err := cleanupDeadEngine(spec.RunDir); err != nil {
+	// fail the mkdir below and the new mount; a supervisor's mount stays.
+	cleanup := func() error { return cleanupDeadEngine(spec.RunDir) }
+	if dev != nil {
+		cleanup = func() error { return removeStaleSocket(sock) }
+	}
+	if err := cleanup(); err != nil {
 		return nil, nil, fmt.Errorf("start engine: %w", err)
 	}
 	if err := os.MkdirAll(FUSEDir(spec.RunDir), 0o700); err != nil {
@@ -70,6 +88,9 @@ func StartEngine(ctx context.Context, binary string, spec EngineSpec) (*Engine, 
 	cmd.Stdout = logf
 	cmd.Stderr = logf
 	cmd.ExtraFiles = []*os.File{w} // becomes ReportFD
+	if dev != nil {
+		cmd.ExtraFiles = append(cmd.ExtraFiles, dev) // becomes spec.FUSEFD
+	}
 	cmd.Dir = "/"
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
@@ -85,7 +106,7 @@ func StartEngine(ctx context.Context, binary string, spec EngineSpec) (*Engine, 
 		case <-exited:
 		case <-time.After(5 * time.Second):
 		}
-		if err := cleanupDeadEngine(spec.RunDir); err != nil {
+		if err := cleanup(); err != nil {
 			klog.ErrorS(err, "Cleanup after a failed engine start", "volumeID", spec.VolumeID)
 		}
 		return nil, rep, fmt.Errorf("start engine for volume %s: %w (log: %s)", spec.VolumeID, cause, filepath.Join(spec.RunDir, LogFileName))
@@ -111,7 +132,7 @@ func StartEngine(ctx context.Context, binary string, spec EngineSpec) (*Engine, 
 		}
 		return fail(nil, err)
 	}
-	if err := rep.err(); err != nil {
+	if err := rep.Err(); err != nil {
 		return fail(rep, err)
 	}
 	if _, err := os.Stat(PlainFile(spec.RunDir)); err != nil {
@@ -138,7 +159,17 @@ func cleanupDeadEngine(runDir string) error {
 			}
 		}
 	}
-	_ = os.Remove(ControlSocketPath(runDir))
+	return removeStaleSocket(ControlSocketPath(runDir))
+}
+
+// removeStaleSocket removes a control socket nobody answers on.
+func removeStaleSocket(sock string) error {
+	if err := DialControl(sock).Health(context.Background()); err == nil {
+		return fmt.Errorf("an engine still answers on %s", sock)
+	}
+	if err := os.Remove(sock); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove stale control socket: %w", err)
+	}
 	return nil
 }
 

@@ -1,0 +1,224 @@
+package enginehost
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"time"
+
+	"k8s.io/klog/v2"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/blockdev"
+	"github.com/csi-encdisk/csi-encdisk/pkg/unixsock"
+)
+
+// The host's API: one JSON request and one JSON reply per connection on a
+// unix socket only root can reach (mode 0600). No secret crosses it.
+type request struct {
+	Op       string               `json:"op"` // start | stop | status | handover
+	Spec     *blockdev.EngineSpec `json:"spec,omitempty"`
+	VolumeID string               `json:"volumeID,omitempty"`
+}
+
+type reply struct {
+	Error   string                `json:"error,omitempty"`
+	Unknown bool                  `json:"unknown,omitempty"` // ErrUnknownVolume
+	Engine  *blockdev.Engine      `json:"engine,omitempty"`
+	Report  *blockdev.StartReport `json:"report,omitempty"`
+	Status  *Status               `json:"status,omitempty"`
+}
+
+// requestTimeout bounds one API call (a start unlocks through the KMS).
+const requestTimeout = 2 * blockdev.StartTimeout
+
+// Serve answers the API on socket until ctx ends or a successor asks for a
+// handover; either way it then stops supervising (Close) and leaves the
+// engines serving. A live host already on socket is asked to hand over
+// first, so that a new host (an upgrade) takes its place.
+func (h *Host) Serve(ctx context.Context, socket string) error {
+	ln, err := listenTakingOver(ctx, socket)
+	if err != nil {
+		return err
+	}
+	defer ln.Close()
+	handover := make(chan struct{})
+	var once bool
+	go func() {
+		select {
+		case <-ctx.Done():
+		case <-handover:
+		}
+		ln.Close()
+	}()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			h.Close()
+			select {
+			case <-handover:
+				return nil
+			default:
+			}
+			if ctx.Err() != nil {
+				return nil
+			}
+			return fmt.Errorf("engine host: accept: %w", err)
+		}
+		var req request
+		_ = c.SetDeadline(time.Now().Add(requestTimeout))
+		if err := json.NewDecoder(c).Decode(&req); err != nil {
+			_ = json.NewEncoder(c).Encode(&reply{Error: fmt.Sprintf("bad request: %v", err)})
+			c.Close()
+			continue
+		}
+		if req.Op == "handover" {
+			// Answer only once this host let go of everything.
+			h.Close()
+			_ = json.NewEncoder(c).Encode(&reply{})
+			c.Close()
+			if !once {
+				once = true
+				close(handover)
+			}
+			continue
+		}
+		go func() {
+			defer c.Close()
+			rctx, cancel := context.WithTimeout(ctx, requestTimeout)
+			defer cancel()
+			_ = json.NewEncoder(c).Encode(h.handle(rctx, &req))
+		}()
+	}
+}
+
+func (h *Host) handle(ctx context.Context, req *request) *reply {
+	rep := &reply{}
+	var err error
+	switch req.Op {
+	case "start":
+		if req.Spec == nil {
+			err = errors.New("start: no spec")
+			break
+		}
+		rep.Engine, rep.Report, err = h.Start(ctx, *req.Spec)
+	case "stop":
+		err = h.Stop(ctx, req.VolumeID)
+	case "status":
+		var st Status
+		st, err = h.Status(req.VolumeID)
+		rep.Status = &st
+	default:
+		err = fmt.Errorf("unknown op %q (start, stop, status, handover)", req.Op)
+	}
+	if err != nil {
+		rep.Error = err.Error()
+		rep.Unknown = errors.Is(err, ErrUnknownVolume)
+	}
+	return rep
+}
+
+// listenTakingOver listens on socket; a live host there is asked to hand
+// over, and the socket is taken once it let go.
+func listenTakingOver(ctx context.Context, socket string) (net.Listener, error) {
+	ln, err := unixsock.Listen(socket, 0o600)
+	if err == nil {
+		return ln, nil
+	}
+	c := Client{Socket: socket}
+	if _, herr := c.call(ctx, &request{Op: "handover"}); herr != nil {
+		return nil, fmt.Errorf("engine host: %w (and the host there did not hand over: %v)", err, herr)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		ln, err = unixsock.Listen(socket, 0o600)
+		if err == nil {
+			klog.InfoS("Engine host: took over from the previous host", "socket", socket)
+			return ln, nil
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("engine host: previous host did not let go of %s: %w", socket, err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// Client calls an engine host; it starts and stops the engines of the node
+// plugin's volumes.
+type Client struct {
+	Socket string
+}
+
+func (c Client) call(ctx context.Context, req *request) (*reply, error) {
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", c.Socket)
+	if err != nil {
+		return nil, fmt.Errorf("engine host %s: %w", c.Socket, err)
+	}
+	defer conn.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		_ = conn.SetDeadline(dl)
+	}
+	if err := json.NewEncoder(conn).Encode(req); err != nil {
+		return nil, fmt.Errorf("engine host %s: %s: %w", c.Socket, req.Op, err)
+	}
+	var rep reply
+	if err := json.NewDecoder(conn).Decode(&rep); err != nil {
+		return nil, fmt.Errorf("engine host %s: %s: reading reply: %w", c.Socket, req.Op, err)
+	}
+	return &rep, nil
+}
+
+// Start asks the host to mount the volume's FUSE file and start its engine.
+// A failed start's error wraps the engine's reason (blockdev.ErrBadHeader,
+// ErrKMSUnavailable, ...) when it gave one.
+func (c Client) Start(ctx context.Context, spec blockdev.EngineSpec) (*blockdev.Engine, *blockdev.StartReport, error) {
+	rep, err := c.call(ctx, &request{Op: "start", Spec: &spec})
+	if err != nil {
+		return nil, nil, err
+	}
+	if rep.Error != "" {
+		if rep.Report != nil {
+			if rerr := rep.Report.Err(); rerr != nil {
+				return nil, rep.Report, fmt.Errorf("engine host: %w", rerr)
+			}
+		}
+		return nil, rep.Report, fmt.Errorf("engine host: %s", rep.Error)
+	}
+	return rep.Engine, rep.Report, nil
+}
+
+// Stop asks the host to end the volume's engine and FUSE mount.
+func (c Client) Stop(ctx context.Context, volumeID string) error {
+	rep, err := c.call(ctx, &request{Op: "stop", VolumeID: volumeID})
+	if err != nil {
+		return err
+	}
+	if rep.Error != "" {
+		return fmt.Errorf("engine host: %s", rep.Error)
+	}
+	return nil
+}
+
+// Status asks the host about the volume's engine; ErrUnknownVolume when it
+// serves none for it.
+func (c Client) Status(ctx context.Context, volumeID string) (Status, error) {
+	rep, err := c.call(ctx, &request{Op: "status", VolumeID: volumeID})
+	if err != nil {
+		return Status{}, err
+	}
+	if rep.Unknown {
+		return Status{}, ErrUnknownVolume
+	}
+	if rep.Error != "" {
+		return Status{}, fmt.Errorf("engine host: %s", rep.Error)
+	}
+	return *rep.Status, nil
+}
