@@ -42,7 +42,7 @@ func TestCompareWithGoFuse(t *testing.T) {
 					stop = mountGoFuse(t, dir, file)
 				}
 				loop := loopAttach(t, filepath.Join(dir, FileName))
-				res, err, stderr := runFio(context.Background(), loop, "--rw="+rw, "--size=512M",
+				res, stderr, err := runFio(context.Background(), loop, "--rw="+rw, "--size=512M",
 					"--time_based", "--runtime=8", "--randrepeat=0")
 				loopDetach(t, loop)
 				stop()

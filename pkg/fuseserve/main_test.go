@@ -84,10 +84,9 @@ func runChild(sock string) error {
 
 // fdFile serves a descriptor (a memfd in the tests) with pread/pwrite.
 type fdFile struct {
-	file  *os.File // keeps fd open (its finalizer would close it)
-	fd    int
-	size  int64
-	syncs int64
+	file *os.File // keeps fd open (its finalizer would close it)
+	fd   int
+	size int64
 
 	hangApply, hangBefore int64 // replay test, if hang is set
 	hang                  func()

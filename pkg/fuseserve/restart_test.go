@@ -27,9 +27,9 @@ type fioDir struct {
 	} `json:"clat_ns"`
 }
 
-// runFio runs fio on dev with args; it returns the parsed output and fio's
-// exit error.
-func runFio(ctx context.Context, dev string, args ...string) (*fioResult, error, []byte) {
+// runFio runs fio on dev with args; it returns the parsed output, fio's
+// stderr and its exit error.
+func runFio(ctx context.Context, dev string, args ...string) (*fioResult, []byte, error) {
 	base := []string{"--name=t", "--filename=" + dev, "--bs=4k", "--ioengine=libaio", "--iodepth=16",
 		"--direct=1", "--output-format=json"}
 	cmd := exec.CommandContext(ctx, "fio", append(base, args...)...)
@@ -38,9 +38,9 @@ func runFio(ctx context.Context, dev string, args ...string) (*fioResult, error,
 	runErr := cmd.Run()
 	var res fioResult
 	if err := json.Unmarshal(out.Bytes(), &res); err != nil || len(res.Jobs) == 0 {
-		return nil, runErr, append(out.Bytes(), errb.Bytes()...)
+		return nil, append(out.Bytes(), errb.Bytes()...), runErr
 	}
-	return &res, runErr, errb.Bytes()
+	return &res, errb.Bytes(), runErr
 }
 
 // TestTakeoverUnderFio runs fio randrw 4 KiB QD16 with crc32c verification
@@ -66,11 +66,10 @@ func TestTakeoverUnderFio(t *testing.T) {
 			}
 			done := make(chan fioOut, 1)
 			go func() {
-				res, err, stderr := runFio(ctx, loop, "--rw=randrw", "--size=512M", "--time_based", "--runtime=10",
+				res, stderr, err := runFio(ctx, loop, "--rw=randrw", "--size=512M", "--time_based", "--runtime=10",
 					"--verify=crc32c", "--verify_fatal=1", "--verify_backlog=1024", "--randrepeat=0")
 				done <- fioOut{res, err, stderr}
 			}()
-			var resent []time.Time
 			start := time.Now()
 			for _, at := range []time.Duration{3 * time.Second, 6500 * time.Millisecond} {
 				time.Sleep(time.Until(start.Add(at)))
@@ -78,7 +77,6 @@ func TestTakeoverUnderFio(t *testing.T) {
 				killed := time.Now()
 				time.Sleep(tc.gap)
 				s.start(true)
-				resent = append(resent, killed)
 				t.Logf("server killed at %v, new one started after %v", killed.Sub(start).Round(time.Millisecond), time.Since(killed).Round(time.Millisecond))
 			}
 			out := <-done
