@@ -100,3 +100,30 @@ func TestTakeoverUnderFio(t *testing.T) {
 		})
 	}
 }
+
+// TestFioVerifyCatchesLostWrites is the negative control of the takeover
+// test: a server that acknowledges every 500th write without storing it
+// makes fio's crc32c verification fail.
+func TestFioVerifyCatchesLostWrites(t *testing.T) {
+	s := newSupervisor(t, 256<<20)
+	s.start(false, "FUSESERVE_DROP_EVERY=500")
+	loop := loopAttach(t, filepath.Join(s.dir, FileName))
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	res, out, err := runFio(ctx, loop, "--rw=randrw", "--size=256M", "--time_based", "--runtime=3",
+		"--verify=crc32c", "--verify_fatal=1", "--verify_backlog=1024", "--randrepeat=0")
+	loopDetach(t, loop)
+	s.unmount()
+	s.result()
+	if err == nil && res != nil && res.Jobs[0].Error == 0 {
+		t.Fatal("fio verified data the server never stored")
+	}
+	if !bytes.Contains(out, []byte("verify")) {
+		t.Errorf("fio failed, but not on verification: %s", out)
+	}
+	if res != nil {
+		t.Logf("fio error=%d exit=%v, as it should", res.Jobs[0].Error, err)
+	} else {
+		t.Logf("fio exit=%v, as it should: %.200s", err, bytes.TrimSpace(out))
+	}
+}
