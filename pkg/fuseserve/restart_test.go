@@ -31,7 +31,7 @@ type fioDir struct {
 // stderr and its exit error.
 func runFio(ctx context.Context, dev string, args ...string) (*fioResult, []byte, error) {
 	base := []string{"--name=t", "--filename=" + dev, "--bs=4k", "--ioengine=libaio", "--iodepth=16",
-		"--direct=1", "--output-format=json"}
+		"--direct=1", "--output-format=json", "--verify_state_save=0"}
 	cmd := exec.CommandContext(ctx, "fio", append(base, args...)...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
