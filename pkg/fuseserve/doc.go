@@ -60,7 +60,20 @@
 // Serve returned after a graceful stop). Otherwise an old attempt could land
 // after the replay and after a dependent write.
 //
-// Requests read from a cloned descriptor (FUSE_DEV_IOC_CLONE) are ended with
-// an error when the last copy of that clone is closed, not resent: a
-// supervisor must hold a copy of every descriptor a server reads from.
+// # Pitfalls for a supervisor
+//
+//   - Requests read from a cloned descriptor (FUSE_DEV_IOC_CLONE) are ended
+//     with an error when the last copy of that clone is closed (the kernel's
+//     fuse_dev_release), not resent: a supervisor must hold a copy of every
+//     descriptor a server reads from.
+//   - A process that has the file itself open must not fork and exec while
+//     no server runs: exec closes the inherited (close-on-exec) descriptor,
+//     which sends FLUSH and waits for a server, so the exec hangs; if that
+//     exec is the next server, nothing ever answers. The supervisor never
+//     opens the file (the loop device holds it, and the kernel closes nothing
+//     on its behalf).
+//   - FUSE-over-io_uring requests in a dead server's ring entries are not
+//     resent (the kernel does not walk the ring queues on
+//     FUSE_NOTIFY_RESEND): until it does, takeover needs the classic
+//     transport this package uses.
 package fuseserve

@@ -11,6 +11,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strconv"
+	"sync/atomic"
 
 	"syscall"
 	"testing"
@@ -73,6 +74,11 @@ func runChild(sock string) error {
 		f.hangBefore, _ = strconv.ParseInt(os.Getenv("FUSESERVE_HANG_BEFORE"), 10, 64)
 		f.hang = func() { _, _ = conn.Write([]byte{'h'}); select {} }
 	}
+	// Negative control of fio's verification: acknowledge every n-th write
+	// without storing it.
+	if v := os.Getenv("FUSESERVE_DROP_EVERY"); v != "" {
+		f.dropEvery, _ = strconv.ParseInt(v, 10, 64)
+	}
 	var stats Stats
 	err = Serve(ctx, files[0], sess, f, ServeOptions{Readers: 8, Resend: os.Getenv("FUSESERVE_RESEND") == "1", Stats: &stats})
 	res := childResult{Requests: stats.Requests.Load(), Resent: stats.Resent.Load(), Errors: stats.Errors.Load(), ReplyFailures: stats.ReplyFailures.Load()}
@@ -84,13 +90,15 @@ func runChild(sock string) error {
 
 // fdFile serves a descriptor (a memfd in the tests) with pread/pwrite.
 type fdFile struct {
-	file  *os.File // keeps fd open (its finalizer would close it)
-	fd    int
-	size  int64
-	syncs int64
+	file *os.File // keeps fd open (its finalizer would close it)
+	fd   int
+	size int64
 
 	hangApply, hangBefore int64 // replay test, if hang is set
 	hang                  func()
+
+	dropEvery int64 // negative control: drop every dropEvery-th write
+	writes    atomic.Int64
 }
 
 func (f *fdFile) ReadAt(p []byte, off int64) (int, syscall.Errno) {
@@ -104,6 +112,9 @@ func (f *fdFile) ReadAt(p []byte, off int64) (int, syscall.Errno) {
 func (f *fdFile) WriteAt(p []byte, off int64) (int, syscall.Errno) {
 	if os.Getenv("FUSESERVE_TRACE") != "" {
 		fmt.Fprintf(os.Stderr, "pid %d write %d+%d\n", os.Getpid(), off, len(p))
+	}
+	if f.dropEvery > 0 && f.writes.Add(1)%f.dropEvery == 0 {
+		return len(p), 0
 	}
 	if f.hang != nil && off == f.hangBefore {
 		f.hang()

@@ -27,20 +27,20 @@ type fioDir struct {
 	} `json:"clat_ns"`
 }
 
-// runFio runs fio on dev with args; it returns the parsed output and fio's
-// exit error.
-func runFio(ctx context.Context, dev string, args ...string) (*fioResult, error, []byte) {
+// runFio runs fio on dev with args; it returns the parsed output, fio's
+// stderr and its exit error.
+func runFio(ctx context.Context, dev string, args ...string) (*fioResult, []byte, error) {
 	base := []string{"--name=t", "--filename=" + dev, "--bs=4k", "--ioengine=libaio", "--iodepth=16",
-		"--direct=1", "--output-format=json"}
+		"--direct=1", "--output-format=json", "--verify_state_save=0"}
 	cmd := exec.CommandContext(ctx, "fio", append(base, args...)...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	runErr := cmd.Run()
 	var res fioResult
 	if err := json.Unmarshal(out.Bytes(), &res); err != nil || len(res.Jobs) == 0 {
-		return nil, runErr, append(out.Bytes(), errb.Bytes()...)
+		return nil, append(out.Bytes(), errb.Bytes()...), runErr
 	}
-	return &res, runErr, errb.Bytes()
+	return &res, errb.Bytes(), runErr
 }
 
 // TestTakeoverUnderFio runs fio randrw 4 KiB QD16 with crc32c verification
@@ -66,11 +66,10 @@ func TestTakeoverUnderFio(t *testing.T) {
 			}
 			done := make(chan fioOut, 1)
 			go func() {
-				res, err, stderr := runFio(ctx, loop, "--rw=randrw", "--size=512M", "--time_based", "--runtime=10",
+				res, stderr, err := runFio(ctx, loop, "--rw=randrw", "--size=512M", "--time_based", "--runtime=10",
 					"--verify=crc32c", "--verify_fatal=1", "--verify_backlog=1024", "--randrepeat=0")
 				done <- fioOut{res, err, stderr}
 			}()
-			var resent []time.Time
 			start := time.Now()
 			for _, at := range []time.Duration{3 * time.Second, 6500 * time.Millisecond} {
 				time.Sleep(time.Until(start.Add(at)))
@@ -78,7 +77,6 @@ func TestTakeoverUnderFio(t *testing.T) {
 				killed := time.Now()
 				time.Sleep(tc.gap)
 				s.start(true)
-				resent = append(resent, killed)
 				t.Logf("server killed at %v, new one started after %v", killed.Sub(start).Round(time.Millisecond), time.Since(killed).Round(time.Millisecond))
 			}
 			out := <-done
@@ -100,5 +98,32 @@ func TestTakeoverUnderFio(t *testing.T) {
 				t.Errorf("fio did no I/O")
 			}
 		})
+	}
+}
+
+// TestFioVerifyCatchesLostWrites is the negative control of the takeover
+// test: a server that acknowledges every 500th write without storing it
+// makes fio's crc32c verification fail.
+func TestFioVerifyCatchesLostWrites(t *testing.T) {
+	s := newSupervisor(t, 256<<20)
+	s.start(false, "FUSESERVE_DROP_EVERY=500")
+	loop := loopAttach(t, filepath.Join(s.dir, FileName))
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	res, out, err := runFio(ctx, loop, "--rw=randrw", "--size=256M", "--time_based", "--runtime=3",
+		"--verify=crc32c", "--verify_fatal=1", "--verify_backlog=1024", "--randrepeat=0")
+	loopDetach(t, loop)
+	s.unmount()
+	s.result()
+	if err == nil && res != nil && res.Jobs[0].Error == 0 {
+		t.Fatal("fio verified data the server never stored")
+	}
+	if !bytes.Contains(out, []byte("verify")) {
+		t.Errorf("fio failed, but not on verification: %s", out)
+	}
+	if res != nil {
+		t.Logf("fio error=%d exit=%v, as it should", res.Jobs[0].Error, err)
+	} else {
+		t.Logf("fio exit=%v, as it should: %.200s", err, bytes.TrimSpace(out))
 	}
 }
