@@ -7,6 +7,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/driver"
+	"github.com/csi-encdisk/csi-encdisk/pkg/unixsock"
 )
 
 // runDriver serves the CSI endpoint until SIGTERM or SIGINT.
@@ -30,6 +31,7 @@ func runDriver(ctx context.Context, args []string) error {
 	rewrapRate := fs.Float64("rewrap-rate", driver.DefaultRewrapRate, "controller: at most this many re-wraps per second (each costs a KMS Decrypt and Encrypt)")
 	metricsAddr := fs.String("metrics-address", "", "serve Prometheus metrics on this host:port (/metrics)")
 	maxVolumes := fs.Int64("max-volumes", 0, "volumes per node reported to the CO (0: no limit)")
+	engineHost := fs.String("engine-host", "", "unix:// socket of the node's engine host (csi-encdisk engine-host); empty: the node plugin starts engines itself")
 	klog.InitFlags(fs)
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -42,6 +44,12 @@ func runDriver(ctx context.Context, args []string) error {
 		return fmt.Errorf("--mode: %w", err)
 	}
 	defer klog.Flush()
+	hostSocket := ""
+	if *engineHost != "" {
+		if hostSocket, err = unixsock.ParseEndpoint(*engineHost); err != nil {
+			return fmt.Errorf("--engine-host: %w", err)
+		}
+	}
 	d, err := driver.New(ctx, driver.Config{
 		Mode:              m,
 		NodeID:            *nodeID,
@@ -57,6 +65,7 @@ func runDriver(ctx context.Context, args []string) error {
 		RewrapRate:        *rewrapRate,
 		MetricsAddress:    *metricsAddr,
 		MaxVolumes:        *maxVolumes,
+		EngineHost:        hostSocket,
 	})
 	if err != nil {
 		return err

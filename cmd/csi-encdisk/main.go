@@ -27,13 +27,14 @@ type command struct {
 // commands lists every subcommand. Each lives in its own file of this package.
 func commands() map[string]command {
 	return map[string]command{
-		"driver":     {"run the CSI endpoint (controller, node or both)", runDriver},
-		"kms-plugin": {"run the built-in Kubernetes KMS v2 plugin, or rotate its master key", runKMSPlugin},
-		"keys":       {"say which KMS key_ids the volumes and snapshots of a pool still need", runKeys},
-		"engine":     {"serve one encrypted volume through FUSE (started by the node service)", runEngine},
-		"volume":     {"format, inspect, open or close an encrypted volume image outside Kubernetes", runVolume},
-		"demo":       {"walk the whole story on this machine and print a table", runDemo},
-		"version":    {"print the version", runVersion},
+		"driver":      {"run the CSI endpoint (controller, node or both)", runDriver},
+		"kms-plugin":  {"run the built-in Kubernetes KMS v2 plugin, or rotate its master key", runKMSPlugin},
+		"keys":        {"say which KMS key_ids the volumes and snapshots of a pool still need", runKeys},
+		"engine":      {"serve one encrypted volume through FUSE (started by the node service)", runEngine},
+		"engine-host": {"keep every engine of the node running: restart, adopt, upgrade (used by the node plugin)", runEngineHost},
+		"volume":      {"format, inspect, open or close an encrypted volume image outside Kubernetes", runVolume},
+		"demo":        {"walk the whole story on this machine and print a table", runDemo},
+		"version":     {"print the version", runVersion},
 	}
 }
 

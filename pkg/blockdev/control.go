@@ -8,6 +8,7 @@ import (
 	"github.com/csi-encdisk/csi-encdisk/pkg/fuseserve"
 	"net"
 	"os"
+	"sync"
 	"time"
 
 	"k8s.io/klog/v2"
@@ -55,13 +56,17 @@ func listenControl(path string) (net.Listener, error) {
 }
 
 // serveControl answers requests until ln is closed.
-func serveControl(ln net.Listener, e *engine, shutdown func() error, handoff func()) {
+// Every request is answered before inflight is done, so the engine can wait
+// for it before it exits (a Shutdown's reply is not lost to the exit).
+func serveControl(ln net.Listener, e *engine, shutdown func() error, handoff func(), inflight *sync.WaitGroup) {
 	for {
 		c, err := ln.Accept()
 		if err != nil {
 			return
 		}
+		inflight.Add(1)
 		go func() {
+			defer inflight.Done()
 			defer c.Close()
 			c.SetDeadline(time.Now().Add(controlTimeout))
 			var req controlRequest

@@ -118,7 +118,18 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 		}
 		return nil
 	}
-	go serveControl(ln, e, shutdown, handoff)
+	var inflight sync.WaitGroup
+	defer func() {
+		// Answer the control requests in progress (a Shutdown's) first.
+		ln.Close()
+		done := make(chan struct{})
+		go func() { inflight.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(controlTimeout):
+		}
+	}()
+	go serveControl(ln, e, shutdown, handoff, &inflight)
 	served := make(chan error, 1)
 	go func() {
 		served <- fuseserve.Serve(serveCtx, dev, sess, e, fuseserve.ServeOptions{Resend: spec.Resend, Stats: &e.fuseStats})

@@ -63,8 +63,12 @@ func startEngine(ctx context.Context, binary string, spec EngineSpec, dev *os.Fi
 	if err := cleanup(); err != nil {
 		return nil, nil, fmt.Errorf("start engine: %w", err)
 	}
-	if err := os.MkdirAll(FUSEDir(spec.RunDir), 0o700); err != nil {
-		return nil, nil, fmt.Errorf("start engine: run dir: %w", err)
+	if dev == nil {
+		// (With a supervisor's mount there, a stat of the mount point would
+		// wait for a server that is not running yet.)
+		if err := os.MkdirAll(FUSEDir(spec.RunDir), 0o700); err != nil {
+			return nil, nil, fmt.Errorf("start engine: run dir: %w", err)
+		}
 	}
 	logf, err := os.OpenFile(filepath.Join(spec.RunDir, LogFileName), os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {

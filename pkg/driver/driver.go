@@ -80,6 +80,9 @@ type Config struct {
 	// EngineBinary is the csi-encdisk executable the node starts as engine
 	// (default: this executable).
 	EngineBinary string
+	// EngineHost is the unix socket path of the node's engine host ("":
+	// the node starts engines itself).
+	EngineHost string
 	// MaxVolumes is the node's volume limit (0: none).
 	MaxVolumes int64
 	// PoolOptions tune the file pool (tests inject faults through it).
@@ -152,6 +155,7 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 			Reserved:     []string{cfg.DataDir},
 			KMS:          d.kms.registry,
 			EngineBinary: cfg.EngineBinary,
+			EngineHost:   cfg.EngineHost,
 			MaxVolumes:   cfg.MaxVolumes,
 			Metrics:      d.registry,
 		})

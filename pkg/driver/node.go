@@ -15,6 +15,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/blockdev"
+	"github.com/csi-encdisk/csi-encdisk/pkg/enginehost"
 	"github.com/csi-encdisk/csi-encdisk/pkg/keyedlock"
 	"github.com/csi-encdisk/csi-encdisk/pkg/kmsclient"
 	"github.com/csi-encdisk/csi-encdisk/pkg/nodestate"
@@ -46,6 +47,10 @@ type NodeConfig struct {
 	KMS *kmsclient.Registry
 	// EngineBinary is the csi-encdisk executable started as `engine`.
 	EngineBinary string
+	// EngineHost is the unix socket of the node's engine host; "" starts
+	// engines as children of the node plugin (they then die with its
+	// container, and a dead engine is not replaced).
+	EngineHost string
 	// MaxVolumes is reported by NodeGetInfo (0: no limit).
 	MaxVolumes int64
 	// Reserved directories (the driver's pool, state and KMS directories)
@@ -91,6 +96,9 @@ func NewNodeServer(cfg NodeConfig) (*NodeServer, error) {
 	scfg := staging.Config{Store: st, EngineBinary: cfg.EngineBinary, Reserved: append([]string{cfg.StateDir}, cfg.Reserved...)}
 	if cfg.KMS != nil {
 		scfg.KMS = nodeKMS{cfg.KMS}
+	}
+	if cfg.EngineHost != "" {
+		scfg.Engines = staging.HostEngines{Client: enginehost.Client{Socket: cfg.EngineHost}}
 	}
 	stager, err := staging.New(scfg)
 	if err != nil {

@@ -33,15 +33,35 @@ type reply struct {
 // requestTimeout bounds one API call (a start unlocks through the KMS).
 const requestTimeout = 2 * blockdev.StartTimeout
 
-// Serve answers the API on socket until ctx ends or a successor asks for a
-// handover; either way it then stops supervising (Close) and leaves the
-// engines serving. A live host already on socket is asked to hand over
-// first, so that a new host (an upgrade) takes its place.
-func (h *Host) Serve(ctx context.Context, socket string) error {
+// ServeAdopting is the host's life: it takes socket (a live host already
+// there is asked to hand over first: an upgrade, or a second start), adopts
+// the engines of the records, replaces in the background those that run
+// another binary, and answers the API until ctx ends or a successor asks
+// for a handover. Either way it then stops supervising (Close) and leaves
+// the engines serving.
+func (h *Host) ServeAdopting(ctx context.Context, socket string) error {
 	ln, err := listenTakingOver(ctx, socket)
 	if err != nil {
 		return err
 	}
+	n, err := h.Adopt(ctx)
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	klog.InfoS("Engine host serving", "socket", socket, "adopted", n)
+	go func() {
+		if n, err := h.Upgrade(h.ctx); err != nil {
+			klog.ErrorS(err, "Engine host: upgrading engines failed", "replaced", n)
+		} else if n > 0 {
+			klog.InfoS("Engine host: engines now run this binary", "replaced", n)
+		}
+	}()
+	return h.serve(ctx, ln)
+}
+
+// serve answers the API on ln (see ServeAdopting).
+func (h *Host) serve(ctx context.Context, ln net.Listener) error {
 	defer ln.Close()
 	handover := make(chan struct{})
 	var once bool

@@ -51,7 +51,9 @@ func joinProblems(ps []Problem) string {
 func (m *Manager) Health(ctx context.Context, v *nodestate.Volume) []Problem {
 	var out []Problem
 	if v.Encrypted {
-		if p, ok := engineHealth(ctx, v); !ok {
+		if why := m.cfg.Engines.Failed(ctx, v.VolumeID); why != "" {
+			out = append(out, problem(Inaccessible, "EngineFailed", "%s", why))
+		} else if p, ok := engineHealth(ctx, v); !ok {
 			out = append(out, p)
 		}
 	}
@@ -70,7 +72,8 @@ func engineHealth(ctx context.Context, v *nodestate.Volume) (Problem, bool) {
 	if v.Engine == nil {
 		return problem(Inaccessible, "EngineGone", "the volume has no engine"), false
 	}
-	if !blockdev.IsEngine(v.Engine.PID, v.RunDir) {
+	// An engine host may have replaced the engine the stage started.
+	if !blockdev.IsEngine(v.Engine.PID, v.RunDir) && blockdev.FindEngine(v.RunDir) == 0 {
 		return problem(Inaccessible, "EngineGone",
 			"the engine (pid %d) is gone: I/O to this volume fails until it is unstaged and staged again", v.Engine.PID), false
 	}
@@ -78,7 +81,7 @@ func engineHealth(ctx context.Context, v *nodestate.Volume) (Problem, bool) {
 	defer cancel()
 	st, err := blockdev.DialControl(v.Engine.ControlSocket).Stats(pctx)
 	if err != nil {
-		return problem(Inaccessible, "EngineNotResponding", "the engine (pid %d) does not answer on its control socket: %v", v.Engine.PID, err), false
+		return problem(Inaccessible, "EngineNotResponding", "the engine does not answer on its control socket: %v", err), false
 	}
 	if st.IOErrors > 0 {
 		return problem(Degraded, "EngineIOErrors", "the engine reported %d I/O errors on the image", st.IOErrors), false

@@ -85,6 +85,8 @@ type Config struct {
 	Store *nodestate.Store
 	// EngineBinary is the csi-encdisk executable started as `engine`.
 	EngineBinary string
+	// Engines starts and stops engines (DirectEngines{EngineBinary} if nil).
+	Engines Engines
 	// KMS resolves kmsIDs for encrypted volumes (nil: none configured).
 	KMS KMS
 	// Reserved directories may hold neither a staging nor a target path.
@@ -105,6 +107,9 @@ func New(cfg Config) (*Manager, error) {
 		return nil, errors.New("staging: a state store is required")
 	case cfg.EngineBinary == "":
 		return nil, errors.New("staging: the engine binary is required")
+	}
+	if cfg.Engines == nil {
+		cfg.Engines = DirectEngines{Binary: cfg.EngineBinary}
 	}
 	return &Manager{cfg: cfg}, nil
 }

@@ -1,0 +1,301 @@
+package e2e
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/blockdev"
+	"github.com/csi-encdisk/csi-encdisk/pkg/enginehost"
+)
+
+// These tests run the node plugin with an engine host (as the chart does)
+// and hold the survival promise: with fio writing and verifying through
+// ext4 on an encrypted volume the whole time, engines are killed, the host
+// is killed, and the host is upgraded to another binary, and fio sees no
+// error and its verify holds.
+
+// engineHost is one running `csi-encdisk engine-host`.
+type engineHost struct {
+	t      *testing.T
+	cmd    *exec.Cmd
+	done   chan struct{}
+	socket string
+}
+
+func startEngineHost(t *testing.T, dir, bin string) *engineHost {
+	t.Helper()
+	h := &engineHost{t: t, socket: filepath.Join(dir, "host.sock"), done: make(chan struct{})}
+	logf, err := os.OpenFile(filepath.Join(dir, "engine-host.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	h.cmd = exec.Command(bin, "engine-host", "--socket", "unix://"+h.socket, "--state-dir", filepath.Join(dir, "host-state"), "-v", "4")
+	h.cmd.Stdout, h.cmd.Stderr = logf, logf
+	h.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := h.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = h.cmd.Wait(); close(h.done) }()
+	t.Cleanup(func() {
+		_ = h.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-h.done:
+		case <-time.After(10 * time.Second):
+			_ = h.cmd.Process.Kill()
+		}
+	})
+	waitFor(t, 30*time.Second, "the engine host's socket", func() bool {
+		_, err := (enginehost.Client{Socket: h.socket}).Status(context.Background(), "probe")
+		return err == enginehost.ErrUnknownVolume
+	})
+	return h
+}
+
+// waitFor polls cond until it holds or the limit passes.
+func waitFor(t *testing.T, limit time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("waited %s for %s", limit, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// fioRun is fio writing and verifying through a file, in the background.
+type fioRun struct {
+	done   chan struct{}
+	err    error
+	out    []byte
+	report string
+}
+
+// startFio runs fio randrw 4 KiB QD16 with crc32c verification on a file
+// under target for runtime.
+func startFio(t *testing.T, dir, target string, runtime time.Duration) *fioRun {
+	t.Helper()
+	r := &fioRun{done: make(chan struct{}), report: filepath.Join(dir, fmt.Sprintf("fio-%d.json", time.Now().UnixNano()))}
+	cmd := exec.Command("fio", "--name=survive", "--filename="+filepath.Join(target, "fio.dat"),
+		"--size=32M", "--rw=randrw", "--bs=4k", "--ioengine=libaio", "--iodepth=16", "--direct=1",
+		"--verify=crc32c", "--verify_backlog=256", "--verify_fatal=1", "--do_verify=1",
+		"--time_based", fmt.Sprintf("--runtime=%d", int(runtime.Seconds())),
+		"--output-format=json", "--output="+r.report)
+	cmd.Dir = dir
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start fio: %v", err)
+	}
+	go func() {
+		r.out, r.err = nil, cmd.Wait()
+		close(r.done)
+	}()
+	t.Cleanup(func() {
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		<-r.done
+	})
+	return r
+}
+
+// wait waits for fio and fails on any error or failed verify; it returns
+// the worst completion latency fio saw.
+func (r *fioRun) wait(t *testing.T, limit time.Duration) time.Duration {
+	t.Helper()
+	select {
+	case <-r.done:
+	case <-time.After(limit):
+		t.Fatal("fio did not finish")
+	}
+	b, _ := os.ReadFile(r.report)
+	if r.err != nil {
+		t.Fatalf("fio failed: %v\n%s", r.err, b)
+	}
+	var rep struct {
+		Jobs []struct {
+			Error int `json:"error"`
+			Read  struct {
+				IOs  int64 `json:"total_ios"`
+				Clat struct {
+					Max float64 `json:"max"`
+				} `json:"clat_ns"`
+			} `json:"read"`
+			Write struct {
+				IOs  int64 `json:"total_ios"`
+				Clat struct {
+					Max float64 `json:"max"`
+				} `json:"clat_ns"`
+			} `json:"write"`
+		} `json:"jobs"`
+	}
+	if err := json.Unmarshal(b, &rep); err != nil || len(rep.Jobs) != 1 {
+		t.Fatalf("fio report: %v\n%s", err, b)
+	}
+	j := rep.Jobs[0]
+	if j.Error != 0 || j.Write.IOs == 0 || j.Read.IOs == 0 {
+		t.Fatalf("fio: error %d, %d reads, %d writes", j.Error, j.Read.IOs, j.Write.IOs)
+	}
+	worst := time.Duration(max(j.Read.Clat.Max, j.Write.Clat.Max))
+	t.Logf("fio: 0 errors, verify held, %d reads and %d writes, worst completion latency %s", j.Read.IOs, j.Write.IOs, worst.Round(time.Millisecond))
+	return worst
+}
+
+// runDirOf returns the run directory of a staged volume.
+func (d *driver) runDirOf(t *testing.T, volumeID string) string {
+	t.Helper()
+	rd, _ := d.nodeState(t, volumeID)["runDir"].(string)
+	if rd == "" {
+		t.Fatalf("node state of %s names no run dir", volumeID)
+	}
+	return rd
+}
+
+// enginePIDNow finds the live engine of a run dir (an engine host may have
+// replaced the one the stage started).
+func enginePIDNow(t *testing.T, runDir string) int {
+	t.Helper()
+	var pid int
+	waitFor(t, 30*time.Second, "a live engine for "+runDir, func() bool {
+		pid = blockdev.FindEngine(runDir)
+		return pid > 0
+	})
+	return pid
+}
+
+// killEngine kills the engine of runDir and waits until another serves.
+// With a gap, the host is held still (SIGSTOP) from before the kill until
+// gap after the engine died, so the volume has no engine for that long.
+func killEngine(t *testing.T, runDir string, h *engineHost, gap time.Duration) int {
+	t.Helper()
+	old := enginePIDNow(t, runDir)
+	if gap > 0 {
+		_ = syscall.Kill(h.cmd.Process.Pid, syscall.SIGSTOP)
+	}
+	if err := syscall.Kill(old, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 10*time.Second, "the killed engine to die", func() bool { return !processAlive(old) })
+	if gap > 0 {
+		time.Sleep(gap)
+		_ = syscall.Kill(h.cmd.Process.Pid, syscall.SIGCONT)
+	}
+	var pid int
+	waitFor(t, 60*time.Second, "a replacement engine", func() bool {
+		pid = blockdev.FindEngine(runDir)
+		return pid > 0 && pid != old
+	})
+	return pid
+}
+
+// startWithHost starts an engine host and a driver that uses it.
+func startWithHost(t *testing.T, dir string) (*driver, *engineHost) {
+	h := startEngineHost(t, dir, binary)
+	d := startDriverMode(t, dir, "csi", "all", "--engine-host", "unix://"+h.socket)
+	return d, h
+}
+
+// TestEngineKilledTwice: SIGKILL of a volume's engine, twice (the second
+// time with the host held still for 2 s before it can restart the engine):
+// fio sees no error, its verify holds, and the volume is healthy again.
+func TestEngineKilledTwice(t *testing.T) {
+	dir := workDir(t)
+	d, h := startWithHost(t, dir)
+	v := d.createVolume(t, "survive", 96*mib, "ext4", map[string]string{"encrypted": "true"}, "")
+	d.stageAndPublish(t, v)
+	runDir := d.runDirOf(t, v.id())
+	fio := startFio(t, dir, v.TargetPath, 14*time.Second)
+
+	time.Sleep(3 * time.Second) // fio in full swing
+	first := killEngine(t, runDir, h, 0)
+	t.Logf("engine killed, replaced by pid %d", first)
+	time.Sleep(2 * time.Second)
+	second := killEngine(t, runDir, h, 2*time.Second)
+	t.Logf("engine killed again with a 2 s gap, replaced by pid %d", second)
+	worst := fio.wait(t, 2*time.Minute)
+	if worst < 2*time.Second {
+		t.Errorf("worst latency %s: the 2 s gap did not hold any request (was I/O running?)", worst)
+	}
+	waitFor(t, 20*time.Second, "a healthy volume", func() bool { return len(d.health(t, v)) == 0 })
+	st, err := (enginehost.Client{Socket: h.socket}).Status(context.Background(), v.id())
+	if err != nil || st.Restarts != 2 || st.Failed != "" {
+		t.Fatalf("host status %+v, %v; want 2 restarts", st, err)
+	}
+	d.unpublish(t, v)
+	d.unstage(t, v)
+	wantNothingStaged(t, d, v.id())
+}
+
+// TestEngineHostKilled: SIGKILL of the engine host: the engine keeps
+// serving; a new host adopts it and replaces it when it dies later.
+func TestEngineHostKilled(t *testing.T) {
+	dir := workDir(t)
+	d, h := startWithHost(t, dir)
+	v := d.createVolume(t, "orphan", 96*mib, "ext4", map[string]string{"encrypted": "true"}, "")
+	d.stageAndPublish(t, v)
+	runDir := d.runDirOf(t, v.id())
+	fio := startFio(t, dir, v.TargetPath, 12*time.Second)
+	time.Sleep(2 * time.Second)
+	engine := enginePIDNow(t, runDir)
+	_ = h.cmd.Process.Kill()
+	<-h.done
+	time.Sleep(2 * time.Second)
+	if !processAlive(engine) {
+		t.Fatal("the engine died with its host")
+	}
+	h2 := startEngineHost(t, dir, binary)
+	waitFor(t, 10*time.Second, "the new host to adopt the engine", func() bool {
+		st, err := (enginehost.Client{Socket: h2.socket}).Status(context.Background(), v.id())
+		return err == nil && st.PID == engine
+	})
+	replacement := killEngine(t, runDir, h2, 0)
+	t.Logf("adopted engine %d killed, the new host replaced it with %d", engine, replacement)
+	fio.wait(t, 2*time.Minute)
+	d.unpublish(t, v)
+	d.unstage(t, v)
+	wantNothingStaged(t, d, v.id())
+}
+
+// TestEngineHostUpgrade: a host of another binary takes over from the
+// running one; afterwards every engine runs the new binary and the old host
+// has exited, while fio went on without an error.
+func TestEngineHostUpgrade(t *testing.T) {
+	dir := workDir(t)
+	d, h := startWithHost(t, dir)
+	a := d.createVolume(t, "up-a", 96*mib, "ext4", map[string]string{"encrypted": "true"}, "")
+	b := d.createVolume(t, "up-b", 64*mib, blockAccess, map[string]string{"encrypted": "true"}, "")
+	d.stageAndPublish(t, a)
+	d.stage(t, b)
+	fio := startFio(t, dir, a.TargetPath, 12*time.Second)
+	time.Sleep(2 * time.Second)
+
+	// The "new version": the same program as another file (another inode).
+	newBin := filepath.Join(dir, "csi-encdisk-new")
+	run(t, "cp", binary, newBin)
+	startEngineHost(t, dir, newBin)
+	select {
+	case <-h.done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the old host did not exit after handing over")
+	}
+	for _, v := range []*volume{a, b} {
+		rd := d.runDirOf(t, v.id())
+		waitFor(t, 60*time.Second, "volume "+v.id()+"'s engine on the new binary", func() bool {
+			pid := blockdev.FindEngine(rd)
+			exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
+			return pid > 0 && err == nil && strings.TrimSuffix(exe, " (deleted)") == newBin
+		})
+	}
+	fio.wait(t, 2*time.Minute)
+	d.unpublish(t, a)
+	d.unstage(t, a)
+	d.unstage(t, b)
+	wantNothingStaged(t, d, a.id())
+}
