@@ -15,7 +15,7 @@ import (
 type engineCollector struct {
 	n *NodeServer
 
-	up, readBytes, writeBytes, readOps, writeOps, ioErrors *prometheus.Desc
+	up, readBytes, writeBytes, readOps, writeOps, ioErrors, restarts, resent *prometheus.Desc
 }
 
 func newEngineCollector(n *NodeServer) *engineCollector {
@@ -28,12 +28,14 @@ func newEngineCollector(n *NodeServer) *engineCollector {
 		readOps:    prometheus.NewDesc("csi_encdisk_engine_read_operations_total", "Read requests the engine served.", l, nil),
 		writeOps:   prometheus.NewDesc("csi_encdisk_engine_write_operations_total", "Write requests the engine served.", l, nil),
 		ioErrors:   prometheus.NewDesc("csi_encdisk_engine_io_errors_total", "I/O errors the engine met on the image.", l, nil),
+		restarts:   prometheus.NewDesc("csi_encdisk_engine_restarts_total", "Engines the engine host started for the volume after the first: replacements of dead engines and upgrades (takeovers of the same FUSE connection).", l, nil),
+		resent:     prometheus.NewDesc("csi_encdisk_engine_resent_requests", "FUSE requests the current engine got again because a predecessor had read them when it died.", l, nil),
 	}
 }
 
 // Describe implements prometheus.Collector.
 func (c *engineCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{c.up, c.readBytes, c.writeBytes, c.readOps, c.writeOps, c.ioErrors} {
+	for _, d := range []*prometheus.Desc{c.up, c.readBytes, c.writeBytes, c.readOps, c.writeOps, c.ioErrors, c.restarts, c.resent} {
 		ch <- d
 	}
 }
@@ -52,7 +54,9 @@ func (c *engineCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		st, err := blockdev.DialControl(v.Engine.ControlSocket).Stats(ctx)
+		sup := c.n.stager.Supervision(ctx, v)
 		cancel()
+		ch <- prometheus.MustNewConstMetric(c.restarts, prometheus.CounterValue, float64(sup.Restarts), v.VolumeID)
 		if err != nil {
 			ch <- prometheus.MustNewConstMetric(c.up, prometheus.GaugeValue, 0, v.VolumeID)
 			continue
@@ -64,5 +68,6 @@ func (c *engineCollector) Collect(ch chan<- prometheus.Metric) {
 		}{{c.readBytes, st.ReadBytes}, {c.writeBytes, st.WriteBytes}, {c.readOps, st.ReadOps}, {c.writeOps, st.WriteOps}, {c.ioErrors, st.IOErrors}} {
 			ch <- prometheus.MustNewConstMetric(m.d, prometheus.CounterValue, float64(m.v), v.VolumeID)
 		}
+		ch <- prometheus.MustNewConstMetric(c.resent, prometheus.GaugeValue, float64(st.Resent), v.VolumeID)
 	}
 }

@@ -16,9 +16,15 @@ type Engines interface {
 	Start(ctx context.Context, spec blockdev.EngineSpec) (*blockdev.Engine, *blockdev.StartReport, error)
 	// Stop ends the volume's engine and its FUSE mount; pid 0: find it.
 	Stop(ctx context.Context, volumeID string, pid int, runDir string) error
-	// Failed says why a supervisor left the volume's engine down ("" if it
-	// did not).
-	Failed(ctx context.Context, volumeID string) string
+	// Supervision says how often a supervisor replaced the volume's engine
+	// and why it left it down ("" if it did not).
+	Supervision(ctx context.Context, volumeID string) Supervision
+}
+
+// Supervision is what a supervisor knows about a volume's engine.
+type Supervision struct {
+	Restarts int    // engines started after the first (deaths and upgrades)
+	Failed   string // why the supervisor left the engine down
 }
 
 // DirectEngines runs engines as children of this process.
@@ -34,8 +40,8 @@ func (DirectEngines) Stop(ctx context.Context, _ string, pid int, runDir string)
 	return blockdev.StopEngine(ctx, pid, runDir)
 }
 
-// Failed is always "": nobody restarts a direct engine.
-func (DirectEngines) Failed(context.Context, string) string { return "" }
+// Supervision is empty: nobody replaces a direct engine.
+func (DirectEngines) Supervision(context.Context, string) Supervision { return Supervision{} }
 
 // HostEngines runs engines through an engine host.
 type HostEngines struct{ Client enginehost.Client }
@@ -57,14 +63,14 @@ func (h HostEngines) Stop(ctx context.Context, volumeID string, pid int, runDir 
 	return blockdev.UnmountEngine(ctx, runDir)
 }
 
-// Failed asks the host whether it gave up on the engine.
-func (h HostEngines) Failed(ctx context.Context, volumeID string) string {
+// Supervision asks the host about the engine.
+func (h HostEngines) Supervision(ctx context.Context, volumeID string) Supervision {
 	st, err := h.Client.Status(ctx, volumeID)
 	if err != nil {
 		if errors.Is(err, enginehost.ErrUnknownVolume) {
-			return ""
+			return Supervision{}
 		}
-		return "the engine host does not answer: " + err.Error()
+		return Supervision{Failed: "the engine host does not answer: " + err.Error()}
 	}
-	return st.Failed
+	return Supervision{Restarts: st.Restarts, Failed: st.Failed}
 }

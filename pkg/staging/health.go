@@ -51,7 +51,7 @@ func joinProblems(ps []Problem) string {
 func (m *Manager) Health(ctx context.Context, v *nodestate.Volume) []Problem {
 	var out []Problem
 	if v.Encrypted {
-		if why := m.cfg.Engines.Failed(ctx, v.VolumeID); why != "" {
+		if why := m.cfg.Engines.Supervision(ctx, v.VolumeID).Failed; why != "" {
 			out = append(out, problem(Inaccessible, "EngineFailed", "%s", why))
 		} else if p, ok := engineHealth(ctx, v); !ok {
 			out = append(out, p)
@@ -133,4 +133,12 @@ func (m *Manager) Usage(v *nodestate.Volume, path string) (*Usage, error) {
 		return nil, err
 	}
 	return &Usage{Usage: *st}, nil
+}
+
+// Supervision reports what the engine's supervisor knows (restarts).
+func (m *Manager) Supervision(ctx context.Context, v *nodestate.Volume) Supervision {
+	if !v.Encrypted {
+		return Supervision{}
+	}
+	return m.cfg.Engines.Supervision(ctx, v.VolumeID)
 }

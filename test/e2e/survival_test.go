@@ -196,9 +196,9 @@ func killEngine(t *testing.T, runDir string, h *engineHost, gap time.Duration) i
 }
 
 // startWithHost starts an engine host and a driver that uses it.
-func startWithHost(t *testing.T, dir string) (*driver, *engineHost) {
+func startWithHost(t *testing.T, dir string, extra ...string) (*driver, *engineHost) {
 	h := startEngineHost(t, dir, binary)
-	d := startDriverMode(t, dir, "csi", "all", "--engine-host", "unix://"+h.socket)
+	d := startDriverMode(t, dir, "csi", "all", append([]string{"--engine-host", "unix://" + h.socket}, extra...)...)
 	return d, h
 }
 
@@ -207,7 +207,8 @@ func startWithHost(t *testing.T, dir string) (*driver, *engineHost) {
 // fio sees no error, its verify holds, and the volume is healthy again.
 func TestEngineKilledTwice(t *testing.T) {
 	dir := workDir(t)
-	d, h := startWithHost(t, dir)
+	metrics := freeAddr(t)
+	d, h := startWithHost(t, dir, "--metrics-address", metrics)
 	v := d.createVolume(t, "survive", 96*mib, "ext4", map[string]string{"encrypted": "true"}, "")
 	d.stageAndPublish(t, v)
 	runDir := d.runDirOf(t, v.id())
@@ -227,6 +228,9 @@ func TestEngineKilledTwice(t *testing.T) {
 	st, err := (enginehost.Client{Socket: h.socket}).Status(context.Background(), v.id())
 	if err != nil || st.Restarts != 2 || st.Failed != "" {
 		t.Fatalf("host status %+v, %v; want 2 restarts", st, err)
+	}
+	if m := scrape(t, metrics, "csi_encdisk_engine_restarts_total"); m[`csi_encdisk_engine_restarts_total{volume_id="`+v.id()+`"}`] != 2 {
+		t.Fatalf("restart metric: %v", m)
 	}
 	d.unpublish(t, v)
 	d.unstage(t, v)
