@@ -15,6 +15,8 @@ package rbd
 
 import (
 	"context"
+	"encoding/base64"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -52,7 +54,7 @@ type Credentials struct {
 var (
 	userPattern    = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,64}$`)
 	keyPattern     = regexp.MustCompile(`^[A-Za-z0-9+/]{20,200}={0,2}$`)
-	monitorPattern = regexp.MustCompile(`^[\[\]A-Za-z0-9.:,/_=-]{1,1024}$`)
+	monitorPattern = regexp.MustCompile(`^[\[\]A-Za-z0-9.:,/_=-]+$`)
 )
 
 // FromSecrets reads credentials from a CSI secrets map; the error names the
@@ -68,16 +70,30 @@ func FromSecrets(secrets map[string]string) (*Credentials, error) {
 // Validate checks every field, naming the bad one without its value.
 func (c *Credentials) Validate() error {
 	switch {
-	case !monitorPattern.MatchString(c.Monitors):
+	case len(c.Monitors) > 1024 || !monitorPattern.MatchString(c.Monitors):
 		return fmt.Errorf("secret key %q: want the cluster's monitor addresses (host:port, comma-separated, or v2:/v1: address vectors)", SecretMonitors)
 	case !userPattern.MatchString(c.User):
 		return fmt.Errorf("secret key %q: want a cephx user name without the \"client.\" prefix (1-64 letters, digits, '_', '.', '-')", SecretUserID)
 	case strings.HasPrefix(c.User, "client."):
 		return fmt.Errorf("secret key %q: give the user without the \"client.\" prefix", SecretUserID)
-	case !keyPattern.Match(c.Key):
+	case !keyPattern.Match(c.Key) || !validCephxKey(c.Key):
 		return fmt.Errorf("secret key %q: want the cephx key (base64, as `ceph auth get-key` prints it)", SecretUserKey)
 	}
 	return nil
+}
+
+// validCephxKey reports whether k decodes as librados will decode it (type,
+// creation time, length, secret): librados logs a key it cannot decode, so
+// such a key must never reach it.
+func validCephxKey(k []byte) bool {
+	raw := make([]byte, base64.StdEncoding.DecodedLen(len(k)))
+	defer clear(raw)
+	n, err := base64.StdEncoding.Decode(raw, k)
+	if err != nil || n < 12 {
+		return false
+	}
+	l := int(binary.LittleEndian.Uint16(raw[10:12]))
+	return raw[0] == 1 && raw[1] == 0 && l > 0 && 12+l == n
 }
 
 // String shows who, never the key.

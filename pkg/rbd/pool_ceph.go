@@ -369,7 +369,9 @@ func (p *Pool) Delete(ctx context.Context, kind backend.Kind, id string, shred b
 		if err != nil {
 			return fmt.Errorf("rbd: move %s to the trash: %w", id, mapErr(err))
 		}
+		// Still a clone of its parent's snapshot: released with the purge.
 		klog.FromContext(ctx).Info("Image has clones: moved to the RBD trash until the last one goes", "id", id)
+		return nil
 	} else {
 		img.Close()
 		if err := removeImage(io, id); err != nil && !isErrno(err, syscall.ENOENT) {
