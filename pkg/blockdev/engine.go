@@ -37,8 +37,7 @@ type engine struct {
 	xts        *crypt.XTS
 	dataOffset int64    // from the header
 	sectorSize int      // from the header
-	direct     *os.File // image opened O_DIRECT, nil if the filesystem refuses it
-	buffered   *os.File // image opened without O_DIRECT
+	img        imageIO // the image: a file (O_DIRECT when it takes it) or RBD (imageio.go)
 	size       atomic.Int64
 	pool       *bufPool
 	zero       []byte // one all-zero sector, for discard mode
@@ -69,22 +68,19 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 	}
 	harden()
 	e := &engine{spec: spec, pool: newBufPool()}
-	if e.buffered, err = os.OpenFile(spec.Image, os.O_RDWR, 0); err != nil {
-		return fmt.Errorf("engine: open image: %w", err)
+	if e.img, err = openImageIO(ctx, spec); err != nil {
+		return err
 	}
-	defer e.buffered.Close()
-	xts, h, err := unlockImage(ctx, spec, e.buffered, calls)
+	defer e.img.Close()
+	xts, h, err := unlockImage(ctx, spec, e.img, calls)
 	if err != nil {
 		return err
 	}
 	defer xts.Wipe()
 	e.xts, e.dataOffset, e.sectorSize = xts, h.DataOffset(), h.SectorSize()
 	e.zero = make([]byte, e.sectorSize)
-	if err := e.openDirect(); err != nil {
+	if err := e.refreshSize(0); err != nil {
 		return err
-	}
-	if e.direct != nil {
-		defer e.direct.Close()
 	}
 	setFUSETimeout()
 
@@ -124,14 +120,14 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 	}
 	go serveControl(ln, e, shutdown)
 	klog.InfoS("Engine serving", "volumeID", spec.VolumeID, "image", spec.Image, "file", PlainFile(spec.RunDir),
-		"size", e.size.Load(), "sectorSize", e.sectorSize, "allowDiscards", spec.AllowDiscards, "directIO", e.direct != nil)
+		"size", e.size.Load(), "sectorSize", e.sectorSize, "allowDiscards", spec.AllowDiscards, "directIO", e.img.DirectIO())
 	writeReport(report, &StartReport{DataOffset: e.dataOffset, SectorSize: e.sectorSize, Size: e.size.Load(), KMSCalls: calls.report()})
 
 	sig := ctx.Done()
 	for {
 		select {
 		case <-served:
-			if err := unix.Fdatasync(int(e.buffered.Fd())); err != nil {
+			if err := e.img.Sync(); err != nil {
 				return fmt.Errorf("engine: final fdatasync of %s: %w", spec.Image, err)
 			}
 			klog.InfoS("Engine stopped", "volumeID", spec.VolumeID)
@@ -161,31 +157,17 @@ func harden() {
 	}
 }
 
-// openDirect opens the image a second time with O_DIRECT (unless the spec
-// asks for buffered I/O or the filesystem refuses it) and reads its size.
-func (e *engine) openDirect() error {
-	if !e.spec.BufferedBacking {
-		var err error
-		e.direct, err = os.OpenFile(e.spec.Image, os.O_RDWR|unix.O_DIRECT, 0)
-		if err != nil {
-			klog.InfoS("Image does not take O_DIRECT; using buffered I/O", "image", e.spec.Image, "err", err)
-			e.direct = nil
-		}
-	}
-	return e.refreshSize(0)
-}
-
 // refreshSize re-reads the image size. want, if not 0, is the data size the
 // caller expects: the image must hold at least that much.
 func (e *engine) refreshSize(want int64) error {
-	st, err := e.buffered.Stat()
+	imgSize, err := e.img.Size()
 	if err != nil {
 		return fmt.Errorf("engine: stat image: %w", err)
 	}
 	ss := int64(e.sectorSize)
-	size := (st.Size() - e.dataOffset) / ss * ss
+	size := (imgSize - e.dataOffset) / ss * ss
 	if size <= 0 {
-		return fmt.Errorf("engine: image %s (%d bytes) has no data after offset %d", e.spec.Image, st.Size(), e.dataOffset)
+		return fmt.Errorf("engine: image %s (%d bytes) has no data after offset %d", e.spec.Image, imgSize, e.dataOffset)
 	}
 	if want != 0 {
 		if want < 0 || want%ss != 0 {
@@ -221,7 +203,7 @@ func (e *engine) stats() *Stats {
 		ReadOps: e.readOps.Load(), WriteOps: e.writeOps.Load(),
 		ReadBytes: e.readBytes.Load(), WriteBytes: e.writeBytes.Load(),
 		IOErrors: e.ioErrors.Load(), Size: e.size.Load(),
-		DirectIO: e.direct != nil,
+		DirectIO: e.img.DirectIO(),
 	}
 }
 
@@ -407,25 +389,13 @@ func (d *diskNode) Write(_ context.Context, _ fs.FileHandle, data []byte, off in
 
 // pread fills buf from the image at off, through O_DIRECT when possible.
 func (e *engine) pread(buf []byte, off int64) error {
-	if e.direct != nil {
-		_, err := e.direct.ReadAt(buf, off)
-		if !errors.Is(err, syscall.EINVAL) {
-			return err
-		}
-	}
-	_, err := e.buffered.ReadAt(buf, off)
+	_, err := e.img.ReadAt(buf, off)
 	return err
 }
 
 // pwrite writes buf to the image at off, through O_DIRECT when possible.
 func (e *engine) pwrite(buf []byte, off int64) error {
-	if e.direct != nil {
-		_, err := e.direct.WriteAt(buf, off)
-		if !errors.Is(err, syscall.EINVAL) {
-			return err
-		}
-	}
-	_, err := e.buffered.WriteAt(buf, off)
+	_, err := e.img.WriteAt(buf, off)
 	return err
 }
 
@@ -440,7 +410,7 @@ func (d *diskNode) Flush(_ context.Context, _ fs.FileHandle) syscall.Errno {
 }
 
 func (e *engine) sync() syscall.Errno {
-	if err := unix.Fdatasync(int(e.buffered.Fd())); err != nil {
+	if err := e.img.Sync(); err != nil {
 		e.ioErrors.Add(1)
 		klog.ErrorS(err, "fdatasync of the image failed", "volumeID", e.spec.VolumeID)
 		return ioErrno(err)
@@ -471,8 +441,7 @@ func (d *diskNode) Allocate(_ context.Context, _ fs.FileHandle, off, size uint64
 	if int64(off) >= end {
 		return 0
 	}
-	err := unix.Fallocate(int(e.buffered.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE,
-		e.dataOffset+int64(off), end-int64(off))
+	err := e.img.Discard(e.dataOffset+int64(off), end-int64(off))
 	if err != nil {
 		e.ioErrors.Add(1)
 		klog.ErrorS(err, "Punching a hole in the image failed", "volumeID", e.spec.VolumeID, "offset", off, "length", size)

@@ -15,6 +15,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/mounts"
+	"github.com/csi-encdisk/csi-encdisk/pkg/rbd"
 )
 
 // StartTimeout bounds how long StartEngine waits for a new engine to serve
@@ -33,8 +34,18 @@ const LogFileName = "engine.log"
 // ErrWrongPassphrase when that is why, and the report (possibly nil) still
 // counts the KMS calls made.
 func StartEngine(ctx context.Context, binary string, spec EngineSpec) (*Engine, *StartReport, error) {
+	return StartEngineWithCredentials(ctx, binary, spec, nil)
+}
+
+// StartEngineWithCredentials is StartEngine for an image in Ceph RBD
+// (spec.Image "rbd:POOL/IMAGE"): the engine reads creds from a pipe it
+// inherits as rbd.SecretFD, never from argv, the environment or a file.
+func StartEngineWithCredentials(ctx context.Context, binary string, spec EngineSpec, creds *rbd.Credentials) (*Engine, *StartReport, error) {
 	if err := spec.Validate(); err != nil {
 		return nil, nil, err
+	}
+	if _, isRBD := rbd.ParseRef(spec.Image); isRBD != (creds != nil) {
+		return nil, nil, fmt.Errorf("start engine: image %s: Ceph credentials are needed for an RBD image and only for one", spec.Image)
 	}
 	sock := ControlSocketPath(spec.RunDir)
 	if err := DialControl(sock).Health(ctx); err == nil {
@@ -70,6 +81,18 @@ func StartEngine(ctx context.Context, binary string, spec EngineSpec) (*Engine, 
 	cmd.Stdout = logf
 	cmd.Stderr = logf
 	cmd.ExtraFiles = []*os.File{w} // becomes ReportFD
+	if creds != nil {
+		cr, cw, err := os.Pipe()
+		if err != nil {
+			return nil, nil, fmt.Errorf("start engine: credentials pipe: %w", err)
+		}
+		defer cr.Close()
+		// Small enough for the pipe buffer: written and closed before start.
+		if err := creds.WriteTo(cw); err != nil {
+			return nil, nil, fmt.Errorf("start engine: %w", err)
+		}
+		cmd.ExtraFiles = append(cmd.ExtraFiles, cr) // becomes rbd.SecretFD
+	}
 	cmd.Dir = "/"
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	if err := cmd.Start(); err != nil {
