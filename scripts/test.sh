@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of csi-encdisk: formatting, vet, unit tests (with the race
 # detector), csi-sanity against the real driver, the end-to-end tests, the
+# Ceph RBD backend on a throw-away cluster (scripts/ceph-cluster.sh), the
 # container image (built here without a registry) running the node plugin in
 # podman, and the Kubernetes end-to-end run. Needs root (loop devices, FUSE,
 # mounts, privileged containers).
@@ -36,6 +37,27 @@ go test -count=1 -timeout 20m ./test/sanity/...
 
 step "test/e2e (real FUSE, loop devices, mounts, fault injection)"
 go test -count=1 -timeout 20m ./test/e2e/...
+
+step "Ceph RBD (throw-away single-node cluster; vet, staticcheck and tests built with -tags ceph,pacific)"
+# Own cluster on 127.0.0.1 (scripts/ceph-cluster.sh), stopped right after
+# this step so that its daemons do not compete with the later ones.
+rbd_step() {
+  local dir rc=0
+  dir=$(mktemp -d /tmp/csi-encdisk-ceph.XXXXXX)
+  scripts/ceph-cluster.sh start "$dir" || rc=$?
+  if [ $rc = 0 ]; then
+    (
+      export CSI_ENCDISK_CEPH_CONF=$dir/cluster/ceph.conf
+      go vet -tags ceph,pacific ./... &&
+        "$tools/staticcheck-v0.8.2" -tags ceph,pacific ./... &&
+        go test -tags ceph,pacific -count=1 -timeout 15m ./pkg/rbd/... ./pkg/blockdev/... ./test/rbd/...
+    ) || rc=$?
+  fi
+  scripts/ceph-cluster.sh stop "$dir"
+  rm -rf "$dir"
+  return $rc
+}
+rbd_step
 
 step "test/keys (controller process: rotation, re-wrap of every object, crash in the middle, retire the old key)"
 go test -count=1 -timeout 10m ./test/keys/...
