@@ -35,8 +35,8 @@ const fuseRequestTimeout = 120
 type engine struct {
 	spec       EngineSpec
 	xts        *crypt.XTS
-	dataOffset int64    // from the header
-	sectorSize int      // from the header
+	dataOffset int64   // from the header
+	sectorSize int     // from the header
 	img        imageIO // the image: a file (O_DIRECT when it takes it) or RBD (imageio.go)
 	size       atomic.Int64
 	pool       *bufPool
