@@ -217,15 +217,28 @@ func TestEncryptedVolumeOnRBD(t *testing.T) {
 		}
 	}
 	images := e.c.CLI(t, "rbd", "ls", e.c.Pool) + e.c.CLI(t, "rbd", "trash", "ls", e.c.Pool)
-	objects := e.c.CLI(t, "rados", "-p", e.c.Pool, "ls")
 	for _, id := range []string{v.ID, s.ID, r.ID, cl.ID} {
 		if strings.Contains(images, id) {
 			t.Fatalf("%s still in the pool or its trash", id)
 		}
-		for _, o := range prefixes[id] {
-			if strings.Contains(objects, o) {
-				t.Fatalf("object %s of %s still in RADOS", o, id)
+	}
+	// Objects that had snapshots go when the OSD trims them (asynchronous).
+	deadline := time.Now().Add(90 * time.Second)
+	for left := ""; ; time.Sleep(2 * time.Second) {
+		objects := e.c.CLI(t, "rados", "-p", e.c.Pool, "ls")
+		left = ""
+		for _, id := range []string{v.ID, r.ID, cl.ID} {
+			for _, o := range prefixes[id] {
+				if strings.Contains(objects, o) {
+					left = fmt.Sprintf("object %s of %s", o, id)
+				}
 			}
+		}
+		if left == "" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s still in RADOS 90 s after the delete", left)
 		}
 	}
 }
