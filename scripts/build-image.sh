@@ -80,7 +80,9 @@ security_mirror=$(debian_mirror "$SUITE-security" | head -1)
 
 # ---- The base root filesystem. Everything that changes its content is in
 # the recipe, and the cache key is the recipe's hash.
-packages="e2fsprogs xfsprogs util-linux mount ${EXTRA_PACKAGES:-}"
+# librbd1, librados2: the binary is built with the Ceph RBD backend (cgo,
+# -tags ceph,pacific) and links them.
+packages="e2fsprogs xfsprogs util-linux mount librbd1 librados2 ${EXTRA_PACKAGES:-}"
 packages=$(tr ' ' '\n' <<<"$packages" | sed '/^$/d' | sort -u | tr '\n' ' ')
 for p in $packages; do
   [[ "$p" =~ ^[a-z0-9][a-z0-9+.-]+$ ]] || die "EXTRA_PACKAGES: \"$p\" is not a Debian package name"
@@ -162,7 +164,7 @@ if [ "$host_codename" != "$SUITE" ]; then
 fi
 t0=$(date +%s)
 mkdir -p bin
-CGO_ENABLED=1 go build -trimpath -ldflags "-s -w -X main.version=$VERSION" -o bin/csi-encdisk ./cmd/csi-encdisk
+CGO_ENABLED=1 go build -tags ceph,pacific -trimpath -ldflags "-s -w -X main.version=$VERSION" -o bin/csi-encdisk ./cmd/csi-encdisk
 echo "build-image: go build ($VERSION) took $(elapsed "$t0")"
 
 # ---- The image.

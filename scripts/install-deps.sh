@@ -31,6 +31,13 @@ packages=(
   uidmap           # newuidmap/newgidmap, which podman expects
   containerd       # ctr: load the image into containerd (ctr -n k8s.io image import)
 )
+# Ceph (Pacific, Debian 12) for the RBD backend: the daemons of the throw-away
+# test cluster (scripts/ceph-cluster.sh), the CLI, and librbd/librados headers
+# for the cgo build (-tags ceph,pacific). CI installs them (~230 MB); a machine
+# that never builds or tests the RBD backend may set CSI_ENCDISK_CEPH=0.
+if [ "${CSI_ENCDISK_CEPH:-1}" != 0 ]; then
+  packages+=(ceph-mon ceph-osd ceph-mgr ceph-common librbd-dev librados-dev uuid-runtime)
+fi
 
 missing=()
 for p in "${packages[@]}"; do

@@ -10,7 +10,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"os"
 	"strings"
 	"time"
 )
@@ -86,8 +85,8 @@ func (m *Meta) check(kind Kind, id string) error {
 }
 
 // BuildFunc fills a new image before it becomes visible, for example by
-// writing a LUKS2 header. The file is open read-write.
-type BuildFunc func(ctx context.Context, img *os.File) error
+// writing a LUKS2 header. The image is open read-write.
+type BuildFunc func(ctx context.Context, img Image) error
 
 // CreateRequest describes a new object.
 type CreateRequest struct {
@@ -125,10 +124,10 @@ type Pool interface {
 	// its usable capacity.
 	Resize(ctx context.Context, id string, imageSize, size int64) (*Meta, error)
 	// OpenImage opens an object's image read-only.
-	OpenImage(ctx context.Context, kind Kind, id string) (*os.File, error)
+	OpenImage(ctx context.Context, kind Kind, id string) (Image, error)
 	// OpenImageForUpdate opens an object's image read-write, for header
 	// updates only (a re-wrapped KMS token); never for data.
-	OpenImageForUpdate(ctx context.Context, kind Kind, id string) (*os.File, error)
+	OpenImageForUpdate(ctx context.Context, kind Kind, id string) (Image, error)
 	// ImagePath is where the node finds a volume's image.
 	ImagePath(volumeID string) (string, error)
 	// Capacity is the number of bytes free for new images.

@@ -219,7 +219,7 @@ func (p *FilePool) Create(ctx context.Context, req CreateRequest) (*Meta, error)
 	}
 	defer img.Close()
 	if req.Source != nil {
-		src, err := p.OpenImage(ctx, req.Source.Kind, req.Source.ID)
+		src, err := p.openFile(req.Source.Kind, req.Source.ID, os.O_RDONLY)
 		if err != nil {
 			return nil, err
 		}
@@ -241,7 +241,7 @@ func (p *FilePool) Create(ctx context.Context, req CreateRequest) (*Meta, error)
 		}
 	}
 	if req.Build != nil {
-		if err := req.Build(ctx, img); err != nil {
+		if err := req.Build(ctx, FileImage{img}); err != nil {
 			return nil, err
 		}
 	}
@@ -377,7 +377,7 @@ func (p *FilePool) Delete(ctx context.Context, kind Kind, id string, shred Build
 		case err != nil:
 			return fmt.Errorf("backend: open %s for shredding: %w", id, err)
 		default:
-			err = shred(ctx, f)
+			err = shred(ctx, FileImage{f})
 			f.Close()
 			if err != nil {
 				return err
@@ -441,26 +441,28 @@ func (p *FilePool) Resize(ctx context.Context, id string, imageSize, size int64)
 }
 
 // OpenImage implements Pool.
-func (p *FilePool) OpenImage(_ context.Context, kind Kind, id string) (*os.File, error) {
-	if err := checkID(kind, id); err != nil {
+func (p *FilePool) OpenImage(_ context.Context, kind Kind, id string) (Image, error) {
+	f, err := p.openFile(kind, id, os.O_RDONLY)
+	if err != nil {
 		return nil, err
 	}
-	f, err := os.Open(filepath.Join(p.objDir(kind, id), imageFile))
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("%w: %s %s", ErrNotFound, kind, id)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("backend: open %s: %w", id, err)
-	}
-	return f, nil
+	return FileImage{f}, nil
 }
 
 // OpenImageForUpdate implements Pool.
-func (p *FilePool) OpenImageForUpdate(_ context.Context, kind Kind, id string) (*os.File, error) {
+func (p *FilePool) OpenImageForUpdate(_ context.Context, kind Kind, id string) (Image, error) {
+	f, err := p.openFile(kind, id, os.O_RDWR)
+	if err != nil {
+		return nil, err
+	}
+	return FileImage{f}, nil
+}
+
+func (p *FilePool) openFile(kind Kind, id string, flag int) (*os.File, error) {
 	if err := checkID(kind, id); err != nil {
 		return nil, err
 	}
-	f, err := os.OpenFile(filepath.Join(p.objDir(kind, id), imageFile), os.O_RDWR, 0)
+	f, err := os.OpenFile(filepath.Join(p.objDir(kind, id), imageFile), flag, 0)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("%w: %s %s", ErrNotFound, kind, id)
 	}

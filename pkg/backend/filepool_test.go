@@ -81,7 +81,7 @@ func TestCreateGetListDelete(t *testing.T) {
 		t.Fatalf("second create: %v %+v", err, old)
 	}
 	shredded := false
-	if err := p.Delete(ctx, KindVolume, ids[0], func(_ context.Context, f *os.File) error {
+	if err := p.Delete(ctx, KindVolume, ids[0], func(_ context.Context, f Image) error {
 		shredded = true
 		_, err := f.WriteAt([]byte("x"), 0)
 		return err
@@ -124,7 +124,7 @@ func TestBuildFailureLeavesNothing(t *testing.T) {
 	_, err := p.Create(ctx, CreateRequest{
 		Meta:      Meta{Name: "v", Kind: KindVolume, Size: 4096},
 		ImageSize: 4096,
-		Build:     func(context.Context, *os.File) error { return errors.New("boom") },
+		Build:     func(context.Context, Image) error { return errors.New("boom") },
 	})
 	if err == nil || err.Error() != "boom" {
 		t.Fatalf("err %v", err)
@@ -187,7 +187,7 @@ func TestSparseCopyKeepsHoles(t *testing.T) {
 	// Through the pool (reflink or sparse copy, whichever the FS offers).
 	p := newPool(t, filepath.Join(dir, "pool"), Options{})
 	v, err := p.Create(ctx, CreateRequest{Meta: Meta{Name: "v", Kind: KindVolume, Size: size}, ImageSize: size,
-		Build: func(_ context.Context, f *os.File) error { _, err := f.WriteAt(b, 100<<20); return err }})
+		Build: func(_ context.Context, f Image) error { _, err := f.WriteAt(b, 100<<20); return err }})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -304,12 +304,12 @@ func crashChild(point string) {
 	}
 	ctx := context.Background()
 	if point == FaultDeleteShredded {
-		_ = p.Delete(ctx, KindVolume, ObjectID(KindVolume, "victim"), func(context.Context, *os.File) error { return nil })
+		_ = p.Delete(ctx, KindVolume, ObjectID(KindVolume, "victim"), func(context.Context, Image) error { return nil })
 		os.Exit(5)
 	}
 	src, _ := p.Get(ctx, KindVolume, ObjectID(KindVolume, "src"))
 	_, _ = p.Create(ctx, CreateRequest{Meta: Meta{Name: "victim", Kind: KindVolume, Size: 1 << 20}, Source: src, ImageSize: 2 << 20,
-		Build: func(context.Context, *os.File) error { return nil }})
+		Build: func(context.Context, Image) error { return nil }})
 	os.Exit(5)
 }
 

@@ -35,7 +35,7 @@ func (e *engine) ReadAt(p []byte, off int64) (int, syscall.Errno) {
 	}
 	n := int(min(int64(len(p)), size-off))
 	buf := p[:n]
-	if err := e.pread(buf, e.dataOffset+off); err != nil {
+	if _, err := e.img.ReadAt(buf, e.dataOffset+off); err != nil {
 		e.ioErrors.Add(1)
 		klog.ErrorS(err, "Image read failed", "volumeID", e.spec.VolumeID, "offset", off, "length", n)
 		return 0, ioErrno(err)
@@ -66,7 +66,7 @@ func (e *engine) WriteAt(p []byte, off int64) (int, syscall.Errno) {
 		return 0, syscall.ENOSPC
 	}
 	e.xts.EncryptSectors(p, p, uint64(off)/512)
-	if err := e.pwrite(p, e.dataOffset+off); err != nil {
+	if _, err := e.img.WriteAt(p, e.dataOffset+off); err != nil {
 		e.ioErrors.Add(1)
 		klog.ErrorS(err, "Image write failed", "volumeID", e.spec.VolumeID, "offset", off, "length", len(p))
 		return 0, ioErrno(err)
@@ -79,33 +79,9 @@ func (e *engine) WriteAt(p []byte, off int64) (int, syscall.Errno) {
 // Size is the plaintext size: the data segment's, whole sectors.
 func (e *engine) Size() int64 { return e.size.Load() }
 
-// pread fills buf from the image at off, through O_DIRECT when possible.
-func (e *engine) pread(buf []byte, off int64) error {
-	if e.direct != nil {
-		_, err := e.direct.ReadAt(buf, off)
-		if !errors.Is(err, syscall.EINVAL) {
-			return err
-		}
-	}
-	_, err := e.buffered.ReadAt(buf, off)
-	return err
-}
-
-// pwrite writes buf to the image at off, through O_DIRECT when possible.
-func (e *engine) pwrite(buf []byte, off int64) error {
-	if e.direct != nil {
-		_, err := e.direct.WriteAt(buf, off)
-		if !errors.Is(err, syscall.EINVAL) {
-			return err
-		}
-	}
-	_, err := e.buffered.WriteAt(buf, off)
-	return err
-}
-
 // Sync makes written data durable in the image (FSYNC, and FLUSH on close).
 func (e *engine) Sync() syscall.Errno {
-	if err := unix.Fdatasync(int(e.buffered.Fd())); err != nil {
+	if err := e.img.Sync(); err != nil {
 		e.ioErrors.Add(1)
 		klog.ErrorS(err, "fdatasync of the image failed", "volumeID", e.spec.VolumeID)
 		return ioErrno(err)
@@ -136,8 +112,7 @@ func (e *engine) Allocate(offset, length int64, mode uint32) syscall.Errno {
 	if int64(off) >= end {
 		return 0
 	}
-	err := unix.Fallocate(int(e.buffered.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE,
-		e.dataOffset+int64(off), end-int64(off))
+	err := e.img.Discard(e.dataOffset+int64(off), end-int64(off))
 	if err != nil {
 		e.ioErrors.Add(1)
 		klog.ErrorS(err, "Punching a hole in the image failed", "volumeID", e.spec.VolumeID, "offset", off, "length", size)

@@ -31,10 +31,9 @@ const fuseRequestTimeout = 120 * time.Second
 type engine struct {
 	spec       EngineSpec
 	xts        *crypt.XTS
-	dataOffset int64    // from the header
-	sectorSize int      // from the header
-	direct     *os.File // image opened O_DIRECT, nil if the filesystem refuses it
-	buffered   *os.File // image opened without O_DIRECT
+	dataOffset int64   // from the header
+	sectorSize int     // from the header
+	img        imageIO // the image: a file (O_DIRECT when it takes it) or RBD (imageio.go)
 	size       atomic.Int64
 	zero       []byte   // one all-zero sector, for discard mode
 	dev        *os.File // the FUSE connection (/dev/fuse)
@@ -71,22 +70,19 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 	}
 	harden()
 	e := &engine{spec: spec}
-	if e.buffered, err = os.OpenFile(spec.Image, os.O_RDWR, 0); err != nil {
-		return fmt.Errorf("engine: open image: %w", err)
+	if e.img, err = openImageIO(ctx, spec); err != nil {
+		return err
 	}
-	defer e.buffered.Close()
-	xts, h, err := unlockImage(ctx, spec, e.buffered, calls)
+	defer e.img.Close()
+	xts, h, err := unlockImage(ctx, spec, e.img, calls)
 	if err != nil {
 		return err
 	}
 	defer xts.Wipe()
 	e.xts, e.dataOffset, e.sectorSize = xts, h.DataOffset(), h.SectorSize()
 	e.zero = make([]byte, e.sectorSize)
-	if err := e.openDirect(); err != nil {
+	if err := e.refreshSize(0); err != nil {
 		return err
-	}
-	if e.direct != nil {
-		defer e.direct.Close()
 	}
 
 	mnt := FUSEDir(spec.RunDir)
@@ -135,7 +131,7 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 		served <- fuseserve.Serve(serveCtx, dev, sess, e, fuseserve.ServeOptions{Resend: spec.Resend, Stats: &e.fuseStats})
 	}()
 	klog.InfoS("Engine serving", "volumeID", spec.VolumeID, "image", spec.Image, "file", PlainFile(spec.RunDir),
-		"size", e.size.Load(), "sectorSize", e.sectorSize, "allowDiscards", spec.AllowDiscards, "directIO", e.direct != nil,
+		"size", e.size.Load(), "sectorSize", e.sectorSize, "allowDiscards", spec.AllowDiscards, "directIO", e.img.DirectIO(),
 		"takeover", spec.FUSEFD != 0, "resend", spec.Resend)
 	writeReport(report, &StartReport{DataOffset: e.dataOffset, SectorSize: e.sectorSize, Size: e.size.Load(), KMSCalls: calls.report()})
 
@@ -146,7 +142,7 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 			if errors.Is(err, context.Canceled) {
 				err = nil // handed off: the connection lives on
 			}
-			if serr := unix.Fdatasync(int(e.buffered.Fd())); serr != nil && err == nil {
+			if serr := e.img.Sync(); serr != nil && err == nil {
 				err = fmt.Errorf("engine: final fdatasync of %s: %w", spec.Image, serr)
 			}
 			klog.InfoS("Engine stopped", "volumeID", spec.VolumeID, "err", err)
@@ -230,31 +226,17 @@ func harden() {
 	}
 }
 
-// openDirect opens the image a second time with O_DIRECT (unless the spec
-// asks for buffered I/O or the filesystem refuses it) and reads its size.
-func (e *engine) openDirect() error {
-	if !e.spec.BufferedBacking {
-		var err error
-		e.direct, err = os.OpenFile(e.spec.Image, os.O_RDWR|unix.O_DIRECT, 0)
-		if err != nil {
-			klog.InfoS("Image does not take O_DIRECT; using buffered I/O", "image", e.spec.Image, "err", err)
-			e.direct = nil
-		}
-	}
-	return e.refreshSize(0)
-}
-
 // refreshSize re-reads the image size. want, if not 0, is the data size the
 // caller expects: the image must hold at least that much.
 func (e *engine) refreshSize(want int64) error {
-	st, err := e.buffered.Stat()
+	imgSize, err := e.img.Size()
 	if err != nil {
 		return fmt.Errorf("engine: stat image: %w", err)
 	}
 	ss := int64(e.sectorSize)
-	size := (st.Size() - e.dataOffset) / ss * ss
+	size := (imgSize - e.dataOffset) / ss * ss
 	if size <= 0 {
-		return fmt.Errorf("engine: image %s (%d bytes) has no data after offset %d", e.spec.Image, st.Size(), e.dataOffset)
+		return fmt.Errorf("engine: image %s (%d bytes) has no data after offset %d", e.spec.Image, imgSize, e.dataOffset)
 	}
 	if want != 0 {
 		if want < 0 || want%ss != 0 {
@@ -292,6 +274,6 @@ func (e *engine) stats() *Stats {
 		ReadOps: e.readOps.Load(), WriteOps: e.writeOps.Load(),
 		ReadBytes: e.readBytes.Load(), WriteBytes: e.writeBytes.Load(),
 		IOErrors: e.ioErrors.Load(), Size: e.size.Load(),
-		DirectIO: e.direct != nil, Resent: e.fuseStats.Resent.Load(),
+		DirectIO: e.img.DirectIO(), Resent: e.fuseStats.Resent.Load(),
 	}
 }

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"path/filepath"
 	"time"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/rbd"
 )
 
 // EngineSpec says which image an engine serves, how it gets the image's
@@ -14,7 +16,7 @@ import (
 // definition of the flags.
 type EngineSpec struct {
 	VolumeID string
-	Image    string // absolute path of the LUKS2 image
+	Image    string // absolute path of the LUKS2 image, or rbd:POOL/IMAGE (imageio.go)
 	RunDir   string // per-volume dir: FUSE mount RunDir/fuse, control socket RunDir/control.sock
 
 	// The passphrase comes from exactly one of these. KMSEndpoint: the
@@ -48,7 +50,7 @@ type EngineSpec struct {
 // RegisterFlags defines the engine's flags on fs, bound to s.
 func (s *EngineSpec) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&s.VolumeID, "volume-id", "", "volume ID, for logs (required)")
-	fs.StringVar(&s.Image, "image", "", "absolute path of the LUKS2 image (required)")
+	fs.StringVar(&s.Image, "image", "", "absolute path of the LUKS2 image, or rbd:POOL/IMAGE (credentials on fd 4) (required)")
 	fs.StringVar(&s.RunDir, "run-dir", "", "absolute per-volume directory for the FUSE mount and control socket (required)")
 	fs.StringVar(&s.KMSEndpoint, "kms-endpoint", "", "unwrap the header's KMS token through this KMS v2 plugin (unix:///path)")
 	fs.StringVar(&s.KMSID, "kms-id", "", "the kmsID the token must name (with --kms-endpoint)")
@@ -107,8 +109,8 @@ func (s EngineSpec) Validate() error {
 	switch {
 	case s.VolumeID == "":
 		return errors.New("engine spec: volume ID is empty")
-	case s.Image == "" || !filepath.IsAbs(s.Image):
-		return fmt.Errorf("engine spec: image %q must be an absolute path", s.Image)
+	case s.Image == "" || !filepath.IsAbs(s.Image) && !isRBDRef(s.Image):
+		return fmt.Errorf("engine spec: image %q must be an absolute path or rbd:POOL/IMAGE", s.Image)
 	case s.RunDir == "" || !filepath.IsAbs(s.RunDir):
 		return fmt.Errorf("engine spec: run dir %q must be an absolute path", s.RunDir)
 	case len(ControlSocketPath(s.RunDir)) >= maxSocketPath:
@@ -124,3 +126,5 @@ func (s EngineSpec) Validate() error {
 	}
 	return nil
 }
+
+func isRBDRef(s string) bool { _, ok := rbd.ParseRef(s); return ok }

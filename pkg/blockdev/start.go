@@ -15,6 +15,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/mounts"
+	"github.com/csi-encdisk/csi-encdisk/pkg/rbd"
 )
 
 // StartTimeout bounds how long StartEngine waits for a new engine to serve
@@ -33,22 +34,40 @@ const LogFileName = "engine.log"
 // ErrWrongPassphrase when that is why, and the report (possibly nil) still
 // counts the KMS calls made.
 func StartEngine(ctx context.Context, binary string, spec EngineSpec) (*Engine, *StartReport, error) {
-	return startEngine(ctx, binary, spec, nil)
+	return startEngine(ctx, binary, spec, nil, nil)
 }
 
 // StartEngineOn is StartEngine for a supervisor that mounted the FUSE file
 // itself (fuseserve.Mount with MountOptions) and keeps dev, a copy of the
 // connection's descriptor: the engine serves that connection (spec.Session
 // must be its Session as JSON; spec.Resend after a predecessor died). On
-// failure the engine is killed and the mount left to the supervisor.
-func StartEngineOn(ctx context.Context, binary string, spec EngineSpec, dev *os.File) (*Engine, *StartReport, error) {
-	spec.FUSEFD = ReportFD + 1 // cmd.ExtraFiles[1]
-	return startEngine(ctx, binary, spec, dev)
+// failure the engine is killed and the mount left to the supervisor. creds
+// are an RBD image's credentials (nil for an image file).
+func StartEngineOn(ctx context.Context, binary string, spec EngineSpec, dev *os.File, creds *rbd.Credentials) (*Engine, *StartReport, error) {
+	return startEngine(ctx, binary, spec, dev, creds)
 }
 
-func startEngine(ctx context.Context, binary string, spec EngineSpec, dev *os.File) (*Engine, *StartReport, error) {
+// StartEngineWithCredentials is StartEngine for an image in Ceph RBD
+// (spec.Image "rbd:POOL/IMAGE"): the engine reads creds from a pipe it
+// inherits as rbd.SecretFD, never from argv, the environment or a file.
+func StartEngineWithCredentials(ctx context.Context, binary string, spec EngineSpec, creds *rbd.Credentials) (*Engine, *StartReport, error) {
+	return startEngine(ctx, binary, spec, nil, creds)
+}
+
+func startEngine(ctx context.Context, binary string, spec EngineSpec, dev *os.File, creds *rbd.Credentials) (*Engine, *StartReport, error) {
+	// Inherited descriptors: ReportFD, then rbd.SecretFD (creds), then the
+	// FUSE connection.
+	if dev != nil {
+		spec.FUSEFD = ReportFD + 1
+		if creds != nil {
+			spec.FUSEFD = rbd.SecretFD + 1
+		}
+	}
 	if err := spec.Validate(); err != nil {
 		return nil, nil, err
+	}
+	if _, isRBD := rbd.ParseRef(spec.Image); isRBD != (creds != nil) {
+		return nil, nil, fmt.Errorf("start engine: image %s: Ceph credentials are needed for an RBD image and only for one", spec.Image)
 	}
 	sock := ControlSocketPath(spec.RunDir)
 	if err := DialControl(sock).Health(ctx); err == nil {
@@ -92,6 +111,18 @@ func startEngine(ctx context.Context, binary string, spec EngineSpec, dev *os.Fi
 	cmd.Stdout = logf
 	cmd.Stderr = logf
 	cmd.ExtraFiles = []*os.File{w} // becomes ReportFD
+	if creds != nil {
+		cr, cw, err := os.Pipe()
+		if err != nil {
+			return nil, nil, fmt.Errorf("start engine: credentials pipe: %w", err)
+		}
+		defer cr.Close()
+		// Small enough for the pipe buffer: written and closed before start.
+		if err := creds.WriteTo(cw); err != nil {
+			return nil, nil, fmt.Errorf("start engine: %w", err)
+		}
+		cmd.ExtraFiles = append(cmd.ExtraFiles, cr) // becomes rbd.SecretFD
+	}
 	if dev != nil {
 		cmd.ExtraFiles = append(cmd.ExtraFiles, dev) // becomes spec.FUSEFD
 	}

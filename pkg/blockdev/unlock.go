@@ -6,7 +6,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"os"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -64,7 +63,7 @@ func (c *kmsCallCounter) report() []KMSCall {
 // unless the spec is read-only, opens the keyslot and returns the data
 // segment's XTS cipher. The passphrase and the volume key are wiped before
 // it returns: afterwards the key exists only as the cipher's key schedule.
-func unlockImage(ctx context.Context, spec EngineSpec, image *os.File, calls *kmsCallCounter) (*crypt.XTS, *crypt.Header, error) {
+func unlockImage(ctx context.Context, spec EngineSpec, image crypt.Image, calls *kmsCallCounter) (*crypt.XTS, *crypt.Header, error) {
 	h, err := crypt.ReadHeader(image)
 	if err != nil {
 		return nil, nil, fmt.Errorf("%w: %s: %w", ErrBadHeader, spec.Image, err)
@@ -106,7 +105,7 @@ func unlockImage(ctx context.Context, spec EngineSpec, image *os.File, calls *km
 // when the plugin's current master key is another than the token's (a
 // rotation) and the spec allows writing, wraps the passphrase again and
 // replaces the token (header update only; the data is not touched).
-func unwrapPassphrase(ctx context.Context, spec EngineSpec, h *crypt.Header, image *os.File, calls *kmsCallCounter) ([]byte, error) {
+func unwrapPassphrase(ctx context.Context, spec EngineSpec, h *crypt.Header, image crypt.Image, calls *kmsCallCounter) ([]byte, error) {
 	tok, ok := h.KMSToken()
 	if !ok {
 		return nil, fmt.Errorf("%w: %s has no %s token", ErrBadHeader, spec.Image, crypt.KMSTokenType)
@@ -143,7 +142,7 @@ func unwrapPassphrase(ctx context.Context, spec EngineSpec, h *crypt.Header, ima
 // replaces the token when the plugin reports another key_id than the
 // token's. It returns why it could not, or nil when nothing was needed or
 // the token was replaced.
-func rewrapIfRotated(ctx context.Context, client *kmsclient.Client, image *os.File, tok *crypt.KMSToken, pass []byte) error {
+func rewrapIfRotated(ctx context.Context, client *kmsclient.Client, image crypt.Image, tok *crypt.KMSToken, pass []byte) error {
 	st, err := client.Status(ctx)
 	switch {
 	case err != nil:

@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"os"
 )
 
 // DefaultPBKDF2Iterations is the iteration count of the keyslot KDF and of
@@ -63,7 +62,7 @@ type FormatOptions struct {
 // crypt segment at DefaultDataOffset with size "dynamic") at the start of f
 // and sizes f, sparse, to DefaultDataOffset + dataSize bytes. dataSize must
 // be a positive multiple of the sector size. f is synced before return.
-func Format(f *os.File, dataSize int64, opts FormatOptions) (*Header, error) {
+func Format(f Image, dataSize int64, opts FormatOptions) (*Header, error) {
 	if opts.SectorSize != 512 && opts.SectorSize != 4096 {
 		return nil, fmt.Errorf("crypt: sector size %d (512 or 4096)", opts.SectorSize)
 	}
@@ -231,7 +230,7 @@ func encodeCopy(hf headerFields, jsonText []byte, primary bool, salt []byte) ([]
 // writeHeaderCopies writes the secondary copy, syncs, then the primary, so
 // that a crash in between leaves one valid copy (the reader falls back to
 // it, or picks the higher sequence id).
-func writeHeaderCopies(f *os.File, hf headerFields, jsonText []byte) error {
+func writeHeaderCopies(f Image, hf headerFields, jsonText []byte) error {
 	for _, primary := range []bool{false, true} {
 		salt, err := randomBytes(lenSalt)
 		if err != nil {

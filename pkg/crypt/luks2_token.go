@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"strconv"
 
 	"golang.org/x/sys/unix"
@@ -80,12 +79,20 @@ var ErrTokenChanged = errors.New("crypt: the KMS token changed meanwhile")
 // of the largest LUKS2 header (2 x 4 MiB).
 const headerLockLen = 2 * (4 << 20)
 
-// lockHeader takes an open file description (OFD) write lock on the
-// header range of f, waiting for any other holder: every header updater of
+// lockHeader takes the image's own header lock (HeaderLocker), or an open
+// file description (OFD) write lock on the
+// header range of a file, waiting for any other holder: every header updater of
 // any process (the controller's re-wrap, a node's stage-time re-wrap)
 // serialises on it. The lock belongs to f's open file description and goes
 // with its last close, or with the returned unlock.
-func lockHeader(f *os.File) (func(), error) {
+func lockHeader(img Image) (func(), error) {
+	if l, ok := img.(HeaderLocker); ok {
+		return l.LockHeader()
+	}
+	f, ok := img.(interface{ Fd() uintptr })
+	if !ok {
+		return nil, errors.New("crypt: the image offers no header lock")
+	}
 	lk := unix.Flock_t{Type: unix.F_WRLCK, Whence: io.SeekStart, Start: 0, Len: headerLockLen}
 	for {
 		err := unix.FcntlFlock(f.Fd(), unix.F_OFD_SETLKW, &lk)
@@ -108,14 +115,14 @@ func lockHeader(f *os.File) (func(), error) {
 // sequence id bumped, the secondary first, so a crash leaves a valid copy.
 // It holds an OFD write lock on the header range for the whole
 // read-modify-write, so concurrent updaters in any process never interleave.
-func SetKMSToken(f *os.File, t *KMSToken) error {
+func SetKMSToken(f Image, t *KMSToken) error {
 	return ReplaceKMSToken(f, nil, t)
 }
 
 // ReplaceKMSToken is SetKMSToken on the condition that the header's token
 // still has old's ciphertext (old nil: unconditionally); otherwise it
 // changes nothing and returns ErrTokenChanged.
-func ReplaceKMSToken(f *os.File, old, t *KMSToken) error {
+func ReplaceKMSToken(f Image, old, t *KMSToken) error {
 	unlock, err := lockHeader(f)
 	if err != nil {
 		return err
@@ -134,7 +141,7 @@ func ReplaceKMSToken(f *os.File, old, t *KMSToken) error {
 	return setKMSToken(f, t)
 }
 
-func setKMSToken(f *os.File, t *KMSToken) error {
+func setKMSToken(f Image, t *KMSToken) error {
 	h, err := ReadHeader(f)
 	if err != nil {
 		return err
@@ -171,7 +178,7 @@ func setKMSToken(f *os.File, t *KMSToken) error {
 
 // rewrite replaces one top-level member of the JSON metadata and writes both
 // header copies with seqid+1.
-func (h *Header) rewrite(f *os.File, member string, value any) error {
+func (h *Header) rewrite(f Image, member string, value any) error {
 	raw := make(map[string]json.RawMessage, len(h.raw))
 	for k, v := range h.raw {
 		raw[k] = v
@@ -204,18 +211,18 @@ func (h *Header) rewrite(f *os.File, member string, value any) error {
 // JSON areas with zeros and the whole keyslot area, up to the data segment,
 // with random bytes, in place, then syncs. Without the keyslot, the data
 // segment cannot be decrypted by anyone who did not keep the volume key.
-func Wipe(f *os.File) error {
+func Wipe(f Image) error {
 	end := int64(DefaultDataOffset)
 	hdrEnd := int64(2 * defaultHdrSize)
 	if h, err := ReadHeader(f); err == nil {
 		end = h.dataOffset
 		hdrEnd = int64(2 * h.hdrSize)
 	}
-	st, err := f.Stat()
+	size, err := imageSize(f)
 	if err != nil {
 		return fmt.Errorf("crypt: wipe: %w", err)
 	}
-	end = min(end, st.Size())
+	end = min(end, size)
 	hdrEnd = min(hdrEnd, end)
 	buf := make([]byte, 1<<20)
 	for off := int64(0); off < end; {

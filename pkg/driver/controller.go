@@ -7,7 +7,6 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"os"
 	"strconv"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -428,7 +427,7 @@ func (c *ControllerServer) createEncrypted(ctx context.Context, meta backend.Met
 	return c.pool.Create(ctx, backend.CreateRequest{
 		Meta:      meta,
 		ImageSize: crypt.DefaultDataOffset + meta.Size,
-		Build: func(_ context.Context, img *os.File) error {
+		Build: func(_ context.Context, img backend.Image) error {
 			_, err := crypt.Format(img, meta.Size, crypt.FormatOptions{
 				SectorSize: meta.SectorSize,
 				VolumeKey:  vk,
@@ -455,7 +454,7 @@ func (c *ControllerServer) createFromSource(ctx context.Context, meta backend.Me
 		Meta:      meta,
 		Source:    src.meta,
 		ImageSize: imageSize,
-		Build: func(_ context.Context, img *os.File) error {
+		Build: func(_ context.Context, img backend.Image) error {
 			if !meta.Encrypted {
 				return nil
 			}
@@ -518,7 +517,7 @@ func shredder(m *backend.Meta) backend.BuildFunc {
 	if !m.Encrypted {
 		return nil
 	}
-	return func(_ context.Context, img *os.File) error {
+	return func(_ context.Context, img backend.Image) error {
 		if err := crypt.Wipe(img); err != nil {
 			return fmt.Errorf("crypto-shred %s: %w", m.ID, err)
 		}
@@ -531,7 +530,7 @@ func shredder(m *backend.Meta) backend.BuildFunc {
 // it carries a LUKS2 header.
 func (c *ControllerServer) deleteDamaged(ctx context.Context, kind backend.Kind, id string, why error) error {
 	klog.FromContext(ctx).Info("Deleting an object whose metadata is damaged", "kind", kind, "id", id, "reason", why.Error())
-	shred := func(_ context.Context, img *os.File) error {
+	shred := func(_ context.Context, img backend.Image) error {
 		if _, err := crypt.ReadHeader(img); err != nil {
 			return nil // no LUKS2 header we can read: nothing to shred
 		}

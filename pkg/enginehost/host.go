@@ -197,7 +197,7 @@ func (h *Host) startEngine(ctx context.Context, v *volume, resend bool) (*blockd
 	}
 	spec := v.spec
 	spec.Session, spec.Resend = string(js), resend
-	eng, rep, err := blockdev.StartEngineOn(ctx, h.cfg.Binary, spec, v.dev)
+	eng, rep, err := blockdev.StartEngineOn(ctx, h.cfg.Binary, spec, v.dev, nil)
 	if err != nil {
 		return nil, rep, err
 	}

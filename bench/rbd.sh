@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# fio through an encrypted RBD volume (engine on librbd, FUSE file, libaio,
+# O_DIRECT, QD16), through librbd itself (fio's rbd engine, unencrypted
+# image) and `rbd bench` (16 threads), in one run, on a throw-away cluster.
+# Usage: bench/rbd.sh [CLUSTER_DIR]   (BENCH_RUNTIME seconds per job, default 15)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dir=${1:-/tmp/csi-encdisk-ceph}
+started=0
+if [ -z "${CSI_ENCDISK_CEPH_CONF:-}" ]; then
+  scripts/ceph-cluster.sh start "$dir"
+  started=1
+  export CSI_ENCDISK_CEPH_CONF=$dir/cluster/ceph.conf
+fi
+export CEPH_CONF=$CSI_ENCDISK_CEPH_CONF
+trap '[ $started = 1 ] && scripts/ceph-cluster.sh stop "$dir"' EXIT
+CSI_ENCDISK_RBD_BENCH=1 go test -tags ceph,pacific -count=1 -timeout 30m -v -run TestBenchRBD ./test/rbd/ | grep -E '^\s+bench_test|ok|FAIL|---'

@@ -1,0 +1,106 @@
+//go:build ceph
+
+package rbd_test
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/backend"
+)
+
+// TestBenchRBD (CSI_ENCDISK_RBD_BENCH=1, bench/rbd.sh) runs the same fio
+// jobs through an encrypted volume's engine (FUSE file, libaio, O_DIRECT)
+// and through librbd itself (fio's rbd engine, an unencrypted image), and
+// `rbd bench` with as many threads, in one run, and prints the ratios.
+func TestBenchRBD(t *testing.T) {
+	if os.Getenv("CSI_ENCDISK_RBD_BENCH") != "1" {
+		t.Skip("set CSI_ENCDISK_RBD_BENCH=1 (bench/rbd.sh)")
+	}
+	e := newEnv(t)
+	runtime := os.Getenv("BENCH_RUNTIME")
+	if runtime == "" {
+		runtime = "15"
+	}
+	const size = 1 << 30
+	stamp := time.Now().UnixNano()
+	v := e.createEncrypted(fmt.Sprintf("bench-enc-%d", stamp), size, nil)
+	defer e.pool.Delete(e.ctx, backend.KindVolume, v.ID, nil)
+	plain := fmt.Sprintf("bench-plain-%d", stamp)
+	e.c.CLI(t, "rbd", "create", "--size", "1G", "--image-feature", "layering", e.c.Pool+"/"+plain)
+	defer e.c.CLI(t, "rbd", "rm", e.c.Pool+"/"+plain)
+	file, stop := e.serve(v.ID)
+	defer stop()
+
+	jobs := []struct{ name, rw, bs string }{
+		{"4k randwrite", "randwrite", "4k"}, {"4k randread", "randread", "4k"},
+		{"1M write", "write", "1M"}, {"1M read", "read", "1M"},
+	}
+	type result struct{ iops, mbs float64 }
+	fio := func(args ...string) result {
+		out, err := exec.Command("fio", append([]string{"--output-format=json", "--time_based", "--runtime=" + runtime,
+			"--size=1G", "--iodepth=16", "--numjobs=1", "--group_reporting", "--name=b"}, args...)...).Output()
+		if err != nil {
+			t.Fatalf("fio %v: %v", args, err)
+		}
+		var r struct {
+			Jobs []struct {
+				Read, Write struct {
+					IOPS float64 `json:"iops"`
+					BW   float64 `json:"bw_bytes"`
+				}
+			} `json:"jobs"`
+		}
+		if err := json.Unmarshal(out[strings.IndexByte(string(out), '{'):], &r); err != nil {
+			t.Fatal(err)
+		}
+		j := r.Jobs[0]
+		return result{j.Read.IOPS + j.Write.IOPS, (j.Read.BW + j.Write.BW) / 1e6}
+	}
+	rbdBench := func(rw, bs string) result {
+		io := "write"
+		if strings.Contains(rw, "read") {
+			io = "read"
+		}
+		pattern := "seq"
+		if strings.HasPrefix(rw, "rand") {
+			pattern = "rand"
+		}
+		total := map[string]string{"4k": "80M", "1M": "2G"}[bs]
+		out := e.c.CLI(t, "rbd", "bench", "--io-type", io, "--io-size", strings.ToUpper(bs), "--io-threads", "16", "--io-total", total,
+			"--io-pattern", pattern, e.c.Pool+"/"+plain)
+		m := regexp.MustCompile(`elapsed:\s*([0-9.]+)\s+ops:\s*(\d+)\s+ops/sec:\s*([0-9.]+)\s+bytes/sec:\s*([0-9.]+)\s*(\w+)?`).FindStringSubmatch(out)
+		if m == nil {
+			t.Fatalf("rbd bench output: %s", out)
+		}
+		iops, _ := strconv.ParseFloat(m[3], 64)
+		bw, _ := strconv.ParseFloat(m[4], 64)
+		switch m[5] {
+		case "KiB":
+			bw *= 1024
+		case "MiB":
+			bw *= 1 << 20
+		case "GiB":
+			bw *= 1 << 30
+		}
+		return result{iops, bw / 1e6}
+	}
+	// Fill both images first so reads hit real data.
+	fio("--filename="+file, "--ioengine=libaio", "--direct=1", "--rw=write", "--bs=4M", "--time_based=0", "--runtime=0")
+	fio("--ioengine=rbd", "--clientname=admin", "--pool="+e.c.Pool, "--rbdname="+plain, "--rw=write", "--bs=4M", "--time_based=0", "--runtime=0")
+	t.Logf("%-13s | %-22s | %-22s | %-22s | %s", "job", "encrypted (engine)", "librbd (fio rbd)", "rbd bench", "enc/librbd, enc/rbd-bench")
+	for _, j := range jobs {
+		enc := fio("--filename="+file, "--ioengine=libaio", "--direct=1", "--rw="+j.rw, "--bs="+j.bs)
+		lib := fio("--ioengine=rbd", "--clientname=admin", "--pool="+e.c.Pool, "--rbdname="+plain, "--rw="+j.rw, "--bs="+j.bs)
+		rb := rbdBench(j.rw, j.bs)
+		t.Logf("%-13s | %7.0f IOPS %7.1f MB/s | %7.0f IOPS %7.1f MB/s | %7.0f IOPS %7.1f MB/s | %.2f, %.2f",
+			j.name, enc.iops, enc.mbs, lib.iops, lib.mbs, rb.iops, rb.mbs, enc.iops/lib.iops, enc.iops/rb.iops)
+	}
+}
