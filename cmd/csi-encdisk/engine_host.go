@@ -12,7 +12,10 @@ import (
 )
 
 func runEngineHost(ctx context.Context, args []string) error {
-	fs := newFlagSet("engine-host", "engine-host --socket unix://PATH --state-dir DIR",
+	if len(args) > 0 && args[0] == "probe" {
+		return runEngineHostProbe(ctx, args[1:])
+	}
+	fs := newFlagSet("engine-host", "engine-host --socket unix://PATH --state-dir DIR\n       csi-encdisk engine-host probe --socket unix://PATH",
 		"Runs the node's engine host: it mounts each encrypted volume's FUSE file, keeps the connection,\n"+
 			"and runs the volume's engine on it; an engine that dies is replaced on the same connection\n"+
 			"without I/O errors (a volume whose engine dies 5 times a minute is left down). A new host\n"+
@@ -43,5 +46,34 @@ func runEngineHost(ctx context.Context, args []string) error {
 	}
 	// Take the socket first: a running host hands over (and stops
 	// supervising) before this one adopts its engines.
-	return h.ServeAdopting(ctx, path)
+	if err := h.ServeAdopting(ctx, path); err != nil {
+		return err
+	}
+	if ctx.Err() == nil {
+		// Handed over to a successor: stay (idle) until stopped, so that a
+		// restart of this container does not take the socket back.
+		klog.InfoS("Engine host handed over to a successor; idle until stopped")
+		<-ctx.Done()
+	}
+	return nil
+}
+
+// runEngineHostProbe exits 0 when the engine host answers and every engine
+// runs its binary (the readiness probe of a rollout).
+func runEngineHostProbe(ctx context.Context, args []string) error {
+	fs := newFlagSet("engine-host probe", "engine-host probe --socket unix://PATH",
+		"Exits 0 when the engine host on the socket serves and has finished adopting and upgrading\n"+
+			"its engines: the readiness probe of the engine host's pods.")
+	socket := fs.String("socket", "unix:///run/csi-encdisk/engine-host.sock", "the engine host's socket")
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	path, err := unixsock.ParseEndpoint(*socket)
+	if err != nil {
+		return fmt.Errorf("--socket: %w", err)
+	}
+	return enginehost.Client{Socket: path}.Ready(ctx)
 }

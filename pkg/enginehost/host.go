@@ -77,8 +77,9 @@ type Host struct {
 	stop context.CancelFunc
 	wg   sync.WaitGroup
 
-	mu   sync.Mutex
-	vols map[string]*volume
+	mu    sync.Mutex
+	vols  map[string]*volume
+	ready bool // adopted and upgraded: every engine runs this binary
 }
 
 // volume is one supervised engine.

@@ -17,7 +17,7 @@ import (
 // The host's API: one JSON request and one JSON reply per connection on a
 // unix socket only root can reach (mode 0600). No secret crosses it.
 type request struct {
-	Op       string               `json:"op"` // start | stop | status | handover
+	Op       string               `json:"op"` // start | stop | status | ready | handover
 	Spec     *blockdev.EngineSpec `json:"spec,omitempty"`
 	VolumeID string               `json:"volumeID,omitempty"`
 }
@@ -51,11 +51,17 @@ func (h *Host) ServeAdopting(ctx context.Context, socket string) error {
 	}
 	klog.InfoS("Engine host serving", "socket", socket, "adopted", n)
 	go func() {
-		if n, err := h.Upgrade(h.ctx); err != nil {
+		n, err := h.Upgrade(h.ctx)
+		if err != nil {
 			klog.ErrorS(err, "Engine host: upgrading engines failed", "replaced", n)
-		} else if n > 0 {
+			return
+		}
+		if n > 0 {
 			klog.InfoS("Engine host: engines now run this binary", "replaced", n)
 		}
+		h.mu.Lock()
+		h.ready = true
+		h.mu.Unlock()
 	}()
 	return h.serve(ctx, ln)
 }
@@ -129,8 +135,14 @@ func (h *Host) handle(ctx context.Context, req *request) *reply {
 		var st Status
 		st, err = h.Status(req.VolumeID)
 		rep.Status = &st
+	case "ready":
+		h.mu.Lock()
+		if !h.ready {
+			err = errors.New("not ready: still adopting or upgrading engines")
+		}
+		h.mu.Unlock()
 	default:
-		err = fmt.Errorf("unknown op %q (start, stop, status, handover)", req.Op)
+		err = fmt.Errorf("unknown op %q (start, stop, status, ready, handover)", req.Op)
 	}
 	if err != nil {
 		rep.Error = err.Error()
@@ -241,4 +253,18 @@ func (c Client) Status(ctx context.Context, volumeID string) (Status, error) {
 		return Status{}, fmt.Errorf("engine host: %s", rep.Error)
 	}
 	return *rep.Status, nil
+}
+
+// Ready reports whether the host serves and every engine it supervises runs
+// its binary (an upgrade is complete): a readiness probe for rollouts that
+// start the new host beside the old one.
+func (c Client) Ready(ctx context.Context) error {
+	rep, err := c.call(ctx, &request{Op: "ready"})
+	if err != nil {
+		return err
+	}
+	if rep.Error != "" {
+		return fmt.Errorf("engine host: %s", rep.Error)
+	}
+	return nil
 }

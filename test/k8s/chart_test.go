@@ -61,8 +61,15 @@ func TestChartLintAndTemplate(t *testing.T) {
 					t.Errorf("pkcs11 keystore not wired:\n%s", s)
 				}
 			default:
-				if strings.Count(s, "- kms-plugin") != 2 || !strings.Contains(s, "--keystore=dir:/var/lib/csi-encdisk-kms") {
-					t.Errorf("built-in KMS plugin sidecar missing from the controller or node pod")
+				if strings.Count(s, "- kms-plugin") != 3 || !strings.Contains(s, "--keystore=dir:/var/lib/csi-encdisk-kms") {
+					t.Errorf("built-in KMS plugin sidecar missing from the controller, node or engine host pod")
+				}
+				// The node plugin uses the engine host, which rolls with surge.
+				for _, want := range []string{"--engine-host=unix:///var/lib/csi-encdisk/engine-host/host.sock", "maxSurge: 1", "maxUnavailable: 0",
+					`"probe", "--socket=unix:///var/lib/csi-encdisk/engine-host/host.sock"`} {
+					if !strings.Contains(s, want) {
+						t.Errorf("rendered chart lacks %q", want)
+					}
 				}
 			}
 		})

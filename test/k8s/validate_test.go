@@ -75,7 +75,7 @@ func TestManifestsAcceptedByAPIServer(t *testing.T) {
 				kinds[o.kind()]++
 			}
 		}
-		for kind, n := range map[string]int{"CSIDriver": 1, "Deployment": 1, "DaemonSet": 1, "StorageClass": 2, "VolumeSnapshotClass": 1,
+		for kind, n := range map[string]int{"CSIDriver": 1, "Deployment": 1, "DaemonSet": 2, "StorageClass": 2, "VolumeSnapshotClass": 1,
 			"ClusterRole": 3, "ClusterRoleBinding": 3, "PersistentVolumeClaim": 3, "Pod": 1, "VolumeSnapshot": 1} {
 			if kinds[kind] != n {
 				t.Errorf("deploy/: %d objects of kind %s, want %d (all: %v)", kinds[kind], kind, n, kinds)
