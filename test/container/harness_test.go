@@ -148,7 +148,7 @@ func workDir(t *testing.T) string {
 // with the file pool, built-in KMS) in a privileged container and connects to
 // its socket. The container is removed at cleanup (registered after the work
 // dir's sweep, so it runs before it).
-func startNode(t *testing.T, dir string) *nodeContainer {
+func startNode(t *testing.T, dir string, extra ...string) *nodeContainer {
 	t.Helper()
 	n := &nodeContainer{
 		t:       t,
@@ -179,7 +179,7 @@ func startNode(t *testing.T, dir string) *nodeContainer {
 		}
 	})
 	args := []string{"run", "--detach", "--name", n.name,
-		"--privileged", "--network", "none",
+		"--privileged", "--network", "none", "--pid", "host",
 		"--volume", "/dev:/dev",
 		"--mount", "type=bind,src=" + n.sockDir + ",dst=/csi",
 		"--mount", "type=bind,src=" + n.dataDir + ",dst=" + n.dataDir + ",bind-propagation=rshared",
@@ -192,6 +192,7 @@ func startNode(t *testing.T, dir string) *nodeContainer {
 		"--region", "ctrtest",
 		"-v", "4",
 	}
+	args = append(args, extra...)
 	start := time.Now()
 	if _, err := podman(context.Background(), args...); err != nil {
 		t.Fatal(err)

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -14,6 +13,7 @@ import (
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/blockdev"
 	"github.com/csi-encdisk/csi-encdisk/pkg/enginehost"
+	"github.com/csi-encdisk/csi-encdisk/test/fiotest"
 )
 
 // These tests run the node plugin with an engine host (as the chart does)
@@ -70,82 +70,6 @@ func waitFor(t *testing.T, limit time.Duration, what string, cond func() bool) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-}
-
-// fioRun is fio writing and verifying through a file, in the background.
-type fioRun struct {
-	done   chan struct{}
-	err    error
-	out    []byte
-	report string
-}
-
-// startFio runs fio randrw 4 KiB QD16 with crc32c verification on a file
-// under target for runtime.
-func startFio(t *testing.T, dir, target string, runtime time.Duration) *fioRun {
-	t.Helper()
-	r := &fioRun{done: make(chan struct{}), report: filepath.Join(dir, fmt.Sprintf("fio-%d.json", time.Now().UnixNano()))}
-	cmd := exec.Command("fio", "--name=survive", "--filename="+filepath.Join(target, "fio.dat"),
-		"--size=32M", "--rw=randrw", "--bs=4k", "--ioengine=libaio", "--iodepth=16", "--direct=1",
-		"--verify=crc32c", "--verify_backlog=256", "--verify_fatal=1", "--do_verify=1",
-		"--time_based", fmt.Sprintf("--runtime=%d", int(runtime.Seconds())),
-		"--output-format=json", "--output="+r.report)
-	cmd.Dir = dir
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start fio: %v", err)
-	}
-	go func() {
-		r.out, r.err = nil, cmd.Wait()
-		close(r.done)
-	}()
-	t.Cleanup(func() {
-		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-		<-r.done
-	})
-	return r
-}
-
-// wait waits for fio and fails on any error or failed verify; it returns
-// the worst completion latency fio saw.
-func (r *fioRun) wait(t *testing.T, limit time.Duration) time.Duration {
-	t.Helper()
-	select {
-	case <-r.done:
-	case <-time.After(limit):
-		t.Fatal("fio did not finish")
-	}
-	b, _ := os.ReadFile(r.report)
-	if r.err != nil {
-		t.Fatalf("fio failed: %v\n%s", r.err, b)
-	}
-	var rep struct {
-		Jobs []struct {
-			Error int `json:"error"`
-			Read  struct {
-				IOs  int64 `json:"total_ios"`
-				Clat struct {
-					Max float64 `json:"max"`
-				} `json:"clat_ns"`
-			} `json:"read"`
-			Write struct {
-				IOs  int64 `json:"total_ios"`
-				Clat struct {
-					Max float64 `json:"max"`
-				} `json:"clat_ns"`
-			} `json:"write"`
-		} `json:"jobs"`
-	}
-	if err := json.Unmarshal(b, &rep); err != nil || len(rep.Jobs) != 1 {
-		t.Fatalf("fio report: %v\n%s", err, b)
-	}
-	j := rep.Jobs[0]
-	if j.Error != 0 || j.Write.IOs == 0 || j.Read.IOs == 0 {
-		t.Fatalf("fio: error %d, %d reads, %d writes", j.Error, j.Read.IOs, j.Write.IOs)
-	}
-	worst := time.Duration(max(j.Read.Clat.Max, j.Write.Clat.Max))
-	t.Logf("fio: 0 errors, verify held, %d reads and %d writes, worst completion latency %s", j.Read.IOs, j.Write.IOs, worst.Round(time.Millisecond))
-	return worst
 }
 
 // runDirOf returns the run directory of a staged volume.
@@ -212,7 +136,7 @@ func TestEngineKilledTwice(t *testing.T) {
 	v := d.createVolume(t, "survive", 96*mib, "ext4", map[string]string{"encrypted": "true"}, "")
 	d.stageAndPublish(t, v)
 	runDir := d.runDirOf(t, v.id())
-	fio := startFio(t, dir, v.TargetPath, 14*time.Second)
+	fio := fiotest.Start(t, dir, v.TargetPath, 14*time.Second)
 
 	time.Sleep(3 * time.Second) // fio in full swing
 	first := killEngine(t, runDir, h, 0)
@@ -220,7 +144,7 @@ func TestEngineKilledTwice(t *testing.T) {
 	time.Sleep(2 * time.Second)
 	second := killEngine(t, runDir, h, 2*time.Second)
 	t.Logf("engine killed again with a 2 s gap, replaced by pid %d", second)
-	worst := fio.wait(t, 2*time.Minute)
+	worst := fio.Wait(t, 2*time.Minute)
 	if worst < 2*time.Second {
 		t.Errorf("worst latency %s: the 2 s gap did not hold any request (was I/O running?)", worst)
 	}
@@ -245,7 +169,7 @@ func TestEngineHostKilled(t *testing.T) {
 	v := d.createVolume(t, "orphan", 96*mib, "ext4", map[string]string{"encrypted": "true"}, "")
 	d.stageAndPublish(t, v)
 	runDir := d.runDirOf(t, v.id())
-	fio := startFio(t, dir, v.TargetPath, 12*time.Second)
+	fio := fiotest.Start(t, dir, v.TargetPath, 12*time.Second)
 	time.Sleep(2 * time.Second)
 	engine := enginePIDNow(t, runDir)
 	_ = h.cmd.Process.Kill()
@@ -261,7 +185,7 @@ func TestEngineHostKilled(t *testing.T) {
 	})
 	replacement := killEngine(t, runDir, h2, 0)
 	t.Logf("adopted engine %d killed, the new host replaced it with %d", engine, replacement)
-	fio.wait(t, 2*time.Minute)
+	fio.Wait(t, 2*time.Minute)
 	d.unpublish(t, v)
 	d.unstage(t, v)
 	wantNothingStaged(t, d, v.id())
@@ -277,7 +201,7 @@ func TestEngineHostUpgrade(t *testing.T) {
 	b := d.createVolume(t, "up-b", 64*mib, blockAccess, map[string]string{"encrypted": "true"}, "")
 	d.stageAndPublish(t, a)
 	d.stage(t, b)
-	fio := startFio(t, dir, a.TargetPath, 12*time.Second)
+	fio := fiotest.Start(t, dir, a.TargetPath, 12*time.Second)
 	time.Sleep(2 * time.Second)
 
 	// The "new version": the same program as another file (another inode).
@@ -297,7 +221,7 @@ func TestEngineHostUpgrade(t *testing.T) {
 			return pid > 0 && err == nil && strings.TrimSuffix(exe, " (deleted)") == newBin
 		})
 	}
-	fio.wait(t, 2*time.Minute)
+	fio.Wait(t, 2*time.Minute)
 	d.unpublish(t, a)
 	d.unstage(t, a)
 	d.unstage(t, b)
