@@ -245,6 +245,11 @@ func (h *Host) afterExit(v *volume, pid int) {
 			filepath.Join(v.spec.RunDir, blockdev.LogFileName))
 		h.mu.Unlock()
 		klog.ErrorS(nil, "Engine host: engine keeps dying, left down", "volumeID", v.spec.VolumeID, "reason", v.failed)
+		// No server will come: let go of the connection (the dead engine's
+		// copy is closed already), which ends it, so that I/O fails now
+		// instead of waiting for the request timeout, and unstage can
+		// detach and unmount.
+		v.dev.Close()
 		return
 	}
 	h.mu.Unlock()

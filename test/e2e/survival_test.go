@@ -207,11 +207,17 @@ func TestEngineHostUpgrade(t *testing.T) {
 	// The "new version": the same program as another file (another inode).
 	newBin := filepath.Join(dir, "csi-encdisk-new")
 	run(t, "cp", binary, newBin)
-	startEngineHost(t, dir, newBin)
+	h2 := startEngineHost(t, dir, newBin)
+	waitFor(t, 60*time.Second, "the new host to be ready (engines replaced)", func() bool {
+		return (enginehost.Client{Socket: h2.socket}).Ready(context.Background()) == nil
+	})
+	// The old host let go and idles (in a pod it waits for its removal);
+	// stopping it now leaves every engine serving.
+	_ = h.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-h.done:
 	case <-time.After(30 * time.Second):
-		t.Fatal("the old host did not exit after handing over")
+		t.Fatal("the old host did not stop")
 	}
 	for _, v := range []*volume{a, b} {
 		rd := d.runDirOf(t, v.id())
@@ -226,4 +232,36 @@ func TestEngineHostUpgrade(t *testing.T) {
 	d.unstage(t, a)
 	d.unstage(t, b)
 	wantNothingStaged(t, d, a.id())
+}
+
+// TestEngineCrashLoopLeftDown: an engine that dies again and again (more
+// than 5 times a minute) is left down; the volume is reported INACCESSIBLE
+// with the reason, its I/O fails instead of hanging, and it unstages.
+func TestEngineCrashLoopLeftDown(t *testing.T) {
+	dir := workDir(t)
+	d, h := startWithHost(t, dir)
+	v := d.createVolume(t, "crashloop", 32*mib, blockAccess, map[string]string{"encrypted": "true"}, "")
+	d.stage(t, v)
+	runDir := d.runDirOf(t, v.id())
+	for range enginehost.DefaultMaxRestarts {
+		killEngine(t, runDir, h, 0)
+	}
+	last := enginePIDNow(t, runDir)
+	if err := syscall.Kill(last, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	client := enginehost.Client{Socket: h.socket}
+	waitFor(t, 10*time.Second, "the host to give up", func() bool {
+		st, err := client.Status(context.Background(), v.id())
+		return err == nil && st.Failed != ""
+	})
+	if pid := blockdev.FindEngine(runDir); pid != 0 {
+		t.Fatalf("an engine (pid %d) runs after the host gave up", pid)
+	}
+	health := d.health(t, v)
+	if len(health) == 0 || health[0].GetReason() != "EngineFailed" || !strings.Contains(health[0].GetMessage(), "left down") {
+		t.Fatalf("health of a volume left down: %v", health)
+	}
+	d.unstage(t, v)
+	wantNothingStaged(t, d, v.id())
 }
