@@ -170,8 +170,13 @@ func startEngine(ctx context.Context, binary string, spec EngineSpec, dev *os.Fi
 	if err := rep.Err(); err != nil {
 		return fail(rep, err)
 	}
-	if _, err := os.Stat(PlainFile(spec.RunDir)); err != nil {
-		return fail(rep, fmt.Errorf("engine reported success but serves no file: %w", err))
+	// A supervisor never touches the FUSE file: if the engine died right
+	// after its report, the stat would wait for a server until the request
+	// timeout (the supervisor holds the connection).
+	if dev == nil {
+		if _, err := os.Stat(PlainFile(spec.RunDir)); err != nil {
+			return fail(rep, fmt.Errorf("engine reported success but serves no file: %w", err))
+		}
 	}
 	klog.InfoS("Engine started", "volumeID", spec.VolumeID, "pid", cmd.Process.Pid)
 	return &Engine{PID: cmd.Process.Pid, File: PlainFile(spec.RunDir), ControlSocket: sock,

@@ -231,6 +231,19 @@ func (h *Host) afterExit(v *volume, pid int) {
 		h.mu.Unlock()
 		return
 	}
+	giveUp := h.noteDeathLocked(v)
+	h.mu.Unlock()
+	if giveUp {
+		h.leaveDown(v)
+		return
+	}
+	klog.InfoS("Engine host: engine died, starting a replacement on the same connection", "volumeID", v.spec.VolumeID, "pid", pid)
+	h.restart(v)
+}
+
+// noteDeathLocked counts an engine's death (or failed start) and reports
+// whether the volume has now died too often within the window.
+func (h *Host) noteDeathLocked(v *volume) bool {
 	now := time.Now()
 	v.total++
 	kept := v.restarts[:0]
@@ -240,25 +253,27 @@ func (h *Host) afterExit(v *volume, pid int) {
 		}
 	}
 	v.restarts = append(kept, now)
-	if len(v.restarts) > h.cfg.MaxRestarts {
-		v.failed = fmt.Sprintf("the engine died %d times within %s; left down (its log: %s)", len(v.restarts), h.cfg.RestartWindow,
-			filepath.Join(v.spec.RunDir, blockdev.LogFileName))
-		h.mu.Unlock()
-		klog.ErrorS(nil, "Engine host: engine keeps dying, left down", "volumeID", v.spec.VolumeID, "reason", v.failed)
-		// No server will come: let go of the connection (the dead engine's
-		// copy is closed already), which ends it, so that I/O fails now
-		// instead of waiting for the request timeout, and unstage can
-		// detach and unmount.
-		v.dev.Close()
-		return
+	if len(v.restarts) <= h.cfg.MaxRestarts {
+		return false
 	}
-	h.mu.Unlock()
-	klog.InfoS("Engine host: engine died, starting a replacement on the same connection", "volumeID", v.spec.VolumeID, "pid", pid)
-	h.restart(v)
+	v.failed = fmt.Sprintf("the engine died or failed to start %d times within %s; left down (its log: %s)", len(v.restarts), h.cfg.RestartWindow,
+		filepath.Join(v.spec.RunDir, blockdev.LogFileName))
+	return true
+}
+
+// leaveDown gives up on a volume: no server will come, so the host lets go
+// of the connection (the dead engine's copy is closed already), which ends
+// it: I/O fails now instead of waiting for the request timeout, and unstage
+// can detach and unmount.
+func (h *Host) leaveDown(v *volume) {
+	klog.ErrorS(nil, "Engine host: engine keeps dying, left down", "volumeID", v.spec.VolumeID, "reason", v.failed)
+	v.dev.Close()
 }
 
 // restart starts a replacement engine that resends, retrying with backoff
-// (the KMS may be down) while the volume is supervised.
+// (the KMS may be down) while the volume is supervised. Failed starts count
+// as deaths: an engine that cannot start is left down like one that keeps
+// dying.
 func (h *Host) restart(v *volume) {
 	backoff := 100 * time.Millisecond
 	for {
@@ -273,19 +288,24 @@ func (h *Host) restart(v *volume) {
 			h.watch(v)
 			return
 		}
-		klog.ErrorS(err, "Engine host: replacement engine did not start; retrying", "volumeID", v.spec.VolumeID)
+		klog.ErrorS(err, "Engine host: replacement engine did not start", "volumeID", v.spec.VolumeID)
+		h.mu.Lock()
+		gone := v.stopping || h.vols[v.spec.VolumeID] != v
+		giveUp := !gone && h.noteDeathLocked(v)
+		h.mu.Unlock()
+		if gone {
+			return
+		}
+		if giveUp {
+			h.leaveDown(v)
+			return
+		}
 		select {
 		case <-h.ctx.Done():
 			return
 		case <-time.After(backoff):
 		}
 		backoff = min(2*backoff, 5*time.Second)
-		h.mu.Lock()
-		gone := v.stopping || h.vols[v.spec.VolumeID] != v
-		h.mu.Unlock()
-		if gone {
-			return
-		}
 	}
 }
 

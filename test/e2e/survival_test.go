@@ -46,6 +46,13 @@ func startEngineHost(t *testing.T, dir, bin string) *engineHost {
 	}
 	go func() { _ = h.cmd.Wait(); close(h.done) }()
 	t.Cleanup(func() {
+		if t.Failed() {
+			b, _ := os.ReadFile(filepath.Join(dir, "engine-host.log"))
+			if len(b) > 6000 {
+				b = b[len(b)-6000:]
+			}
+			t.Logf("engine host log:\n%s", b)
+		}
 		_ = h.cmd.Process.Signal(syscall.SIGTERM)
 		select {
 		case <-h.done:
@@ -251,10 +258,13 @@ func TestEngineCrashLoopLeftDown(t *testing.T) {
 		t.Fatal(err)
 	}
 	client := enginehost.Client{Socket: h.socket}
-	waitFor(t, 10*time.Second, "the host to give up", func() bool {
-		st, err := client.Status(context.Background(), v.id())
+	var st enginehost.Status
+	waitFor(t, 30*time.Second, "the host to give up", func() bool {
+		var err error
+		st, err = client.Status(context.Background(), v.id())
 		return err == nil && st.Failed != ""
 	})
+	t.Logf("host gave up after %d restarts: %s", st.Restarts, st.Failed)
 	if pid := blockdev.FindEngine(runDir); pid != 0 {
 		t.Fatalf("an engine (pid %d) runs after the host gave up", pid)
 	}
