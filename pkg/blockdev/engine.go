@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
+	"github.com/csi-encdisk/csi-encdisk/pkg/imagelock"
 	"github.com/csi-encdisk/csi-encdisk/pkg/mounts"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
@@ -73,6 +74,15 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 		return fmt.Errorf("engine: open image: %w", err)
 	}
 	defer e.buffered.Close()
+	// One writer per image: held until this process exits (the lock goes
+	// with the last close of e.buffered). Taken before any KMS call.
+	mode := imagelock.Write
+	if spec.ReadOnly {
+		mode = imagelock.Read
+	}
+	if err := imagelock.Lock(e.buffered, mode, imagelock.Holder("engine", spec.VolumeID)); err != nil {
+		return fmt.Errorf("engine: %w", err)
+	}
 	xts, h, err := unlockImage(ctx, spec, e.buffered, calls)
 	if err != nil {
 		return err

@@ -19,6 +19,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
+	"github.com/csi-encdisk/csi-encdisk/pkg/imagelock"
 	"github.com/csi-encdisk/csi-encdisk/pkg/filesystem"
 	"github.com/csi-encdisk/csi-encdisk/pkg/loopdev"
 	"github.com/csi-encdisk/csi-encdisk/pkg/mounts"
@@ -847,5 +848,38 @@ func TestRestartAfterCrash(t *testing.T) {
 	defer f.Close()
 	if _, err := f.ReadAt(got, 0); err != nil || !bytes.Equal(got, marker) {
 		t.Fatalf("data after restart: %v", err)
+	}
+}
+
+// TestOneEnginePerImage: a second engine on an image that an engine serves
+// (another run dir, as a second `volume open` or a stage of the same image
+// would make) fails before any KMS or keyslot work with ErrInUse naming the
+// holder; the first keeps serving; the lock goes with the first engine.
+func TestOneEnginePerImage(t *testing.T) {
+	requireRoot(t)
+	v := newTestVolume(t, 8<<20, 4096, false)
+	first := v.spec(false)
+	eng := v.start(t, first)
+	second := first
+	second.VolumeID = "second"
+	second.RunDir = filepath.Join(t.TempDir(), "run2")
+	t.Setenv(engineEnv, "1")
+	_, _, err := StartEngine(context.Background(), os.Args[0], second)
+	os.Unsetenv(engineEnv)
+	if !errors.Is(err, ErrInUse) || !strings.Contains(err.Error(), first.VolumeID) {
+		t.Fatalf("second engine on the image: %v, want ErrInUse naming %s", err, first.VolumeID)
+	}
+	if err := DialControl(eng.ControlSocket).Health(context.Background()); err != nil {
+		t.Fatalf("first engine after the refused second: %v", err)
+	}
+	if err := imagelock.CheckPath(v.image); !errors.Is(err, imagelock.ErrInUse) {
+		t.Fatalf("lock check while served: %v", err)
+	}
+	if err := UnmountEngine(context.Background(), v.runDir); err != nil {
+		t.Fatal(err)
+	}
+	waitGone(t, eng.PID)
+	if err := imagelock.CheckPath(v.image); err != nil {
+		t.Fatalf("lock still held after the engine stopped: %v", err)
 	}
 }

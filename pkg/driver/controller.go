@@ -572,6 +572,11 @@ func (c *ControllerServer) DeleteVolume(ctx context.Context, req *csi.DeleteVolu
 	}
 	defer unlock()
 	if err := c.pool.Delete(ctx, backend.KindVolume, id, shredder(m)); err != nil {
+		if errors.Is(err, backend.ErrInUse) {
+			// Staged on a node or opened with `volume open`: shredding it
+			// would pull the key from under a live engine.
+			return nil, status.Errorf(codes.FailedPrecondition, "DeleteVolume %s: volume in use (unstage it first): %v", id, err)
+		}
 		return nil, toStatus(err, "DeleteVolume "+id)
 	}
 	klog.FromContext(ctx).Info("Deleted volume", "volumeID", id, "name", m.Name, "shredded", m.Encrypted)

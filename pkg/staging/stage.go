@@ -12,6 +12,7 @@ import (
 	"github.com/csi-encdisk/csi-encdisk/pkg/blockdev"
 	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
 	"github.com/csi-encdisk/csi-encdisk/pkg/filesystem"
+	"github.com/csi-encdisk/csi-encdisk/pkg/imagelock"
 	"github.com/csi-encdisk/csi-encdisk/pkg/loopdev"
 	"github.com/csi-encdisk/csi-encdisk/pkg/mounts"
 	"github.com/csi-encdisk/csi-encdisk/pkg/nodestate"
@@ -187,7 +188,22 @@ func (m *Manager) build(ctx context.Context, v *nodestate.Volume, req Request, k
 	// A read-only raw block volume gets a read-only loop device: a read-only
 	// bind mount does not stop writes through a device node. (A read-only
 	// filesystem stays on a writable loop device so its journal can replay.)
-	dev, err := loopdev.Attach(ctx, backing, v.SectorSize, v.ReadOnly && v.AccessType == nodestate.AccessBlock)
+	// A plain image's loop device holds the image's writer lock
+	// (pkg/imagelock) for as long as it is attached: the lock belongs to the
+	// open file description the loop device keeps, so it survives restarts
+	// of this process and goes with the detach. An encrypted image's engine
+	// holds the lock itself.
+	var lock func(*os.File) error
+	if !v.Encrypted {
+		mode := imagelock.Write
+		if v.ReadOnly {
+			mode = imagelock.Read
+		}
+		lock = func(f *os.File) error {
+			return imagelock.Lock(f, mode, imagelock.Holder("loop device of node plugin", v.VolumeID))
+		}
+	}
+	dev, err := loopdev.AttachLocked(ctx, backing, v.SectorSize, v.ReadOnly && v.AccessType == nodestate.AccessBlock, lock)
 	if err != nil {
 		return fmt.Errorf("attach a loop device: %w", err)
 	}
