@@ -230,6 +230,12 @@ func (c *ControllerServer) csiVolume(m *backend.Meta) *csi.Volume {
 	}
 	switch {
 	case m.SourceSnapshotID != "":
+		v.VolumeContext[ctxContentSource] = "snapshot"
+	case m.SourceVolumeID != "":
+		v.VolumeContext[ctxContentSource] = "volume"
+	}
+	switch {
+	case m.SourceSnapshotID != "":
 		v.ContentSource = &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
 			Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: m.SourceSnapshotID}}}
 	case m.SourceVolumeID != "":

@@ -55,3 +55,25 @@ func TestDeleteInUse(t *testing.T) {
 		}
 	}
 }
+
+// TestContentSourceInContext: a restored or cloned volume tells the node
+// (volume context "contentSource") that its data came from elsewhere, so
+// the node never formats it; a new empty volume says nothing.
+func TestContentSourceInContext(t *testing.T) {
+	e := newCtlEnv(t, "r1")
+	for _, enc := range []string{"true", "false"} {
+		src := e.mustCreate("src-"+enc, 8<<20, map[string]string{"encrypted": enc}, nil)
+		if cs, ok := src.VolumeContext["contentSource"]; ok {
+			t.Fatalf("new volume has contentSource %q", cs)
+		}
+		snap := e.snapshot("snap-"+enc, src.VolumeId)
+		restored := e.mustCreate("restored-"+enc, 8<<20, nil, snapSource(snap.SnapshotId))
+		clone := e.mustCreate("clone-"+enc, 8<<20, nil, volSource(src.VolumeId))
+		if got := restored.VolumeContext["contentSource"]; got != "snapshot" {
+			t.Fatalf("restored volume: contentSource %q, want snapshot", got)
+		}
+		if got := clone.VolumeContext["contentSource"]; got != "volume" {
+			t.Fatalf("clone: contentSource %q, want volume", got)
+		}
+	}
+}
