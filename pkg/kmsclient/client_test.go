@@ -36,7 +36,7 @@ func socketPath(t *testing.T) string {
 // dir keystore.
 func newService(t *testing.T, region string) *kmsplugin.Service {
 	t.Helper()
-	ks, err := kmsplugin.OpenDirKeystore(filepath.Join(t.TempDir(), "keys"))
+	ks, err := kmsplugin.InitDirKeystore(filepath.Join(t.TempDir(), "keys"))
 	if err != nil {
 		t.Fatal(err)
 	}
