@@ -19,8 +19,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
-	"github.com/csi-encdisk/csi-encdisk/pkg/imagelock"
 	"github.com/csi-encdisk/csi-encdisk/pkg/filesystem"
+	"github.com/csi-encdisk/csi-encdisk/pkg/imagelock"
 	"github.com/csi-encdisk/csi-encdisk/pkg/loopdev"
 	"github.com/csi-encdisk/csi-encdisk/pkg/mounts"
 )
@@ -688,7 +688,18 @@ func TestShutdownRefusedWhileInUse(t *testing.T) {
 	if err := syscall.Kill(eng.PID, syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(500 * time.Millisecond)
+	// Wait until the engine has handled the signal (it logs the refusal),
+	// then check that it still serves.
+	logPath := filepath.Join(v.runDir, LogFileName)
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		b, _ := os.ReadFile(logPath)
+		if bytes.Contains(b, []byte("Signal received but the FUSE mount is busy")) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the engine did not report handling SIGTERM; log:\n%s", b)
+		}
+	}
 	if err := ctl.Health(ctx); err != nil {
 		t.Fatalf("engine gone after SIGTERM while in use: %v", err)
 	}
