@@ -8,7 +8,7 @@
 # on a file laid out first. Prints MB/s, IOPS and the enc/plain ratio.
 #
 # Needs root, go, fio, python3 and what the node service needs (FUSE, loop
-# devices, mkfs.ext4). Env: SIZE (bytes per volume, default 2147483648),
+# devices, mkfs.ext4). Env: SIZE (per volume, in csi-encdisk's size syntax: bytes, 2G, 2Gi, 2GB; default 2Gi),
 # FILESIZE (fio file, default 1G), RUNTIME (seconds per test, default 5),
 # WORKDIR (default a temp dir under /var/tmp), ORDER (which volume runs first:
 # default "plain enc").
@@ -17,7 +17,7 @@
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
-size=${SIZE:-2147483648}
+size=${SIZE:-2Gi}
 filesize=${FILESIZE:-1G}
 runtime=${RUNTIME:-5}
 order=${ORDER:-plain enc}

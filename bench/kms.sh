@@ -43,7 +43,7 @@ go build -o "$work/kmsbench" ./bench/kmsbench
 # it, then stop it with SIGTERM and check that it removed its socket.
 bench() {
   local name=$1 keystore=$2 sock="$work/$1.sock"
-  "$work/csi-encdisk" kms-plugin --listen "unix://$sock" --region bench --keystore "$keystore" \
+  "$work/csi-encdisk" kms-plugin --listen "unix://$sock" --region bench --keystore "$keystore" --create-keystore \
     2>"$work/$name.log" &
   plugin_pid=$!
   if ! "$work/kmsbench" run -endpoint "unix://$sock" -name "$name" -pairs "$pairs" -workers "$workers" |

@@ -16,6 +16,8 @@
 package main
 
 import (
+	"github.com/csi-encdisk/csi-encdisk/pkg/bytesize"
+
 	"context"
 	"errors"
 	"flag"
@@ -37,14 +39,14 @@ const region = "bench"
 func main() {
 	bin := flag.String("bin", "", "path of a built csi-encdisk binary (required)")
 	dir := flag.String("dir", "", "working directory for the driver's socket, data, state and mounts (required)")
-	size := flag.Int64("size", 2<<30, "size of each volume in bytes")
+	size := bytesize.Flag(flag.CommandLine, "size", 2<<30, "size of each volume")
 	flag.Parse()
 	if *bin == "" || *dir == "" || flag.NArg() > 0 {
-		fmt.Fprintln(os.Stderr, "usage: fiodriver -bin PATH/csi-encdisk -dir DIR [-size BYTES]")
+		fmt.Fprintln(os.Stderr, "usage: fiodriver -bin PATH/csi-encdisk -dir DIR [-size SIZE]")
 		os.Exit(2)
 	}
-	if *size <= 0 {
-		fmt.Fprintf(os.Stderr, "fiodriver: -size must be a positive number of bytes, got %d\n", *size)
+	if err := bytesize.SectorMultiple(fmt.Sprint(*size), *size, 4096); err != nil {
+		fmt.Fprintf(os.Stderr, "fiodriver: -size: %v\n", err)
 		os.Exit(2)
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"k8s.io/klog/v2"
@@ -22,7 +23,7 @@ func runDriver(ctx context.Context, args []string) error {
 	dataDir := fs.String("data-dir", "/var/lib/csi-encdisk", "data directory: the volume pool (DIR/pool) and the built-in KMS (DIR/kms)")
 	stateDir := fs.String("state-dir", "", "node state directory (default DATA_DIR/state)")
 	nodeID := fs.String("node-id", "", "node ID (required in node and all modes)")
-	region := fs.String("region", "", "region of this controller/node (topology.encdisk.csi.io/region)")
+	region := fs.String("region", "", "region of this controller/node: topology.encdisk.csi.io/region of it and its volumes, and the built-in KMS's master key region (required; a single-site cluster names one, e.g. default)")
 	kmsConfig := fs.String("kms-config", "", "YAML or JSON file listing KMS plugins by kmsID")
 	kmsEndpoint := fs.String("kms-endpoint", "", "socket of the \"default\" KMS v2 plugin (unix:///path)")
 	kmsTimeout := fs.Duration("kms-timeout", 0, "timeout of each KMS call (0: client default)")
@@ -36,8 +37,11 @@ func runDriver(ctx context.Context, args []string) error {
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
-	if fs.NArg() > 0 {
-		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	if *region == "" {
+		// An empty region would give volumes no topology and the built-in
+		// KMS an implicit one; a cluster that later names regions would
+		// then hold volumes no scheduler can place. Say it once, explicitly.
+		return errors.New("--region is required (the region of this controller/node and its volumes; a single-site cluster names one, e.g. --region default)")
 	}
 	m, err := driver.ParseMode(*mode)
 	if err != nil {

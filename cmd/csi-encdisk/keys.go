@@ -29,9 +29,11 @@ func runKeys(ctx context.Context, args []string) error {
 			"(no object references it and every header was readable), 1 otherwise.")
 	dataDir := fs.String("data-dir", "/var/lib/csi-encdisk", "data directory of the driver (the pool is DIR/pool)")
 	retire := fs.String("retire", "", "a key_id to check: can it be retired?")
+	applyVerbose := verboseFlag(fs)
 	if err := parseFlags(fs, args[1:]); err != nil {
 		return err
 	}
+	applyVerbose()
 	root := filepath.Join(*dataDir, "pool")
 	if _, err := os.Stat(root); err != nil {
 		return fmt.Errorf("pool %s: %w", root, err)

@@ -115,9 +115,22 @@ func newFlagSet(name, synopsis, about string) *flag.FlagSet {
 	return fs
 }
 
-// parseFlags parses args into fs; a bad flag becomes errUsage (flag already
+// parseFlags parses args into fs and refuses any positional argument (no
+// command that uses it takes one: an ignored extra argument is a typo the
+// user never hears about). A bad flag becomes errUsage (flag already
 // printed the reason and the usage), --help becomes flag.ErrHelp.
 func parseFlags(fs *flag.FlagSet, args []string) error {
+	if err := parseOnly(fs, args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q (this command takes flags only; see --help)", fs.Arg(0))
+	}
+	return nil
+}
+
+// parseOnly parses args into fs, leaving positional arguments in fs.Args().
+func parseOnly(fs *flag.FlagSet, args []string) error {
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return err
@@ -132,7 +145,7 @@ func parseFlags(fs *flag.FlagSet, args []string) error {
 func parseInterspersed(fs *flag.FlagSet, args []string) ([]string, error) {
 	var positional []string
 	for {
-		if err := parseFlags(fs, args); err != nil {
+		if err := parseOnly(fs, args); err != nil {
 			return nil, err
 		}
 		rest := fs.Args()

@@ -13,10 +13,12 @@ func runVolumeInspect(_ context.Context, args []string) error {
 		"Prints an image's LUKS2 header: segment, keyslots (parameters only, never key material),\n"+
 			"digests and tokens (the KMS token's wrapped passphrase is shortened). Works on any LUKS2 image.")
 	asJSON := fs.Bool("json", false, "print JSON instead of text")
+	applyVerbose := verboseFlag(fs)
 	pos, err := parseInterspersed(fs, args)
 	if err != nil {
 		return err
 	}
+	applyVerbose()
 	if len(pos) != 1 {
 		return errors.New("want exactly one IMAGE argument")
 	}

@@ -12,6 +12,8 @@ import (
 	"fmt"
 	"strings"
 	"time"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/imagelock"
 )
 
 // Kind says whether an object is a volume or a snapshot.
@@ -34,6 +36,10 @@ var ErrExists = errors.New("backend: already exists")
 // read or makes no sense: that one object is unusable (List skips it and
 // logs why), never the whole pool.
 var ErrCorrupt = errors.New("backend: damaged metadata")
+
+// ErrInUse is returned (wrapped) by Delete while an engine or a node serves
+// the image (it holds the image's writer lock, pkg/imagelock).
+var ErrInUse = imagelock.ErrInUse
 
 // MaxImageSize is the largest image (header included) a pool accepts: 1 EiB.
 const MaxImageSize int64 = 1 << 60
@@ -118,7 +124,8 @@ type Pool interface {
 	// List returns all objects of a kind, sorted by ID.
 	List(ctx context.Context, kind Kind) ([]*Meta, error)
 	// Delete runs shred on the image (if set), then removes the object.
-	// A missing object is not an error.
+	// A missing object is not an error; an image in use (its writer lock
+	// held) is ErrInUse and nothing changes.
 	Delete(ctx context.Context, kind Kind, id string, shred BuildFunc) error
 	// Resize grows a volume's image to imageSize bytes and records size as
 	// its usable capacity.

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/imagelock"
 	"k8s.io/klog/v2"
 )
 
@@ -370,16 +372,21 @@ func (p *FilePool) Delete(ctx context.Context, kind Kind, id string, shred Build
 	if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
-	if shred != nil {
-		f, err := os.OpenFile(filepath.Join(dir, imageFile), os.O_RDWR, 0)
-		switch {
-		case errors.Is(err, fs.ErrNotExist):
-		case err != nil:
-			return fmt.Errorf("backend: open %s for shredding: %w", id, err)
-		default:
-			err = shred(ctx, FileImage{f})
-			f.Close()
-			if err != nil {
+	// The image's writer lock (pkg/imagelock) is taken, not just tested,
+	// and held until the object is gone: no engine or node can start
+	// serving it in between, and one that serves it now makes this fail.
+	f, err := os.OpenFile(filepath.Join(dir, imageFile), os.O_RDWR, 0)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+	case err != nil:
+		return fmt.Errorf("backend: open %s: %w", id, err)
+	default:
+		defer f.Close()
+		if err := imagelock.Lock(f, imagelock.Write, ""); err != nil {
+			return fmt.Errorf("backend: %s %s: %w", kind, id, err)
+		}
+		if shred != nil {
+			if err := shred(ctx, FileImage{f}); err != nil {
 				return err
 			}
 		}

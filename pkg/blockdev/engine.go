@@ -16,6 +16,7 @@ import (
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
 	"github.com/csi-encdisk/csi-encdisk/pkg/fuseserve"
+	"github.com/csi-encdisk/csi-encdisk/pkg/imagelock"
 	"github.com/csi-encdisk/csi-encdisk/pkg/mounts"
 )
 
@@ -74,6 +75,18 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 		return err
 	}
 	defer e.img.Close()
+	// One writer per image: held until this process exits (the lock goes
+	// with the last close of the image file). Taken before any KMS call.
+	// (An RBD image has no such lock yet.)
+	if f, ok := e.img.(*fileImage); ok {
+		mode := imagelock.Write
+		if spec.ReadOnly {
+			mode = imagelock.Read
+		}
+		if err := imagelock.Lock(f.File, mode, imagelock.Holder("engine", spec.VolumeID)); err != nil {
+			return fmt.Errorf("engine: %w", err)
+		}
+	}
 	xts, h, err := unlockImage(ctx, spec, e.img, calls)
 	if err != nil {
 		return err

@@ -21,6 +21,7 @@ import (
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
 	"github.com/csi-encdisk/csi-encdisk/pkg/filesystem"
+	"github.com/csi-encdisk/csi-encdisk/pkg/imagelock"
 	"github.com/csi-encdisk/csi-encdisk/pkg/loopdev"
 	"github.com/csi-encdisk/csi-encdisk/pkg/mounts"
 )
@@ -682,7 +683,18 @@ func TestShutdownRefusedWhileInUse(t *testing.T) {
 	if err := syscall.Kill(eng.PID, syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(500 * time.Millisecond)
+	// Wait until the engine has handled the signal (it logs the refusal),
+	// then check that it still serves.
+	logPath := filepath.Join(v.runDir, LogFileName)
+	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		b, _ := os.ReadFile(logPath)
+		if bytes.Contains(b, []byte("Signal received but the FUSE mount is busy")) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the engine did not report handling SIGTERM; log:\n%s", b)
+		}
+	}
 	if err := ctl.Health(ctx); err != nil {
 		t.Fatalf("engine gone after SIGTERM while in use: %v", err)
 	}
@@ -850,4 +862,37 @@ func alignedBuf(n int) []byte {
 	b := make([]byte, n+4096)
 	off := 4096 - int(uintptr(unsafe.Pointer(&b[0]))%4096)
 	return b[off%4096 : off%4096+n]
+}
+
+// TestOneEnginePerImage: a second engine on an image that an engine serves
+// (another run dir, as a second `volume open` or a stage of the same image
+// would make) fails before any KMS or keyslot work with ErrInUse naming the
+// holder; the first keeps serving; the lock goes with the first engine.
+func TestOneEnginePerImage(t *testing.T) {
+	requireRoot(t)
+	v := newTestVolume(t, 8<<20, 4096, false)
+	first := v.spec(false)
+	eng := v.start(t, first)
+	second := first
+	second.VolumeID = "second"
+	second.RunDir = filepath.Join(t.TempDir(), "run2")
+	t.Setenv(engineEnv, "1")
+	_, _, err := StartEngine(context.Background(), os.Args[0], second)
+	os.Unsetenv(engineEnv)
+	if !errors.Is(err, ErrInUse) || !strings.Contains(err.Error(), first.VolumeID) {
+		t.Fatalf("second engine on the image: %v, want ErrInUse naming %s", err, first.VolumeID)
+	}
+	if err := DialControl(eng.ControlSocket).Health(context.Background()); err != nil {
+		t.Fatalf("first engine after the refused second: %v", err)
+	}
+	if err := imagelock.CheckPath(v.image); !errors.Is(err, imagelock.ErrInUse) {
+		t.Fatalf("lock check while served: %v", err)
+	}
+	if err := UnmountEngine(context.Background(), v.runDir); err != nil {
+		t.Fatal(err)
+	}
+	waitGone(t, eng.PID)
+	if err := imagelock.CheckPath(v.image); err != nil {
+		t.Fatalf("lock still held after the engine stopped: %v", err)
+	}
 }

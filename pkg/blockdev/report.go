@@ -38,6 +38,7 @@ const (
 	reasonKMSUnavailable = "kms-unavailable"
 	reasonKMSRefused     = "kms-refused"
 	reasonWrongPass      = "wrong-passphrase"
+	reasonInUse          = "in-use"
 )
 
 var reasons = map[string]error{
@@ -45,6 +46,7 @@ var reasons = map[string]error{
 	reasonKMSUnavailable: ErrKMSUnavailable,
 	reasonKMSRefused:     ErrKMSRefused,
 	reasonWrongPass:      ErrWrongPassphrase,
+	reasonInUse:          ErrInUse,
 }
 
 // reasonOf names the sentinel err wraps, "" for none.

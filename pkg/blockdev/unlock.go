@@ -1,6 +1,8 @@
 package blockdev
 
 import (
+	"github.com/csi-encdisk/csi-encdisk/pkg/imagelock"
+
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -28,6 +30,8 @@ var (
 	ErrKMSRefused = errors.New("KMS plugin refused to unwrap the passphrase")
 	// ErrWrongPassphrase: the passphrase opens no keyslot of the image.
 	ErrWrongPassphrase = errors.New("passphrase opens no keyslot")
+	// ErrInUse: another engine or node holds the image's writer lock.
+	ErrInUse = imagelock.ErrInUse
 )
 
 // kmsCallCounter counts an engine's KMS calls by method and result, for the

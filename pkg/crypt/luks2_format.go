@@ -9,11 +9,17 @@ import (
 	"fmt"
 )
 
-// DefaultPBKDF2Iterations is the iteration count of the keyslot KDF and of
-// the volume key digest in headers we write. It is deliberately low: the
-// passphrase is 256 bits from a CSPRNG, wrapped by the KMS, so key
-// stretching adds nothing against guessing, while every stage would pay for
-// it. 1000 is the minimum cryptsetup accepts for pbkdf2.
+// DefaultPBKDF2Iterations is the iteration count of the keyslot KDF (when
+// FormatOptions.Argon2 is nil) and of the volume key digest in headers we
+// write. It is deliberately low, and that is safe for the driver's own
+// keyslots: their passphrase is 256 bits from a CSPRNG, stored only wrapped
+// by the KMS, so guessing it means 2^255 tries on average whatever the KDF
+// costs (stretching a key that cannot be guessed adds nothing), while every
+// stage would pay for it. The digest is over the 512-bit random volume key,
+// likewise unguessable. 1000 is the minimum cryptsetup accepts for pbkdf2.
+// A passphrase a person chose is another matter: give FormatOptions.Argon2
+// (see MeasureArgon2id), as `volume format` does unless told the key file
+// is machine-random.
 const DefaultPBKDF2Iterations = 1000
 
 const afStripes = 4000
@@ -47,6 +53,9 @@ type FormatOptions struct {
 	Passphrase []byte
 	// PBKDF2Iterations overrides DefaultPBKDF2Iterations when > 0.
 	PBKDF2Iterations int
+	// Argon2, when set, makes keyslot 0 an argon2id keyslot of that cost
+	// (for passphrases people chose) instead of pbkdf2-sha256.
+	Argon2 *Argon2Params
 	// Token, when set, is stored as token 0 bound to keyslot 0.
 	Token *KMSToken
 	// Label is the header label (at most 47 bytes).
@@ -103,7 +112,17 @@ func Format(f Image, dataSize int64, opts FormatOptions) (*Header, error) {
 	if err != nil {
 		return nil, err
 	}
-	areaKey := pbkdf2Key(opts.Passphrase, kdfSalt, iters, keySize, sha256.New)
+	kdf := jsonKDF{Type: "pbkdf2", Hash: "sha256", Iterations: iters, Salt: kdfSalt}
+	if a := opts.Argon2; a != nil {
+		if err := a.check(); err != nil {
+			return nil, err
+		}
+		kdf = jsonKDF{Type: "argon2id", Time: a.Time, Memory: a.MemoryKiB, CPUs: a.Threads, Salt: kdfSalt}
+	}
+	areaKey, err := deriveKeyslotKey(&kdf, opts.Passphrase, keySize)
+	if err != nil {
+		return nil, err
+	}
 	defer clear(areaKey)
 	split, err := afSplit(opts.VolumeKey, afStripes, sha256.New)
 	if err != nil {
@@ -133,7 +152,7 @@ func Format(f Image, dataSize int64, opts FormatOptions) (*Header, error) {
 			AF:      jsonAF{Type: "luks1", Stripes: afStripes, Hash: "sha256"},
 			Area: jsonArea{Type: "raw", Offset: u64String(keyslotsOffset), Size: u64String(areaSize),
 				Encryption: "aes-xts-plain64", KeySize: keySize},
-			KDF: jsonKDF{Type: "pbkdf2", Hash: "sha256", Iterations: iters, Salt: kdfSalt},
+			KDF: kdf,
 		}},
 		"tokens": map[string]any{},
 		"segments": map[string]any{"0": &jsonSegment{

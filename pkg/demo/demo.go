@@ -208,7 +208,7 @@ func (r *run) printTable() {
 // startKMS starts the built-in KMS plugin on its unix socket.
 func (r *run) startKMS(ctx context.Context) error {
 	p, err := startProcess("kms-plugin", r.opts.Binary, filepath.Join(r.dir, "kms.log"),
-		"kms-plugin", "--listen", "unix://"+r.kmsSock, "--region", r.region, "--keystore", r.keystore)
+		"kms-plugin", "--listen", "unix://"+r.kmsSock, "--region", r.region, "--keystore", r.keystore, "--create-keystore")
 	if err != nil {
 		return err
 	}

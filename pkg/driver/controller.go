@@ -99,6 +99,37 @@ func checkCapabilities(caps []*csi.VolumeCapability) error {
 	return nil
 }
 
+// minFilesystemBytes is the smallest volume the node can make each
+// filesystem on: mkfs.xfs refuses less than 300 MiB; mkfs.ext4 works from
+// 256 KiB, and 1 MiB leaves it room for a journal.
+var minFilesystemBytes = map[string]int64{"ext4": 1 << 20, "xfs": 300 << 20}
+
+// minFilesystemSize is the smallest size a new empty volume with these
+// capabilities may have, and the filesystem that needs it: the largest
+// minimum of the filesystems its mount capabilities name (their fs_type,
+// else the class's fstype parameter, else ext4). Block-only volumes need
+// no filesystem: 0.
+func minFilesystemSize(caps []*csi.VolumeCapability, paramFS string) (int64, string) {
+	var min int64
+	var which string
+	for _, vc := range caps {
+		if vc.GetMount() == nil {
+			continue
+		}
+		fs := vc.GetMount().GetFsType()
+		if fs == "" {
+			fs = paramFS
+		}
+		if fs == "" {
+			fs = DefaultFSType
+		}
+		if m := minFilesystemBytes[fs]; m > min {
+			min, which = m, fs
+		}
+	}
+	return min, which
+}
+
 // MaxImageBytes is the largest image (header included) this driver makes:
 // 1 EiB. Every capacity is checked against it before any arithmetic, so a
 // size plus a header or a rounding can never overflow an int64. Pools whose
@@ -229,6 +260,12 @@ func (c *ControllerServer) csiVolume(m *backend.Meta) *csi.Volume {
 	}
 	switch {
 	case m.SourceSnapshotID != "":
+		v.VolumeContext[ctxContentSource] = "snapshot"
+	case m.SourceVolumeID != "":
+		v.VolumeContext[ctxContentSource] = "volume"
+	}
+	switch {
+	case m.SourceSnapshotID != "":
 		v.ContentSource = &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{
 			Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: m.SourceSnapshotID}}}
 	case m.SourceVolumeID != "":
@@ -301,6 +338,10 @@ func (c *ControllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolu
 	size, err := wantedSize(req.GetCapacityRange(), minSize, meta.SectorSize, maxCapacity(headerBytes, meta.SectorSize))
 	if err != nil {
 		return nil, err
+	}
+	if min, fsType := minFilesystemSize(req.GetVolumeCapabilities(), params.FSType); src == nil && size < min {
+		// Refused now rather than created and failing at the node's mkfs.
+		return nil, status.Errorf(codes.OutOfRange, "capacity_range: %d bytes is too small for a %s filesystem, which needs at least %d bytes (%d MiB)", size, fsType, min, min>>20)
 	}
 	meta.Size = size
 
@@ -571,6 +612,11 @@ func (c *ControllerServer) DeleteVolume(ctx context.Context, req *csi.DeleteVolu
 	}
 	defer unlock()
 	if err := c.pool.Delete(ctx, backend.KindVolume, id, shredder(m)); err != nil {
+		if errors.Is(err, backend.ErrInUse) {
+			// Staged on a node or opened with `volume open`: shredding it
+			// would pull the key from under a live engine.
+			return nil, status.Errorf(codes.FailedPrecondition, "DeleteVolume %s: volume in use (unstage it first): %v", id, err)
+		}
 		return nil, toStatus(err, "DeleteVolume "+id)
 	}
 	klog.FromContext(ctx).Info("Deleted volume", "volumeID", id, "name", m.Name, "shredded", m.Encrypted)

@@ -219,7 +219,7 @@ func startEmbeddedKMS(ctx context.Context, cfg Config) (string, func() error, er
 	if err := os.MkdirAll(keys, 0o700); err != nil {
 		return "", nil, fmt.Errorf("built-in KMS: %w", err)
 	}
-	store, err := kmsplugin.OpenKeystore("dir:" + keys)
+	store, err := kmsplugin.InitKeystore("dir:" + keys) // the driver's own directory
 	if err != nil {
 		return "", nil, fmt.Errorf("built-in KMS: %w", err)
 	}

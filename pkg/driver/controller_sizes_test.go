@@ -85,3 +85,56 @@ func TestCapacityRanges(t *testing.T) {
 		t.Fatalf("left behind: %d tmp entries, %d volumes (want 4)", len(tmp), len(list))
 	}
 }
+
+// TestMinimumFilesystemSize: a new empty volume too small for its
+// filesystem (1000 bytes of ext4, 100 MiB of xfs) is OutOfRange at
+// CreateVolume, naming the minimum, and nothing is created; block volumes
+// and volumes big enough are made.
+func TestMinimumFilesystemSize(t *testing.T) {
+	ctx := context.Background()
+	e := newCtlEnv(t, "r1")
+	mount := func(fs string) []*csi.VolumeCapability {
+		return []*csi.VolumeCapability{{
+			AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: fs}},
+			AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+		}}
+	}
+	block := []*csi.VolumeCapability{{
+		AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+	}}
+	for _, enc := range []string{"true", "false"} {
+		for _, tc := range []struct {
+			name   string
+			caps   []*csi.VolumeCapability
+			params map[string]string
+			size   int64
+			ok     bool
+		}{
+			{"ext4-1000", mount("ext4"), nil, 1000, false},
+			{"default-fs-1000", mount(""), nil, 1000, false},
+			{"xfs-100M", mount("xfs"), nil, 100 << 20, false},
+			{"class-xfs-100M", mount(""), map[string]string{"csi.storage.k8s.io/fstype": "xfs"}, 100 << 20, false},
+			{"ext4-1M", mount("ext4"), nil, 1 << 20, true},
+			{"block-4096", block, nil, 4096, true},
+		} {
+			params := map[string]string{"encrypted": enc}
+			for k, v := range tc.params {
+				params[k] = v
+			}
+			name := "min-" + enc + "-" + tc.name
+			_, err := e.ctl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: name, VolumeCapabilities: tc.caps, Parameters: params,
+				CapacityRange: &csi.CapacityRange{RequiredBytes: tc.size}})
+			if tc.ok {
+				if err != nil {
+					t.Errorf("%s: %v", name, err)
+				}
+				continue
+			}
+			wantStatus(t, name, err, codes.OutOfRange, "too small", "needs at least")
+			if _, err := e.pool.Get(ctx, backend.KindVolume, e.pool.ID(backend.KindVolume, name)); err == nil {
+				t.Errorf("%s: a refused volume exists", name)
+			}
+		}
+	}
+}

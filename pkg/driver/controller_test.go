@@ -151,6 +151,31 @@ func (e *ctlEnv) unlock(kind backend.Kind, id string) (pass, vk []byte, h *crypt
 	return pass, vk, h
 }
 
+// list returns the pool's objects of kind; a listing error fails the test
+// (an ignored one would make "no objects" assertions pass vacuously).
+func (e *ctlEnv) list(kind backend.Kind) []*backend.Meta {
+	e.t.Helper()
+	l, err := e.pool.List(context.Background(), kind)
+	if err != nil {
+		e.t.Fatalf("List %s: %v", kind, err)
+	}
+	return l
+}
+
+// imageStat stats a volume's image; any error fails the test.
+func (e *ctlEnv) imageStat(volumeID string) os.FileInfo {
+	e.t.Helper()
+	path, err := e.pool.ImagePath(volumeID)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	st, err := os.Stat(path)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return st
+}
+
 func wantStatus(t *testing.T, what string, err error, code codes.Code, substrings ...string) {
 	t.Helper()
 	if status.Code(err) != code {
@@ -215,8 +240,7 @@ func TestKeyInheritance(t *testing.T) {
 	if restored.VolumeContext["encrypted"] != "true" || restored.VolumeContext["sectorSize"] != "4096" || restored.CapacityBytes != 64<<20 {
 		t.Fatalf("restored: %v, %d bytes", restored.VolumeContext, restored.CapacityBytes)
 	}
-	path, _ := e.pool.ImagePath(restored.VolumeId)
-	st, _ := os.Stat(path)
+	st := e.imageStat(restored.VolumeId)
 	if st.Size() != crypt.DefaultDataOffset+64<<20 {
 		t.Fatalf("restored image %d bytes", st.Size())
 	}
@@ -256,7 +280,7 @@ func TestConversionRefused(t *testing.T) {
 		wantStatus(t, c.name, err, codes.InvalidArgument, "conversion is not possible", "copy the data", "rsync", `"encrypted"`)
 		t.Logf("%s: %s", c.name, status.Convert(err).Message())
 	}
-	list, _ := e.pool.List(context.Background(), backend.KindVolume)
+	list := e.list(backend.KindVolume)
 	if len(list) != 2 {
 		t.Fatalf("%d volumes in the pool after refusals, want 2", len(list))
 	}
@@ -316,14 +340,20 @@ func filesContaining(t *testing.T, root string, needles [][]byte) []string {
 	return hits
 }
 
-// TestCryptoShred: after DeleteVolume no 512-byte piece of the volume's
-// keyslot area is left in any file of the pool (and before it, the scan
-// does find it).
+// TestCryptoShred: DeleteVolume overwrites the image itself before it goes.
+// A hard link outside the pool keeps the deleted image's inode: after the
+// delete it must hold no LUKS2 header (neither copy) and not one 512-byte
+// piece of the keyslot area it had (the link sees every in-place
+// overwrite; a delete that only unlinked would leave it all there). The
+// pool's files hold no piece either (and before, the scans do find it).
 func TestCryptoShred(t *testing.T) {
 	e := newCtlEnv(t, "r1")
 	v := e.mustCreate("victim", 8<<20, map[string]string{"encrypted": "true"}, nil)
 	e.mustCreate("bystander", 8<<20, map[string]string{"encrypted": "true"}, nil)
-	path, _ := e.pool.ImagePath(v.VolumeId)
+	path, err := e.pool.ImagePath(v.VolumeId)
+	if err != nil {
+		t.Fatal(err)
+	}
 	f, err := os.Open(path)
 	if err != nil {
 		t.Fatal(err)
@@ -343,11 +373,32 @@ func TestCryptoShred(t *testing.T) {
 	for off := 0; off+512 <= len(area); off += 512 {
 		needles = append(needles, area[off:off+512])
 	}
+	kept := filepath.Join(t.TempDir(), "kept-image")
+	if err := os.Link(path, kept); err != nil {
+		t.Fatalf("hard link to the image (the test dir and the pool must share a filesystem): %v", err)
+	}
 	if hits := filesContaining(t, e.pool.Root(), needles); len(hits) != 1 {
 		t.Fatalf("positive control: keyslot area found in %v, want the image only", hits)
 	}
+	if hits := filesContaining(t, filepath.Dir(kept), needles); len(hits) != 1 {
+		t.Fatalf("positive control: keyslot area not found through the link: %v", hits)
+	}
 	if _, err := e.ctl.DeleteVolume(context.Background(), &csi.DeleteVolumeRequest{VolumeId: v.VolumeId}); err != nil {
 		t.Fatal(err)
+	}
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Fatalf("image still in the pool after DeleteVolume: %v", err)
+	}
+	if hits := filesContaining(t, filepath.Dir(kept), needles); len(hits) != 0 {
+		t.Fatalf("the deleted image's inode still holds keyslot material (not shredded before removal): %v", hits)
+	}
+	kf, err := os.Open(kept)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer kf.Close()
+	if _, err := crypt.ReadHeader(kf); err == nil {
+		t.Fatal("the deleted image still has a readable LUKS2 header")
 	}
 	if hits := filesContaining(t, e.pool.Root(), needles); len(hits) != 0 {
 		t.Fatalf("keyslot area survives in %v", hits)
@@ -364,8 +415,11 @@ func TestKMSUnavailable(t *testing.T) {
 	wantStatus(t, "encrypted create without KMS", err, codes.Unavailable, e.kmsSock)
 	t.Logf("message: %s", status.Convert(err).Message())
 	t.Logf("Unavailable after %v", time.Since(start))
-	list, _ := e.pool.List(context.Background(), backend.KindVolume)
-	tmp, _ := os.ReadDir(filepath.Join(e.pool.Root(), "tmp"))
+	list := e.list(backend.KindVolume)
+	tmp, err := os.ReadDir(filepath.Join(e.pool.Root(), "tmp"))
+	if err != nil && !os.IsNotExist(err) {
+		t.Fatal(err)
+	}
 	if len(list) != 0 || len(tmp) != 0 {
 		t.Fatalf("left in the pool: %d volumes, %d tmp entries", len(list), len(tmp))
 	}
@@ -423,8 +477,7 @@ func TestIdempotency(t *testing.T) {
 		if enc == "true" {
 			// Grown data segment, same header.
 			_, _, h := e.unlock(backend.KindVolume, a.VolumeId)
-			path, _ := e.pool.ImagePath(a.VolumeId)
-			st, _ := os.Stat(path)
+			st := e.imageStat(a.VolumeId)
 			if st.Size() != h.DataOffset()+20<<20+4096 {
 				t.Fatalf("expanded image %d bytes", st.Size())
 			}
@@ -475,7 +528,7 @@ func TestSameNameAtOnce(t *testing.T) {
 			t.Fatalf("call %d got %s, call 0 %s", i, ids[i], ids[0])
 		}
 	}
-	list, _ := e.pool.List(context.Background(), backend.KindVolume)
+	list := e.list(backend.KindVolume)
 	if len(list) != 3 {
 		t.Fatalf("%d volumes, want 3", len(list))
 	}
@@ -511,7 +564,7 @@ func TestParameters(t *testing.T) {
 		_, err := e.create("bad", 4<<20, map[string]string{b.key: b.value}, nil)
 		wantStatus(t, b.key+"="+b.value, err, codes.InvalidArgument, fmt.Sprintf("%q", b.key), b.accepts)
 	}
-	if list, _ := e.pool.List(context.Background(), backend.KindVolume); len(list) != 0 {
+	if list := e.list(backend.KindVolume); len(list) != 0 {
 		t.Fatal("a refused request created a volume")
 	}
 	_, err = e.ctl.GetCapacity(context.Background(), &csi.GetCapacityRequest{Parameters: map[string]string{"sectorSize": "7"}})
@@ -580,7 +633,10 @@ func TestListPaging(t *testing.T) {
 	if n := count(&csi.ListSnapshotsRequest{SnapshotId: "snap-00000000000000000000000000000000"}); n != 0 {
 		t.Fatalf("by unknown id: %d", n)
 	}
-	resp, _ := e.ctl.ListSnapshots(ctx, &csi.ListSnapshotsRequest{MaxEntries: 2})
+	resp, err := e.ctl.ListSnapshots(ctx, &csi.ListSnapshotsRequest{MaxEntries: 2})
+	if err != nil {
+		t.Fatalf("ListSnapshots: %v", err)
+	}
 	if len(resp.Entries) != 2 || resp.NextToken == "" {
 		t.Fatalf("first snapshot page: %d, token %q", len(resp.Entries), resp.NextToken)
 	}

@@ -59,6 +59,7 @@ var statusCodes = []struct {
 	{staging.ErrWrongPassphrase, codes.FailedPrecondition},
 	{staging.ErrKMSRefused, codes.FailedPrecondition},
 	{staging.ErrKMSUnavailable, codes.Unavailable},
+	{staging.ErrInUse, codes.FailedPrecondition}, // = backend.ErrInUse = imagelock.ErrInUse
 }
 
 // toStatus turns an error of the packages below into a gRPC status with the

@@ -30,6 +30,11 @@ const (
 	ctxEncrypted     = "encrypted"
 	ctxSectorSize    = "sectorSize"
 	ctxAllowDiscards = "allowDiscards"
+	// ctxContentSource is "snapshot" or "volume" for a restored or cloned
+	// volume (absent for an empty one): its data came from elsewhere, so
+	// the node never formats it ("no filesystem" then means a wrong key or
+	// a damaged image, and a mkfs would destroy what is left).
+	ctxContentSource = "contentSource"
 )
 
 // NodeConfig configures the node service.

@@ -50,7 +50,16 @@ func stageRequest(id, path string, c *csi.VolumeCapability, volCtx map[string]st
 	if err != nil {
 		return staging.Request{}, err
 	}
+	neverFormat := false
+	switch s := volCtx[ctxContentSource]; s {
+	case "":
+	case "snapshot", "volume":
+		neverFormat = true
+	default:
+		return staging.Request{}, invalid("volume_context.%s: %q: accepts \"snapshot\" or \"volume\"", ctxContentSource, s)
+	}
 	return staging.Request{
+		NeverFormat:   neverFormat,
 		VolumeID:      id,
 		StagingPath:   path,
 		Access:        vc.access,

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -36,7 +37,7 @@ func socketPath(t *testing.T) string {
 // dir keystore.
 func newService(t *testing.T, region string) *kmsplugin.Service {
 	t.Helper()
-	ks, err := kmsplugin.OpenDirKeystore(filepath.Join(t.TempDir(), "keys"))
+	ks, err := kmsplugin.InitDirKeystore(filepath.Join(t.TempDir(), "keys"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -318,13 +319,40 @@ func TestRetryReachesPluginStartedLater(t *testing.T) {
 		w   *kmsclient.Wrapped
 		err error
 	}
+	// Until the plugin starts, something that accepts connections on its
+	// socket and drops them: each failed attempt of the call shows up as
+	// one accepted connection, so the test waits for the condition ("the
+	// call has failed a few attempts") instead of sleeping.
+	dead, err := net.Listen("unix", socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	attempts := make(chan struct{}, 100)
+	go func() {
+		for {
+			conn, err := dead.Accept()
+			if err != nil {
+				return
+			}
+			conn.Close()
+			attempts <- struct{}{}
+		}
+	}()
 	res := make(chan result, 1)
 	go func() {
 		w, err := c.Encrypt(context.Background(), "uid", []byte("key"))
 		res <- result{w, err}
 	}()
-	// Start the plugin once the call has failed a few attempts.
-	time.Sleep(300 * time.Millisecond)
+	for range 2 {
+		select {
+		case <-attempts:
+		case r := <-res:
+			t.Fatalf("Encrypt returned while no plugin served: %+v", r)
+		case <-time.After(10 * time.Second):
+			t.Fatal("the call made no attempts")
+		}
+	}
+	dead.Close() // removes the socket
 	startPlugin(t, socket)
 	select {
 	case r := <-res:

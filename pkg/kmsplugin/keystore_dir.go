@@ -25,14 +25,33 @@ type DirKeystore struct {
 	cache map[string]cipher.AEAD // "region/vN" -> GCM
 }
 
-// OpenDirKeystore opens (creating if needed) a directory keystore.
+// OpenDirKeystore opens an existing directory keystore. A directory that
+// does not exist is refused (a typo must not become a new, empty keystore
+// that later answers "no such master key version"); InitDirKeystore
+// creates one.
 func OpenDirKeystore(dir string) (*DirKeystore, error) {
+	if dir == "" || !filepath.IsAbs(dir) {
+		return nil, fmt.Errorf("keystore dir %q: want an absolute path", dir)
+	}
+	if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("keystore dir %s does not exist (create it with --create-keystore, or fix the path)", dir)
+	}
+	return openDirKeystore(dir)
+}
+
+// InitDirKeystore opens a directory keystore, creating the directory
+// (mode 0700) if it is missing: only on an explicit request.
+func InitDirKeystore(dir string) (*DirKeystore, error) {
 	if dir == "" || !filepath.IsAbs(dir) {
 		return nil, fmt.Errorf("keystore dir %q: want an absolute path", dir)
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("keystore dir: %w", err)
 	}
+	return openDirKeystore(dir)
+}
+
+func openDirKeystore(dir string) (*DirKeystore, error) {
 	if err := checkPrivate(dir, true); err != nil {
 		return nil, err
 	}

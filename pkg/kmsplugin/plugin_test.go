@@ -183,7 +183,7 @@ func exercise(t *testing.T, open keystoreFactory) {
 func TestDirKeystorePlugin(t *testing.T) {
 	dir := t.TempDir()
 	exercise(t, func(t *testing.T) Keystore {
-		ks, err := OpenDirKeystore(filepath.Join(dir, "keys"))
+		ks, err := InitDirKeystore(filepath.Join(dir, "keys"))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -198,7 +198,7 @@ func TestDirKeystorePlugin(t *testing.T) {
 
 func TestDirKeystoreRefusesLoosePermissions(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "keys")
-	ks, err := OpenDirKeystore(dir)
+	ks, err := InitDirKeystore(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -317,7 +317,7 @@ func TestClientAgainstStoppedPlugin(t *testing.T) {
 	if took > 4*time.Second {
 		t.Fatalf("call took %s, deadline was 2s", took)
 	}
-	ks, err := OpenDirKeystore(filepath.Join(t.TempDir(), "keys"))
+	ks, err := InitDirKeystore(filepath.Join(t.TempDir(), "keys"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -374,5 +374,57 @@ func TestPKCS11RefusesReadablePINFile(t *testing.T) {
 	_, err := OpenKeystore(spec)
 	if err == nil || !strings.Contains(err.Error(), "0600") || strings.Contains(err.Error(), "4711") {
 		t.Fatalf("world-readable PIN file: %v", err)
+	}
+}
+
+// TestKeystoreDirMustExist: a directory keystore that does not exist is
+// refused (nothing is created); only the explicit Init creates it.
+func TestKeystoreDirMustExist(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "no-such-keys")
+	for _, open := range []func() error{
+		func() error { _, err := OpenDirKeystore(dir); return err },
+		func() error { _, err := OpenKeystore("dir:" + dir); return err },
+	} {
+		if err := open(); err == nil || !strings.Contains(err.Error(), "does not exist") {
+			t.Fatalf("missing keystore dir: %v, want a refusal", err)
+		}
+		if _, err := os.Stat(dir); err == nil {
+			t.Fatal("the refused open created the directory")
+		}
+	}
+	ks, err := InitKeystore("dir:" + dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ks.Close()
+	if st, err := os.Stat(dir); err != nil || st.Mode().Perm() != 0o700 {
+		t.Fatalf("Init made %v, %v; want a 0700 directory", st, err)
+	}
+}
+
+// TestServeNeverDeletesAFile: a listen path holding a regular file is
+// refused and the file stays; a stale socket (nothing answers) is replaced.
+func TestServeNeverDeletesAFile(t *testing.T) {
+	dir := t.TempDir()
+	ks, err := InitDirKeystore(filepath.Join(dir, "keys"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc, err := NewService("r", ks)
+	if err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(dir, "precious")
+	if err := os.WriteFile(file, []byte("data"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	err = Serve(ctx, "unix://"+file, svc)
+	if err == nil || !strings.Contains(err.Error(), "not a socket") {
+		t.Fatalf("Serve on a regular file: %v, want a refusal", err)
+	}
+	if b, err := os.ReadFile(file); err != nil || string(b) != "data" {
+		t.Fatalf("the regular file was touched: %q %v", b, err)
 	}
 }

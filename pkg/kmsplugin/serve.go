@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -15,17 +14,30 @@ import (
 	"k8s.io/klog/v2"
 	kmsapi "k8s.io/kms/apis/v2"
 	"k8s.io/kms/pkg/service"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/unixsock"
 )
 
-// OpenKeystore opens a keystore from its spec: "dir:/abs/path" or
-// "pkcs11:/path/to/module.so?token=LABEL&pin-file=/path/to/pin".
-func OpenKeystore(spec string) (Keystore, error) {
+// OpenKeystore opens an existing keystore from its spec: "dir:/abs/path"
+// or "pkcs11:/path/to/module.so?token=LABEL&pin-file=/path/to/pin". A
+// directory keystore that does not exist is refused.
+func OpenKeystore(spec string) (Keystore, error) { return openKeystore(spec, false) }
+
+// InitKeystore is OpenKeystore that creates a missing directory keystore
+// (an explicit request: kms-plugin --create-keystore, or the driver's own
+// in-process plugin under its data directory).
+func InitKeystore(spec string) (Keystore, error) { return openKeystore(spec, true) }
+
+func openKeystore(spec string, create bool) (Keystore, error) {
 	kind, rest, ok := strings.Cut(spec, ":")
 	if !ok {
 		return nil, fmt.Errorf("keystore %q: want dir:PATH or pkcs11:MODULE?token=LABEL&pin-file=PATH", spec)
 	}
 	switch kind {
 	case "dir":
+		if create {
+			return InitDirKeystore(rest)
+		}
 		return OpenDirKeystore(rest)
 	case "pkcs11":
 		module, query, _ := strings.Cut(rest, "?")
@@ -66,26 +78,11 @@ func ServeNotify(ctx context.Context, listen string, svc *Service, ready chan<- 
 	if err != nil {
 		return err
 	}
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
-		return fmt.Errorf("socket directory: %w", err)
-	}
-	if _, err := os.Lstat(path); err == nil {
-		if conn, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			conn.Close()
-			return fmt.Errorf("socket %s is held by a live plugin; refusing to start", path)
-		}
-		if err := os.Remove(path); err != nil {
-			return fmt.Errorf("remove stale socket %s: %w", path, err)
-		}
-	}
-	ln, err := net.Listen("unix", path)
+	// unixsock.Listen never deletes what is not a socket, removes a stale
+	// socket only after a connect to it failed, and refuses a live one.
+	ln, err := unixsock.Listen(path, 0o600)
 	if err != nil {
-		return fmt.Errorf("kms plugin: listen on %s: %w", path, err)
-	}
-	if err := os.Chmod(path, 0o600); err != nil {
-		ln.Close()
-		os.Remove(path)
-		return fmt.Errorf("socket mode: %w", err)
+		return fmt.Errorf("kms plugin: %w", err)
 	}
 	// Our own server (not GRPCService.ListenAndServe) so that a stop right
 	// after start cannot miss the server it has to stop.

@@ -43,6 +43,15 @@ const maxBusyRetries = 50
 // 2048 or 4096), read-only if readOnly. The returned Device carries the
 // backing file's identity as the kernel reports it.
 func Attach(ctx context.Context, file string, sectorSize int, readOnly bool) (*Device, error) {
+	return AttachLocked(ctx, file, sectorSize, readOnly, nil)
+}
+
+// AttachLocked is Attach that first runs lock on the file it opened (opened
+// read-only for a read-only device, else read-write) and gives up if lock
+// fails. The loop device keeps that open file description for as long as
+// it is attached, so an OFD lock taken by lock lives exactly as long as the
+// loop device does, across restarts of the caller (pkg/imagelock).
+func AttachLocked(ctx context.Context, file string, sectorSize int, readOnly bool, lock func(*os.File) error) (*Device, error) {
 	switch sectorSize {
 	case 512, 1024, 2048, 4096:
 	default:
@@ -58,6 +67,11 @@ func Attach(ctx context.Context, file string, sectorSize int, readOnly bool) (*D
 		return nil, fmt.Errorf("loop attach: %w", err)
 	}
 	defer bf.Close()
+	if lock != nil {
+		if err := lock(bf); err != nil {
+			return nil, fmt.Errorf("loop attach %s: %w", file, err)
+		}
+	}
 	var st unix.Stat_t
 	if err := unix.Fstat(int(bf.Fd()), &st); err != nil {
 		return nil, fmt.Errorf("loop attach %s: stat: %w", file, err)

@@ -6,12 +6,16 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"time"
+
+	"golang.org/x/sys/unix"
 
 	"k8s.io/klog/v2"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/blockdev"
 	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
 	"github.com/csi-encdisk/csi-encdisk/pkg/filesystem"
+	"github.com/csi-encdisk/csi-encdisk/pkg/imagelock"
 	"github.com/csi-encdisk/csi-encdisk/pkg/loopdev"
 	"github.com/csi-encdisk/csi-encdisk/pkg/mounts"
 	"github.com/csi-encdisk/csi-encdisk/pkg/nodestate"
@@ -187,7 +191,22 @@ func (m *Manager) build(ctx context.Context, v *nodestate.Volume, req Request, k
 	// A read-only raw block volume gets a read-only loop device: a read-only
 	// bind mount does not stop writes through a device node. (A read-only
 	// filesystem stays on a writable loop device so its journal can replay.)
-	dev, err := loopdev.Attach(ctx, backing, v.SectorSize, v.ReadOnly && v.AccessType == nodestate.AccessBlock)
+	// A plain image's loop device holds the image's writer lock
+	// (pkg/imagelock) for as long as it is attached: the lock belongs to the
+	// open file description the loop device keeps, so it survives restarts
+	// of this process and goes with the detach. An encrypted image's engine
+	// holds the lock itself.
+	var lock func(*os.File) error
+	if !v.Encrypted {
+		mode := imagelock.Write
+		if v.ReadOnly {
+			mode = imagelock.Read
+		}
+		lock = func(f *os.File) error {
+			return imagelock.Lock(f, mode, imagelock.Holder("loop device of node plugin", v.VolumeID))
+		}
+	}
+	dev, err := loopdev.AttachLocked(ctx, backing, v.SectorSize, v.ReadOnly && v.AccessType == nodestate.AccessBlock, lock)
 	if err != nil {
 		return fmt.Errorf("attach a loop device: %w", err)
 	}
@@ -239,18 +258,29 @@ func (m *Manager) mountFilesystem(ctx context.Context, v *nodestate.Volume, neve
 	if err != nil {
 		return err
 	}
+	formattedBefore := false
+	if found == "" && !neverFormat {
+		formattedBefore = wasFormatted(v.Image)
+	}
 	fsType := v.FSType
 	switch {
 	case found == "" && v.ReadOnly:
 		return fmt.Errorf("%w: volume %q has no filesystem and its access mode is read-only", ErrNoFilesystem, v.VolumeID)
 	case found == "" && neverFormat:
 		return fmt.Errorf("%w: volume %q should hold data but shows no filesystem (a wrong key or a damaged image?); nothing was written", ErrNoFilesystem, v.VolumeID)
+	case found == "" && formattedBefore:
+		return fmt.Errorf("%w: volume %q was formatted before (its image records it) but shows no filesystem now (a wrong key or a damaged image?); nothing was written", ErrNoFilesystem, v.VolumeID)
 	case found == "":
 		if fsType == "" {
 			fsType = DefaultFSType
 		}
 		if err := filesystem.Make(ctx, v.Loop, fsType); err != nil {
 			return err
+		}
+		if err := markFormatted(v.Image); err != nil {
+			// The volume works; only the guard against a later mkfs over
+			// its data is missing on this filesystem.
+			klog.FromContext(ctx).Error(err, "Could not record on the image that the volume was formatted; a later stage that finds no filesystem would format it again", "volumeID", v.VolumeID, "image", v.Image)
 		}
 	case fsType == "":
 		fsType = found
@@ -279,4 +309,30 @@ func mountOptions(v *nodestate.Volume) []string {
 		opts = append(opts, "nouuid")
 	}
 	return opts
+}
+
+// FormattedXattr marks an image whose volume the node formatted once (the
+// value is the time, RFC 3339): a later stage that finds no filesystem on
+// it refuses to format it again. It is kept with the image itself, so it
+// goes with the volume wherever its image goes, and with the volume's
+// deletion. Plain public data.
+const FormattedXattr = "user.csi-encdisk.formatted"
+
+// wasFormatted reports whether image carries FormattedXattr.
+func wasFormatted(image string) bool {
+	n, err := unix.Getxattr(image, FormattedXattr, nil)
+	return err == nil && n > 0
+}
+
+// markFormatted sets FormattedXattr on image and syncs it.
+func markFormatted(image string) error {
+	if err := unix.Setxattr(image, FormattedXattr, []byte(time.Now().UTC().Format(time.RFC3339)), 0); err != nil {
+		return fmt.Errorf("record the format on %s: %w", image, err)
+	}
+	f, err := os.Open(image)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
 }

@@ -67,6 +67,9 @@ var (
 	ErrKMSUnavailable  = blockdev.ErrKMSUnavailable
 	ErrKMSRefused      = blockdev.ErrKMSRefused
 	ErrWrongPassphrase = blockdev.ErrWrongPassphrase
+	// ErrInUse: another engine or node serves the image (one writer per
+	// image, pkg/imagelock).
+	ErrInUse = blockdev.ErrInUse
 )
 
 // KMS tells the engine which plugin unwraps a volume of a kmsID and takes

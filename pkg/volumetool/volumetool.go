@@ -11,53 +11,45 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"strconv"
-	"strings"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
 )
 
-// ParseSize parses a byte count with an optional suffix: K, M, G, T (powers
-// of 1024, as are Ki, Mi, Gi, Ti) or KB, MB, GB, TB (powers of 1000).
-func ParseSize(s string) (int64, error) {
-	t := strings.TrimSpace(s)
-	mult := int64(1)
-	for _, u := range []struct {
-		suffix string
-		mult   int64
-	}{
-		{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40},
-		{"Ki", 1 << 10}, {"Mi", 1 << 20}, {"Gi", 1 << 30}, {"Ti", 1 << 40},
-		{"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"TB", 1e12},
-		{"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}, {"T", 1 << 40},
-	} {
-		if strings.HasSuffix(t, u.suffix) {
-			t, mult = strings.TrimSuffix(t, u.suffix), u.mult
-			break
-		}
-	}
-	n, err := strconv.ParseInt(t, 10, 64)
-	if err != nil || n <= 0 || n > (1<<50)/mult {
-		return 0, fmt.Errorf("size %q: want a positive number of bytes, optionally with K, M, G, T or Ki, Mi, Gi, Ti", s)
-	}
-	return n * mult, nil
+// FormatOptions say how Format makes an image.
+type FormatOptions struct {
+	SectorSize int // 512 or 4096
+	// Argon2 is the cost of an argon2id keyslot (for a passphrase a person
+	// chose); nil with KeyIsRandom for the fast pbkdf2 keyslot.
+	Argon2 *crypt.Argon2Params
+	// KeyIsRandom: the key file holds at least 32 bytes from a CSPRNG; the
+	// keyslot is pbkdf2-sha256 at crypt.DefaultPBKDF2Iterations (stretching
+	// cannot make such a key easier or harder to guess). Shorter key files
+	// are refused with it.
+	KeyIsRandom bool
 }
 
 // Format makes a new LUKS2 image at path holding size usable bytes after the
 // header, with a random volume key in keyslot 0 under the key file's bytes.
 // It refuses to touch an existing file and removes a half-made one.
-func Format(path string, size int64, keyFile string, sectorSize int) (err error) {
+func Format(path string, size int64, keyFile string, o FormatOptions) (err error) {
+	sectorSize := o.SectorSize
 	if sectorSize != 512 && sectorSize != 4096 {
 		return fmt.Errorf("--sector-size %d: want 512 or 4096", sectorSize)
 	}
-	if size%int64(sectorSize) != 0 {
-		return fmt.Errorf("--size %d is not a multiple of the sector size %d", size, sectorSize)
+	if size <= 0 || size%int64(sectorSize) != 0 {
+		return fmt.Errorf("--size %d is not a positive multiple of the sector size %d", size, sectorSize)
+	}
+	if (o.Argon2 == nil) != o.KeyIsRandom {
+		return errors.New("give an argon2id cost, or say that the key is random (not both)")
 	}
 	pass, err := crypt.ReadKeyFile(keyFile)
 	if err != nil {
 		return err
 	}
 	defer clear(pass)
+	if o.KeyIsRandom && len(pass) < 32 {
+		return fmt.Errorf("--key-is-random: the key file holds %d bytes; a random key needs at least 32 (256 bits)", len(pass))
+	}
 	vk := make([]byte, 64)
 	defer clear(vk)
 	if _, err := rand.Read(vk); err != nil {
@@ -79,7 +71,7 @@ func Format(path string, size int64, keyFile string, sectorSize int) (err error)
 			os.Remove(path)
 		}
 	}()
-	if _, err := crypt.Format(f, size, crypt.FormatOptions{SectorSize: sectorSize, VolumeKey: vk, Passphrase: pass}); err != nil {
+	if _, err := crypt.Format(f, size, crypt.FormatOptions{SectorSize: sectorSize, VolumeKey: vk, Passphrase: pass, Argon2: o.Argon2}); err != nil {
 		return fmt.Errorf("format %s: %w", path, err)
 	}
 	return nil

@@ -17,7 +17,45 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/blockdev"
 )
+
+// engineSocket is the control socket of a staged encrypted volume's engine.
+func (d *driver) engineSocket(t *testing.T, volumeID string) string {
+	t.Helper()
+	eng, _ := d.nodeState(t, volumeID)["engine"].(map[string]any)
+	sock, _ := eng["controlSocket"].(string)
+	if sock == "" {
+		t.Fatalf("node state of %s names no engine control socket", volumeID)
+	}
+	return sock
+}
+
+// waitEngineWrites waits until the engine on socket has served at least n
+// write operations more than base, and returns its count. It fails the
+// test after a minute, or if stop closes first (the writer ended).
+func waitEngineWrites(t *testing.T, socket string, base, n uint64, stop <-chan struct{}) uint64 {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		st, err := blockdev.DialControl(socket).Stats(ctx)
+		cancel()
+		if err == nil && st.WriteOps >= base+n {
+			return st.WriteOps
+		}
+		select {
+		case <-stop:
+			t.Fatalf("the writer ended before the engine served %d writes beyond %d (last: %v, %v)", n, base, st, err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("engine served no %d writes beyond %d within a minute (last: %v, %v)", n, base, st, err)
+		}
+		time.Sleep(20 * time.Millisecond) // poll interval, not synchronisation
+	}
+}
 
 // health returns the node's health entries for a volume.
 func (d *driver) health(t *testing.T, v *volume) []*csi.VolumeHealth_VolumeHealthEntry {
@@ -71,10 +109,15 @@ func TestKillNodePluginDuringIO(t *testing.T) {
 		<-fioDone
 	})
 
-	time.Sleep(3 * time.Second)
+	// Kill the driver once fio's writes flow through the engine, then
+	// wait until the engine has served more writes with no driver at all:
+	// the conditions, not a guess at how long they take.
+	socket := d.engineSocket(t, v.id())
+	waitEngineWrites(t, socket, 0, 256, fioDone)
 	d.kill9()
 	t.Log("driver killed with SIGKILL while fio runs")
-	time.Sleep(2 * time.Second)
+	before := waitEngineWrites(t, socket, 0, 1, fioDone)
+	waitEngineWrites(t, socket, before, 256, fioDone)
 	if !processAlive(enginePID) {
 		t.Fatalf("the engine (pid %d) died with the driver", enginePID)
 	}

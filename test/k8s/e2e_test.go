@@ -113,7 +113,7 @@ func TestEndToEnd(t *testing.T) {
 	// The built-in KMS plugin as its own process, wired as the chart's sidecar is.
 	e.kmsSocket = filepath.Join(procDir, "kms.sock")
 	kms := e.start(procDir, "kms-plugin", driverBin, "kms-plugin", "--listen=unix://"+e.kmsSocket,
-		"--keystore=dir:"+filepath.Join(t.TempDir(), "keys"), "--region="+region)
+		"--keystore=dir:"+filepath.Join(t.TempDir(), "keys"), "--create-keystore", "--region="+region)
 	if err := harness.WaitFor(ctx, "kms-plugin socket", kms, 100*time.Millisecond, func(context.Context) error {
 		_, err := os.Stat(e.kmsSocket)
 		return err

@@ -46,7 +46,7 @@ func TestRotateRewrapCrash(t *testing.T) {
 	sock := filepath.Join(dir, "csi.sock")
 	var cmd *exec.Cmd
 	start := func() {
-		cmd = exec.Command(bin, "driver", "--mode", "controller", "--endpoint", "unix://"+sock, "--data-dir", dir,
+		cmd = exec.Command(bin, "driver", "--mode", "controller", "--endpoint", "unix://"+sock, "--data-dir", dir, "--region", "default",
 			"--rewrap-interval", "100ms", "--rewrap-rate", "2", "--kms-health-interval", "1s")
 		logf, _ := os.OpenFile(filepath.Join(dir, "driver.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
 		cmd.Stdout, cmd.Stderr = logf, logf
