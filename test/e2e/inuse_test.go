@@ -25,7 +25,7 @@ func TestDeleteInUseThenShred(t *testing.T) {
 	v := d.createVolume(t, "busy", 64*mib, "ext4", map[string]string{"encrypted": "true"}, "")
 	d.stageAndPublish(t, v)
 	marker := newMarker(t)
-	writeMarker(t, v.target, marker)
+	writeMarker(t, v.TargetPath, marker)
 
 	_, err := d.ctrl.DeleteVolume(ctxT(t), &csi.DeleteVolumeRequest{VolumeId: v.id()})
 	if status.Code(err) != codes.FailedPrecondition || !bytes.Contains([]byte(status.Convert(err).Message()), []byte("volume in use")) {
@@ -45,7 +45,7 @@ func TestDeleteInUseThenShred(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.Close()
-	readMarker(t, v.target, marker)
+	readMarker(t, v.TargetPath, marker)
 
 	kept := filepath.Join(dir, "kept-image")
 	if err := os.Link(img, kept); err != nil {
