@@ -2,7 +2,9 @@
 // plugin) as a process and checks master key rotation end to end: every
 // volume and snapshot is re-wrapped within a bounded time, a SIGKILL of the
 // controller in the middle is survived, the old version is disabled and
-// every object still unwraps. It needs no root (controller only).
+// every volume, restore and clone still stages on a node and reads back
+// what was written before the rotation. It needs root (the node stages
+// through loop devices, FUSE and mounts).
 package keys
 
 import (
@@ -20,6 +22,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
+	"github.com/csi-encdisk/csi-encdisk/pkg/csiclient"
+	"github.com/csi-encdisk/csi-encdisk/pkg/sweep"
 )
 
 func waitFor(t *testing.T, what string, limit time.Duration, cond func() bool) {
@@ -75,6 +79,7 @@ func TestRotateRewrapCrash(t *testing.T) {
 		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{FsType: "ext4"}},
 		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
 	}}
+	node := startNode(t, bin, dir)
 	var images, snaps, vols []string
 	for _, n := range []string{"a", "b", "c"} {
 		r, err := ctl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: n, VolumeCapabilities: capab,
@@ -82,6 +87,7 @@ func TestRotateRewrapCrash(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
+		node.writeMarker(ctx, t, r.Volume, n)
 		images = append(images, filepath.Join(dir, "pool", "volumes", r.Volume.VolumeId, "image"))
 		vols = append(vols, r.Volume.VolumeId)
 		if n == "c" {
@@ -133,20 +139,109 @@ func TestRotateRewrapCrash(t *testing.T) {
 		t.Fatalf("disable-version: %v\n%s", err, out)
 	}
 	// Every snapshot still restores (CreateVolume unwraps its token once,
-	// which fails FailedPrecondition under a disabled key).
+	// which fails FailedPrecondition under a disabled key), and the restore
+	// stages and reads back what its source held.
 	for i, s := range snaps {
-		_, err := ctl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "restore-" + s, VolumeCapabilities: capab,
+		r, err := ctl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "restore-" + s, VolumeCapabilities: capab,
 			VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Snapshot{Snapshot: &csi.VolumeContentSource_SnapshotSource{SnapshotId: s}}}})
 		if err != nil {
 			t.Fatalf("restore %d after disabling v1: %v", i, err)
 		}
+		node.readMarker(ctx, t, r.Volume, []string{"a", "b"}[i])
 	}
-	// Every volume still clones (same check).
+	// Every volume still clones (same check) and stages, as do its clones.
 	for i, v := range vols {
-		_, err := ctl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "clone-" + v, VolumeCapabilities: capab,
+		r, err := ctl.CreateVolume(ctx, &csi.CreateVolumeRequest{Name: "clone-" + v, VolumeCapabilities: capab,
 			VolumeContentSource: &csi.VolumeContentSource{Type: &csi.VolumeContentSource_Volume{Volume: &csi.VolumeContentSource_VolumeSource{VolumeId: v}}}})
 		if err != nil {
 			t.Fatalf("clone %d after disabling v1: %v", i, err)
 		}
+		name := []string{"a", "b", "c"}[i]
+		node.readMarker(ctx, t, r.Volume, name)
+		node.readMarker(ctx, t, &csi.Volume{VolumeId: v, VolumeContext: map[string]string{"encrypted": "true"}}, name)
 	}
+}
+
+// node is a `driver --mode node` on the controller's data directory,
+// unwrapping through the controller's built-in KMS plugin.
+type node struct {
+	dir    string
+	client *csiclient.Client
+}
+
+func startNode(t *testing.T, bin, dir string) *node {
+	t.Helper()
+	sock := filepath.Join(dir, "node.sock")
+	cmd := exec.Command(bin, "driver", "--mode", "node", "--endpoint", "unix://"+sock, "--data-dir", dir,
+		"--state-dir", filepath.Join(dir, "state"), "--node-id", "keys-node", "--region", "default",
+		"--kms-endpoint", "unix://"+filepath.Join(dir, "kms", "kms.sock"))
+	logf, _ := os.OpenFile(filepath.Join(dir, "node.log"), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o600)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	// Staging and target paths live outside the driver's data directory
+	// (the node refuses paths inside it).
+	mnt, err := os.MkdirTemp("", "keys-mnt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+		for _, d := range []string{mnt, dir} {
+			for _, err := range sweep.Tree(d) {
+				t.Errorf("cleanup: %v", err)
+			}
+		}
+		os.RemoveAll(mnt)
+	})
+	c, err := csiclient.Dial(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := c.WaitReady(ctx, true); err != nil {
+		t.Fatal(err)
+	}
+	return &node{dir: mnt, client: c}
+}
+
+// withMounted stages and publishes v, calls f with the mount, and undoes it.
+func (n *node) withMounted(ctx context.Context, t *testing.T, v *csi.Volume, f func(mnt string)) {
+	t.Helper()
+	p, err := csiclient.NewPublication(v, "ext4", n.dir, v.GetVolumeId())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.client.StagePublish(ctx, p); err != nil {
+		_ = n.client.UnpublishUnstage(ctx, p)
+		t.Fatal(err)
+	}
+	defer func() {
+		if err := n.client.UnpublishUnstage(ctx, p); err != nil {
+			t.Error(err)
+		}
+	}()
+	f(p.TargetPath)
+}
+
+func (n *node) writeMarker(ctx context.Context, t *testing.T, v *csi.Volume, marker string) {
+	t.Helper()
+	n.withMounted(ctx, t, v, func(mnt string) {
+		if err := os.WriteFile(filepath.Join(mnt, "marker"), []byte(marker), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	})
+}
+
+func (n *node) readMarker(ctx context.Context, t *testing.T, v *csi.Volume, want string) {
+	t.Helper()
+	n.withMounted(ctx, t, v, func(mnt string) {
+		if got, err := os.ReadFile(filepath.Join(mnt, "marker")); err != nil || string(got) != want {
+			t.Fatalf("volume %s reads %q, %v; want %q", v.GetVolumeId(), got, err, want)
+		}
+	})
 }
