@@ -336,7 +336,7 @@ func TestPluginCommandSIGTERM(t *testing.T) {
 	}
 	socket := shortSocket(t)
 	keys := "dir:" + filepath.Join(filepath.Dir(socket), "keys")
-	cmd := exec.Command(bin, "kms-plugin", "--listen", "unix://"+socket, "--region", "r", "--keystore", keys)
+	cmd := exec.Command(bin, "kms-plugin", "--listen", "unix://"+socket, "--region", "r", "--keystore", keys, "--create-keystore")
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
@@ -349,7 +349,7 @@ func TestPluginCommandSIGTERM(t *testing.T) {
 	}
 	second := exec.Command(bin, "kms-plugin", "--listen", "unix://"+socket, "--region", "r", "--keystore", keys)
 	out, err := second.CombinedOutput()
-	if err == nil || !strings.Contains(string(out), "live plugin") {
+	if err == nil || !strings.Contains(string(out), "another process is serving on it") {
 		t.Fatalf("second plugin on a held socket: %v %s", err, out)
 	}
 	if err := cmd.Process.Signal(syscall.SIGTERM); err != nil {
