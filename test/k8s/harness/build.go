@@ -230,6 +230,15 @@ func (b *Builder) build(ctx context.Context, m module) (string, error) {
 	if err != nil {
 		return "", fmt.Errorf("tools %s: go %s: %w\n%s", m.dir, strings.Join(args, " "), err, out)
 	}
+	for _, pkg := range m.packages {
+		name := filepath.Base(pkg)
+		if pkg == "." {
+			name = m.dir
+		}
+		if _, err := os.Stat(filepath.Join(tmp, name)); err != nil {
+			return "", fmt.Errorf("tools %s: go build wrote no %s: %w\n%s", m.dir, name, err, out)
+		}
+	}
 	took := time.Since(start)
 	b.Logf("tools %s: built in %s", m.dir, took.Round(time.Second))
 	if err := os.WriteFile(filepath.Join(tmp, "build-seconds"), []byte(fmt.Sprintf("%.1f\n", took.Seconds())), 0o644); err != nil {

@@ -353,9 +353,7 @@ func (n *Node) Stop() []error {
 		n.containerd.Stop(10 * time.Second)
 	}
 	// Shims (their own sessions), engines and anything else naming Dir.
-	for _, err := range sweep.Tree(n.Dir) {
-		errs = append(errs, err)
-	}
+	errs = append(errs, sweep.Tree(n.Dir)...)
 	n.killCgroupProcs()
 	if n.sharedMnt {
 		if err := unix.Unmount(n.Shared, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) {
