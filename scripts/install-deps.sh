@@ -29,7 +29,8 @@ packages=(
   buildah          # podman build's engine
   runc             # OCI runtime (crun 1.8.1 refuses this host's hybrid cgroups)
   uidmap           # newuidmap/newgidmap, which podman expects
-  containerd       # ctr: load the image into containerd (ctr -n k8s.io image import)
+  containerd       # ctr: load the image into containerd (ctr -n k8s.io image import); the test/k8s node's runtime
+  containernetworking-plugins # the loopback CNI plugin of the test/k8s node's pod networks
 )
 
 missing=()
