@@ -14,7 +14,8 @@ packages=(
   e2fsprogs        # mkfs.ext4, e2fsck, resize2fs
   xfsprogs         # mkfs.xfs, xfs_growfs
   btrfs-progs      # reflink-capable pool filesystem in tests
-  util-linux       # losetup, blkid, mount
+  util-linux       # losetup, blkid, mount, nsenter, flock
+  iproute2         # ip: the test/k8s node's CNI plugin (a dummy eth0 inside each pod's namespace)
   fio              # data-path benchmarks and verify tests
   softhsm2         # PKCS#11 token for the KMS plugin tests
   opensc           # pkcs11-tool, to inspect SoftHSM tokens

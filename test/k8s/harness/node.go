@@ -23,7 +23,8 @@ import (
 // Node is a real node on this machine: containerd (apt's 1.6, with its own
 // CRI config, root, state and socket) and kubelet (built with the control
 // plane), registered in a Cluster. Everything it makes lives under Dir, in
-// its own cgroup subtree (CgroupRoot) and on loopback-only pod networks.
+// its own cgroup subtree (CgroupRoot); pods get network namespaces of their
+// own that reach nothing (lo and a dummy eth0).
 //
 // Layout: Dir/containerd (root, state, socket, config), Dir/cni, Dir/kubelet
 // (config, pod logs) are private; Shared is a bind mount of itself made
@@ -70,8 +71,10 @@ func StartNode(ctx context.Context, tools *ControlPlane, c *Cluster, dir string,
 			return nil, fmt.Errorf("node: %s not found (scripts/install-deps.sh installs containerd and runc)", bin)
 		}
 	}
-	if _, err := os.Stat("/usr/lib/cni/loopback"); err != nil {
-		return nil, fmt.Errorf("node: CNI loopback plugin missing (apt containernetworking-plugins): %w", err)
+	for _, bin := range []string{"ip", "nsenter", "flock"} {
+		if _, err := exec.LookPath(bin); err != nil {
+			return nil, fmt.Errorf("node: %s not found (the node's CNI plugin needs iproute2 and util-linux)", bin)
+		}
 	}
 	if opts.Name == "" {
 		opts.Name = "node-1"
@@ -109,8 +112,7 @@ func StartNode(ctx context.Context, tools *ControlPlane, c *Cluster, dir string,
 	}
 
 	// containerd
-	if err := os.WriteFile(filepath.Join(dir, "cni", "net.d", "10-loopback.conflist"), []byte(
-		`{"cniVersion": "0.4.0", "name": "encdisk-loopback", "plugins": [{"type": "loopback"}]}`+"\n"), 0o644); err != nil {
+	if err := n.writeCNI(); err != nil {
 		return n, err
 	}
 	if opts.SandboxImage == nil {
@@ -217,10 +219,43 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
+    bin_dir = %[7]q
     conf_dir = %[6]q
 `, filepath.Join(cd, "root"), filepath.Join(cd, "state"), n.ContainerdSock, n.ContainerdSock+".ttrpc",
-		sandbox, filepath.Join(n.Dir, "cni", "net.d"))
+		sandbox, filepath.Join(n.Dir, "cni", "net.d"), filepath.Join(n.Dir, "cni", "bin"))
+}
+
+// cniPlugin is the node's CNI plugin: inside the pod's own network namespace
+// it brings lo up and adds a dummy eth0 with an address (containerd's CRI
+// wants an IP on the pod's interface; a loopback-only network fails with
+// "failed to find network info for sandbox"). Nothing is made outside the
+// pod's namespace and pods reach nothing but themselves. DEL has nothing to
+// undo: the namespace goes with the sandbox.
+const cniPlugin = `#!/bin/sh
+set -eu
+case "${CNI_COMMAND:-}" in
+VERSION) echo '{"cniVersion":"0.4.0","supportedVersions":["0.3.0","0.3.1","0.4.0"]}'; exit 0 ;;
+DEL|CHECK) cat >/dev/null; exit 0 ;;
+ADD) cat >/dev/null ;;
+*) echo '{"cniVersion":"0.4.0","code":4,"msg":"unsupported CNI_COMMAND"}'; exit 1 ;;
+esac
+dir=$(dirname "$0")
+n=$(flock "$dir/ipam.lock" sh -c 'n=$(cat "$1" 2>/dev/null || echo 0); n=$((n+1)); echo $n >"$1"; echo $n' sh "$dir/ipam")
+ip=10.88.$((n / 250)).$((n % 250 + 2))
+nsenter --net="$CNI_NETNS" sh -c "ip link set lo up && ip link add $CNI_IFNAME type dummy && ip addr add $ip/16 dev $CNI_IFNAME && ip link set $CNI_IFNAME up" >&2
+printf '{"cniVersion":"0.4.0","interfaces":[{"name":"%s","sandbox":"%s"}],"ips":[{"version":"4","address":"%s/16","interface":0}]}\n' "$CNI_IFNAME" "$CNI_NETNS" "$ip"
+`
+
+func (n *Node) writeCNI() error {
+	bin := filepath.Join(n.Dir, "cni", "bin")
+	if err := os.MkdirAll(bin, 0o755); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(bin, "encdisk-pod-netns"), []byte(cniPlugin), 0o755); err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(n.Dir, "cni", "net.d", "10-encdisk.conflist"), []byte(
+		`{"cniVersion": "0.4.0", "name": "encdisk-pods", "plugins": [{"type": "encdisk-pod-netns"}]}`+"\n"), 0o644)
 }
 
 func (n *Node) kubeletConfig(port, healthPort int) string {
