@@ -71,6 +71,9 @@ func StartNode(ctx context.Context, tools *ControlPlane, c *Cluster, dir string,
 			return nil, fmt.Errorf("node: %s not found (scripts/install-deps.sh installs containerd and runc)", bin)
 		}
 	}
+	if _, err := os.Stat(filepath.Join(cniLoopbackDir, "loopback")); err != nil {
+		return nil, fmt.Errorf("node: CNI loopback plugin missing (apt containernetworking-plugins): %w", err)
+	}
 	for _, bin := range []string{"ip", "nsenter", "flock"} {
 		if _, err := exec.LookPath(bin); err != nil {
 			return nil, fmt.Errorf("node: %s not found (the node's CNI plugin needs iproute2 and util-linux)", bin)
@@ -226,11 +229,14 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
 }
 
 // cniPlugin is the node's CNI plugin: inside the pod's own network namespace
-// it brings lo up and adds a dummy eth0 with an address (containerd's CRI
+// it adds a dummy eth0 with an address (containerd's CRI
 // wants an IP on the pod's interface; a loopback-only network fails with
 // "failed to find network info for sandbox"). Nothing is made outside the
 // pod's namespace and pods reach nothing but themselves. DEL has nothing to
 // undo: the namespace goes with the sandbox.
+// cniLoopbackDir holds Debian's CNI plugins (containernetworking-plugins).
+const cniLoopbackDir = "/usr/lib/cni"
+
 const cniPlugin = `#!/bin/sh
 set -eu
 case "${CNI_COMMAND:-}" in
@@ -242,7 +248,7 @@ esac
 dir=$(dirname "$0")
 n=$(flock "$dir/ipam.lock" sh -c 'n=$(cat "$1" 2>/dev/null || echo 0); n=$((n+1)); echo $n >"$1"; echo $n' sh "$dir/ipam")
 ip=10.88.$((n / 250)).$((n % 250 + 2))
-nsenter --net="$CNI_NETNS" sh -c "ip link set lo up && ip link add $CNI_IFNAME type dummy && ip addr add $ip/16 dev $CNI_IFNAME && ip link set $CNI_IFNAME up" >&2
+nsenter --net="$CNI_NETNS" sh -c "ip link add $CNI_IFNAME type dummy && ip addr add $ip/16 dev $CNI_IFNAME && ip link set $CNI_IFNAME up" >&2
 printf '{"cniVersion":"0.4.0","interfaces":[{"name":"%s","sandbox":"%s"}],"ips":[{"version":"4","address":"%s/16","interface":0}]}\n' "$CNI_IFNAME" "$CNI_NETNS" "$ip"
 `
 
@@ -252,6 +258,10 @@ func (n *Node) writeCNI() error {
 		return err
 	}
 	if err := os.WriteFile(filepath.Join(bin, "encdisk-pod-netns"), []byte(cniPlugin), 0o755); err != nil {
+		return err
+	}
+	// containerd's CRI sets up lo itself, with the loopback plugin of bin_dir.
+	if err := os.Symlink(filepath.Join(cniLoopbackDir, "loopback"), filepath.Join(bin, "loopback")); err != nil {
 		return err
 	}
 	return os.WriteFile(filepath.Join(n.Dir, "cni", "net.d", "10-encdisk.conflist"), []byte(
