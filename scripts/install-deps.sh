@@ -15,7 +15,7 @@ packages=(
   xfsprogs         # mkfs.xfs, xfs_growfs
   btrfs-progs      # reflink-capable pool filesystem in tests
   util-linux       # losetup, blkid, mount, nsenter, flock
-  iproute2         # ip: the test/k8s node's CNI plugin (a dummy eth0 inside each pod's namespace)
+  iproute2         # ip: the test/k8s node's CNI plugin (a veth pair inside each pod's own namespace)
   fio              # data-path benchmarks and verify tests
   softhsm2         # PKCS#11 token for the KMS plugin tests
   opensc           # pkcs11-tool, to inspect SoftHSM tokens

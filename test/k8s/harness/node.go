@@ -24,7 +24,7 @@ import (
 // CRI config, root, state and socket) and kubelet (built with the control
 // plane), registered in a Cluster. Everything it makes lives under Dir, in
 // its own cgroup subtree (CgroupRoot); pods get network namespaces of their
-// own that reach nothing (lo and a dummy eth0).
+// own that reach nothing (lo and an eth0 whose veth peer is in the same namespace).
 //
 // Layout: Dir/containerd (root, state, socket, config), Dir/cni, Dir/kubelet
 // (config, pod logs) are private; Shared is a bind mount of itself made
@@ -229,7 +229,8 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
 }
 
 // cniPlugin is the node's CNI plugin: inside the pod's own network namespace
-// it adds a dummy eth0 with an address (containerd's CRI
+// it adds a veth pair whose both ends stay there (no dummy driver in this
+// kernel) and gives eth0 an address (containerd's CRI
 // wants an IP on the pod's interface; a loopback-only network fails with
 // "failed to find network info for sandbox"). Nothing is made outside the
 // pod's namespace and pods reach nothing but themselves. DEL has nothing to
@@ -248,7 +249,7 @@ esac
 dir=$(dirname "$0")
 n=$(flock "$dir/ipam.lock" sh -c 'n=$(cat "$1" 2>/dev/null || echo 0); n=$((n+1)); echo $n >"$1"; echo $n' sh "$dir/ipam")
 ip=10.88.$((n / 250)).$((n % 250 + 2))
-nsenter --net="$CNI_NETNS" sh -c "ip link add $CNI_IFNAME type dummy && ip addr add $ip/16 dev $CNI_IFNAME && ip link set $CNI_IFNAME up" >&2
+nsenter --net="$CNI_NETNS" sh -c "ip link add $CNI_IFNAME type veth peer name peer0 && ip addr add $ip/16 dev $CNI_IFNAME && ip link set peer0 up && ip link set $CNI_IFNAME up" >&2
 printf '{"cniVersion":"0.4.0","interfaces":[{"name":"%s","sandbox":"%s"}],"ips":[{"version":"4","address":"%s/16","interface":0}]}\n' "$CNI_IFNAME" "$CNI_NETNS" "$ip"
 `
 
