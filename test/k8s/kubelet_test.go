@@ -178,6 +178,7 @@ func TestKubelet(t *testing.T) {
 	k.waitNodePlugin("")
 
 	t.Run("filesystem", k.testFilesystem)
+	t.Run("xfs", k.testXFS)
 	t.Run("block", k.testBlock)
 	t.Run("rollout", k.testRollout)
 	t.Logf("TestKubelet total %s", time.Since(started).Round(100*time.Millisecond))
@@ -369,7 +370,7 @@ func (k *kl) examplePod(name, claim, script string) []byte {
 		{"name: encdisk-writer\n", "name: " + name + "\n"},
 		{"claimName: encdisk-data\n", "claimName: " + claim + "\n"},
 		{"image: busybox:1.37\n", "image: " + k.workload + "\n      imagePullPolicy: Never\n"},
-		{`command: ["sh", "-c", "date >> /data/log && sleep 3600"]`, "command: [\"sh\", \"-c\", " + strconv.Quote(script) + "]"},
+		{`command: ["sh", "-c", "date >> /data/log && sleep 3600"]`, "command: [\"sh\", \"-c\", " + strconv.Quote(k.podScript(script)) + "]"},
 	} {
 		if !strings.Contains(s, r[0]) {
 			k.t.Fatalf("deploy/examples/pod.yaml has no %q any more; update the test", r[0])
@@ -377,6 +378,13 @@ func (k *kl) examplePod(name, claim, script string) []byte {
 		s = strings.Replace(s, r[0], r[1], 1)
 	}
 	return []byte(s)
+}
+
+// podScript makes a pod's shell script end at SIGTERM (a shell as PID 1
+// ignores it otherwise, and the pod would take its 30 s grace period): the
+// script runs in the background and the shell waits for it.
+func (k *kl) podScript(script string) string {
+	return "trap 'exit 0' TERM; (" + script + ") & wait"
 }
 
 // waitPodLog waits until the pod's container log matches re and returns the match.

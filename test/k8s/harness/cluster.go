@@ -49,11 +49,13 @@ type ClusterOptions struct {
 }
 
 // NodeControllers are the controllers of a cluster with a kubelet: the
-// defaults, DaemonSets, the attach/detach controller (it marks CSI volumes
+// defaults, node lifecycle (it lifts the not-ready taint kubelet registers
+// with), DaemonSets, the attach/detach controller (it marks CSI volumes
 // attached for kubelet even when the driver needs no attach), the root CA
 // publisher (pods with service-account tokens need kube-root-ca.crt) and the
 // garbage collector (pods of a deleted DaemonSet).
 var NodeControllers = append(append([]string{}, DefaultControllers...),
+	"node-lifecycle-controller",
 	"daemonset-controller",
 	"persistentvolume-attach-detach-controller",
 	"root-ca-certificate-publisher-controller",
