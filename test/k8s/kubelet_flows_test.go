@@ -23,6 +23,7 @@ func (k *kl) with(t *testing.T) *kl {
 	c, e := *k, *k.e2e
 	e.t = t
 	c.e2e = &e
+	t.Cleanup(c.deleteUserObjects)
 	return &c
 }
 

@@ -517,14 +517,29 @@ func (k *kl) poolHasPlaintext() []string {
 // deleteWorkloads deletes every test pod and PVC through the API (kubelet
 // unpublishes and unstages with the node plugin still there), then the chart.
 func (k *kl) deleteWorkloads() {
+	k.deleteUserObjects()
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	for _, args := range [][]string{
+		{"delete", "daemonset", "--all", "--namespace", harness.ManifestsNamespace, "--wait=true", "--timeout=60s"},
+		{"delete", "pods", "--all", "--namespace", harness.ManifestsNamespace, "--wait=true", "--timeout=60s"},
+	} {
+		if out, err := k.cluster.Kubectl(ctx, nil, args...); err != nil {
+			k.t.Logf("cleanup: %v: %s", err, out)
+		}
+	}
+}
+
+// deleteUserObjects deletes the pods, snapshots and PVCs of the test
+// namespace (at the end of each subtest, so a failed one leaves nothing
+// staged for the next).
+func (k *kl) deleteUserObjects() {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	for _, args := range [][]string{
 		{"delete", "pods", "--all", "--namespace", ns, "--wait=true", "--timeout=120s"},
 		{"delete", "volumesnapshots", "--all", "--namespace", ns, "--wait=true", "--timeout=60s"},
 		{"delete", "pvc", "--all", "--namespace", ns, "--wait=true", "--timeout=60s"},
-		{"delete", "daemonset", "--all", "--namespace", harness.ManifestsNamespace, "--wait=true", "--timeout=60s"},
-		{"delete", "pods", "--all", "--namespace", harness.ManifestsNamespace, "--wait=true", "--timeout=60s"},
 	} {
 		if out, err := k.cluster.Kubectl(ctx, nil, args...); err != nil {
 			k.t.Logf("cleanup: %v: %s", err, out)
