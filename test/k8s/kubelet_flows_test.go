@@ -330,9 +330,13 @@ spec:
 
 // fioPod runs fio write+verify cycles on a PVC and logs one line per cycle.
 func (k *kl) fioPod(name, claim string) []byte {
+	// Each cycle: 4 KiB random writes at queue depth 8, then 1 MiB
+	// sequential writes at queue depth 16 (the engine's buffer peak), each
+	// verified (crc32c) after it is written.
 	script := `i=0; while :; do i=$((i+1)); ` +
-		`fio --name=c$i --filename=/data/fio.dat --size=64M --bs=4k --rw=randwrite --ioengine=libaio --direct=1 ` +
-		`--iodepth=8 --verify=crc32c --do_verify=1 --verify_fatal=1 --output=/tmp/out >/dev/null 2>/tmp/err; rc=$?; ` +
+		`fio --filename=/data/fio.dat --size=64M --ioengine=libaio --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 ` +
+		`--name=rand$i --rw=randwrite --bs=4k --iodepth=8 --name=seq$i --stonewall --rw=write --bs=1M --iodepth=16 ` +
+		`--output=/tmp/out >/dev/null 2>/tmp/err; rc=$?; ` +
 		`echo "cycle $i rc=$rc $(grep -o 'err=[ 0-9]*' /tmp/out | sort | uniq -c | tr -s ' \n' ' ')$(head -c 200 /tmp/err | tr '\n' ' ')"; ` +
 		`[ $rc -eq 0 ] || sleep 1; done`
 	return []byte(fmt.Sprintf(`apiVersion: v1
@@ -482,11 +486,33 @@ func (k *kl) logMemory(what string) {
 	for _, e := range enginePIDs(k.dataDir) {
 		pid := strings.TrimPrefix(e, "engine pid ")
 		k.t.Logf("%s: engine %s: %s", what, pid, procStatus(pid, "VmRSS", "VmHWM", "VmLck", "Threads"))
+		if hwm := statusKiB(pid, "VmHWM"); hwm > engineMiB<<10 {
+			k.t.Errorf("%s: engine %s peaked at %d KiB RSS, over the chart's node.memory.engineMiB (%d MiB)", what, pid, hwm, engineMiB)
+		}
 	}
 	for _, pid := range driverPIDs(k.dataDir) {
 		k.t.Logf("%s: node driver %s: %s; container memory cgroup: %s", what, pid,
 			procStatus(pid, "VmRSS", "VmHWM", "Threads"), memCgroup(pid))
+		if hwm := statusKiB(pid, "VmHWM"); hwm > driverMiB<<10 {
+			k.t.Errorf("%s: node driver %s peaked at %d KiB RSS, over the chart's node.memory.driverMiB (%d MiB)", what, pid, hwm, driverMiB)
+		}
 	}
+}
+
+// The chart's default node.memory values (charts/csi-encdisk/values.yaml).
+const (
+	engineMiB = 80
+	driverMiB = 64
+)
+
+// statusKiB reads a "kB" field of /proc/PID/status (0 if absent).
+func statusKiB(pid, key string) int {
+	f := strings.Fields(strings.TrimPrefix(procStatus(pid, key), key+":"))
+	if len(f) == 0 {
+		return 0
+	}
+	v, _ := strconv.Atoi(f[0])
+	return v
 }
 
 func procStatus(pid string, keys ...string) string {

@@ -135,3 +135,20 @@ readOnlyRootFilesystem: true
 capabilities:
   drop: [ALL]
 {{- end -}}
+
+{{/* Resources of the node driver container: the memory limit, unless set,
+holds the driver and maxVolumes engines (they run, mlocked, in this container). */}}
+{{- define "encdisk.nodeResources" -}}
+{{- $res := deepCopy .Values.node.resources -}}
+{{- $limits := default (dict) $res.limits -}}
+{{- if and (not $limits.memory) .Values.node.maxVolumes -}}
+{{- $mem := add (int .Values.node.memory.driverMiB) (mul (int .Values.node.maxVolumes) (int .Values.node.memory.engineMiB)) -}}
+{{- $_ := set $limits "memory" (printf "%dMi" $mem) -}}
+{{- end -}}
+{{- if $limits -}}
+{{- $_ := set $res "limits" $limits -}}
+{{- else -}}
+{{- $_ := unset $res "limits" -}}
+{{- end -}}
+{{- toYaml $res -}}
+{{- end -}}
