@@ -501,7 +501,7 @@ func (k *kl) logMemory(what string) {
 
 // The chart's default node.memory values (charts/csi-encdisk/values.yaml).
 const (
-	engineMiB = 80
+	engineMiB = 128
 	driverMiB = 64
 )
 
