@@ -95,11 +95,15 @@ func TestKubelet(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	// The project image first (its base is the helper images' base), then
-	// the node with every image imported.
+	// The helper images (on the Debian base that scripts/build-image.sh
+	// imports; it makes it first if needed), the node with them, then the
+	// project image built and loaded into the node's containerd by
+	// scripts/build-image.sh --containerd, as the README says.
 	tag := "k8s-" + randHex(t, 4)
 	imgStart := time.Now()
-	project := buildProjectImage(ctx, t, b, tag)
+	if _, err := b.Podman(ctx, "image", "exists", harness.BaseImage); err != nil {
+		buildProjectImage(ctx, t, b, tag, "")
+	}
 	nodeImages, err := b.BuildNodeImages(ctx, nodeTools)
 	if err != nil {
 		t.Fatal(err)
@@ -111,7 +115,7 @@ func TestKubelet(t *testing.T) {
 	}
 	node, err := harness.StartNode(ctx, cp, c, nodeDir, harness.NodeOptions{
 		Name: nodeName, SandboxImage: nodeImages.Pause,
-		Images: []*harness.Image{project, nodeImages.Registrar, nodeImages.Workload}, Logf: t.Logf})
+		Images: []*harness.Image{nodeImages.Registrar, nodeImages.Workload}, Logf: t.Logf})
 	t.Cleanup(func() {
 		if node == nil {
 			return
@@ -129,6 +133,11 @@ func TestKubelet(t *testing.T) {
 		}
 	})
 	if err != nil {
+		t.Fatal(err)
+	}
+
+	project := buildProjectImage(ctx, t, b, tag, node.ContainerdSock)
+	if err := node.HasImage(ctx, project.Ref); err != nil {
 		t.Fatal(err)
 	}
 
@@ -194,17 +203,22 @@ func randHex(t *testing.T, n int) string {
 }
 
 // buildProjectImage runs scripts/build-image.sh (cached base, fresh binary)
-// under a tag of this test only, and returns its archive; the tag and the
-// archive are removed at cleanup.
-func buildProjectImage(ctx context.Context, t *testing.T, b *harness.Builder, tag string) *harness.Image {
+// under a tag of this test only, with --containerd at the given containerd
+// socket (or --no-containerd), and returns the image and its archive; the
+// tag and the archive are removed at cleanup.
+func buildProjectImage(ctx context.Context, t *testing.T, b *harness.Builder, tag, containerd string) *harness.Image {
 	t.Helper()
 	start := time.Now()
-	cmd := exec.CommandContext(ctx, filepath.Join(b.Root, "scripts", "build-image.sh"), "--no-containerd")
+	mode := "--no-containerd"
+	if containerd != "" {
+		mode = "--containerd"
+	}
+	cmd := exec.CommandContext(ctx, filepath.Join(b.Root, "scripts", "build-image.sh"), mode)
 	cmd.Dir = b.Root
-	cmd.Env = append(os.Environ(), "IMAGE_TAG="+tag)
+	cmd.Env = append(os.Environ(), "IMAGE_TAG="+tag, "CONTAINERD_ADDRESS="+containerd)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
-		t.Fatalf("scripts/build-image.sh: %v\n%s", err, out)
+		t.Fatalf("scripts/build-image.sh %s: %v\n%s", mode, err, out)
 	}
 	home, _ := os.UserHomeDir()
 	img := &harness.Image{Ref: "localhost/csi-encdisk:" + tag,
@@ -216,7 +230,7 @@ func buildProjectImage(ctx context.Context, t *testing.T, b *harness.Builder, ta
 	if _, err := os.Stat(img.Archive); err != nil {
 		t.Fatalf("scripts/build-image.sh made no %s: %v\n%s", img.Archive, err, out)
 	}
-	t.Logf("scripts/build-image.sh (IMAGE_TAG=%s) in %s", tag, time.Since(start).Round(100*time.Millisecond))
+	t.Logf("scripts/build-image.sh %s (IMAGE_TAG=%s) in %s", mode, tag, time.Since(start).Round(100*time.Millisecond))
 	return img
 }
 

@@ -322,16 +322,21 @@ func (n *Node) Import(ctx context.Context, img *Image) error {
 	if _, err := n.Ctr(ctx, "images", "import", img.Archive); err != nil {
 		return fmt.Errorf("node: import %s: %w", img.Ref, err)
 	}
+	return n.HasImage(ctx, img.Ref)
+}
+
+// HasImage checks that containerd's k8s.io namespace lists ref.
+func (n *Node) HasImage(ctx context.Context, ref string) error {
 	out, err := n.Ctr(ctx, "images", "ls", "-q")
 	if err != nil {
 		return err
 	}
 	for _, l := range strings.Fields(string(out)) {
-		if l == img.Ref {
+		if l == ref {
 			return nil
 		}
 	}
-	return fmt.Errorf("node: %s imported but not listed (got %q)", img.Ref, out)
+	return fmt.Errorf("node: %s is not in containerd (it has %q)", ref, out)
 }
 
 // Tag gives an imported image a second reference (a new tag for a rollout).
