@@ -14,7 +14,8 @@ packages=(
   e2fsprogs        # mkfs.ext4, e2fsck, resize2fs
   xfsprogs         # mkfs.xfs, xfs_growfs
   btrfs-progs      # reflink-capable pool filesystem in tests
-  util-linux       # losetup, blkid, mount
+  util-linux       # losetup, blkid, mount, nsenter, flock
+  iproute2         # ip: the test/k8s node's CNI plugin (a veth pair inside each pod's own namespace)
   fio              # data-path benchmarks and verify tests
   softhsm2         # PKCS#11 token for the KMS plugin tests
   opensc           # pkcs11-tool, to inspect SoftHSM tokens
@@ -29,7 +30,8 @@ packages=(
   buildah          # podman build's engine
   runc             # OCI runtime (crun 1.8.1 refuses this host's hybrid cgroups)
   uidmap           # newuidmap/newgidmap, which podman expects
-  containerd       # ctr: load the image into containerd (ctr -n k8s.io image import)
+  containerd       # ctr: load the image into containerd (ctr -n k8s.io image import); the test/k8s node's runtime
+  containernetworking-plugins # the loopback CNI plugin of the test/k8s node's pod networks
 )
 # Ceph (Pacific, Debian 12) for the RBD backend: the daemons of the throw-away
 # test cluster (scripts/ceph-cluster.sh), the CLI, and librbd/librados headers

@@ -11,7 +11,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"os"
 	"os/exec"
+	"strconv"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -155,6 +158,12 @@ func GrowExt4Offline(ctx context.Context, dev, mountpoint string, opts []string)
 			err = errors.Join(err, fmt.Errorf("grow ext4 offline: mount again: %w", merr))
 		}
 	}()
+	return growExt4(ctx, dev)
+}
+
+// growExt4 checks (e2fsck -f -p; exit status 1, "errors corrected", is
+// fine) and grows (resize2fs) the unmounted ext4 filesystem on dev.
+func growExt4(ctx context.Context, dev string) error {
 	if _, err := run(ctx, "e2fsck", "-f", "-p", dev); err != nil {
 		var ee *exec.ExitError
 		if !errors.As(err, &ee) || ee.ExitCode() != 1 {
@@ -165,6 +174,63 @@ func GrowExt4Offline(ctx context.Context, dev, mountpoint string, opts []string)
 		return fmt.Errorf("grow ext4 offline: %w", err)
 	}
 	return nil
+}
+
+// GrowExt4Unmounted grows the unmounted ext2/3/4 filesystem on dev to fill
+// the device if the device is larger (the volume was expanded while it was
+// not staged), without the kernel's online resize, so without
+// CAP_SYS_RESOURCE. It reports whether it grew the filesystem.
+func GrowExt4Unmounted(ctx context.Context, dev string) (bool, error) {
+	// (mount-utils' NeedResize answers true for every ext4.)
+	blocks, blockSize, err := ext4Size(ctx, dev)
+	if err != nil {
+		return false, fmt.Errorf("grow ext4 offline: %w", err)
+	}
+	devSize, err := deviceSize(dev)
+	if err != nil {
+		return false, fmt.Errorf("grow ext4 offline: %w", err)
+	}
+	if devSize-blocks*blockSize < blockSize {
+		return false, nil
+	}
+	return true, growExt4(ctx, dev)
+}
+
+// ext4Size reads an ext2/3/4 superblock's block count and block size (dumpe2fs -h).
+func ext4Size(ctx context.Context, dev string) (blocks, blockSize int64, err error) {
+	out, err := run(ctx, "dumpe2fs", "-h", dev)
+	if err != nil {
+		return 0, 0, err
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		key, val, ok := strings.Cut(line, ":")
+		if !ok {
+			continue
+		}
+		switch strings.TrimSpace(key) {
+		case "Block count":
+			blocks, err = strconv.ParseInt(strings.TrimSpace(val), 10, 64)
+		case "Block size":
+			blockSize, err = strconv.ParseInt(strings.TrimSpace(val), 10, 64)
+		}
+		if err != nil {
+			return 0, 0, fmt.Errorf("dumpe2fs -h %s: %q: %w", dev, line, err)
+		}
+	}
+	if blocks <= 0 || blockSize <= 0 {
+		return 0, 0, fmt.Errorf("dumpe2fs -h %s: no block count or block size", dev)
+	}
+	return blocks, blockSize, nil
+}
+
+// deviceSize is the size of a block device in bytes.
+func deviceSize(dev string) (int64, error) {
+	f, err := os.Open(dev)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	return f.Seek(0, io.SeekEnd)
 }
 
 // Usage is a filesystem's capacity and inode counts. (It is not named

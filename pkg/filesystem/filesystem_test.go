@@ -322,3 +322,22 @@ func writeMBR(t *testing.T, dev string) {
 		t.Fatal(err)
 	}
 }
+
+func TestGrowExt4UnmountedOnlyWhenSmaller(t *testing.T) {
+	requireRoot(t)
+	ctx := context.Background()
+	dev, file := device(t, 64<<20)
+	if err := Make(ctx, dev.Path, "ext4"); err != nil {
+		t.Fatal(err)
+	}
+	if grew, err := GrowExt4Unmounted(ctx, dev.Path); err != nil || grew {
+		t.Fatalf("GrowExt4Unmounted on a filesystem that fills its device: grew %t, %v; want false, nil", grew, err)
+	}
+	grow(t, dev, file, 128<<20)
+	if grew, err := GrowExt4Unmounted(ctx, dev.Path); err != nil || !grew {
+		t.Fatalf("GrowExt4Unmounted after the device grew: grew %t, %v; want true, nil", grew, err)
+	}
+	if got := total(t, mount(t, dev.Path, "ext4", nil)); got < 100<<20 {
+		t.Fatalf("ext4 after GrowExt4Unmounted: %d bytes, want about 128 MiB", got)
+	}
+}

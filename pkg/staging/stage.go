@@ -288,6 +288,20 @@ func (m *Manager) mountFilesystem(ctx context.Context, v *nodestate.Volume, neve
 		return fmt.Errorf("%w: volume %q holds a %s filesystem, not %s; it is never formatted over", ErrFilesystemMismatch, v.VolumeID, found, fsType)
 	}
 	v.FSType = fsType
+	// A volume expanded while it was not staged: grow its ext4 now, before
+	// mounting. Kubelet's NodeExpandVolume may only come once the volume is
+	// published, too late for an offline resize, and an online ext4 resize
+	// needs CAP_SYS_RESOURCE, which some node containers lack; then
+	// resize2fs has nothing left to do. (xfs grows online without it.)
+	if found == fsType && slices.Contains([]string{"ext2", "ext3", "ext4"}, fsType) && !v.ReadOnly {
+		grew, err := filesystem.GrowExt4Unmounted(ctx, v.Loop)
+		if err != nil {
+			return err
+		}
+		if grew {
+			klog.FromContext(ctx).Info("Grew the filesystem to the volume's size before mounting", "volumeID", v.VolumeID, "fsType", fsType)
+		}
+	}
 	if err := m.cfg.Store.Save(v); err != nil {
 		return err
 	}

@@ -135,3 +135,41 @@ readOnlyRootFilesystem: true
 capabilities:
   drop: [ALL]
 {{- end -}}
+
+{{/* Resources of the node driver container: the memory limit, unless set,
+holds the driver, and maxVolumes engines when they run (mlocked) in this
+container (engineHost.enabled false). */}}
+{{- define "encdisk.nodeResources" -}}
+{{- $res := deepCopy .Values.node.resources -}}
+{{- $limits := default (dict) $res.limits -}}
+{{- if and (not $limits.memory) .Values.engineHost.enabled -}}
+{{- $_ := set $limits "memory" (printf "%dMi" (int .Values.node.memory.driverMiB)) -}}
+{{- else if and (not $limits.memory) .Values.node.maxVolumes -}}
+{{- $mem := add (int .Values.node.memory.driverMiB) (mul (int .Values.node.maxVolumes) (int .Values.node.memory.engineMiB)) -}}
+{{- $_ := set $limits "memory" (printf "%dMi" $mem) -}}
+{{- end -}}
+{{- if $limits -}}
+{{- $_ := set $res "limits" $limits -}}
+{{- else -}}
+{{- $_ := unset $res "limits" -}}
+{{- end -}}
+{{- toYaml $res -}}
+{{- end -}}
+
+
+{{/* Resources of the engine host container: the memory limit, unless set,
+holds the host and maxVolumes engines (they run, mlocked, in this container). */}}
+{{- define "encdisk.engineHostResources" -}}
+{{- $res := deepCopy .Values.engineHost.resources -}}
+{{- $limits := default (dict) $res.limits -}}
+{{- if and (not $limits.memory) .Values.node.maxVolumes -}}
+{{- $mem := add (int .Values.node.memory.driverMiB) (mul (int .Values.node.maxVolumes) (int .Values.node.memory.engineMiB)) -}}
+{{- $_ := set $limits "memory" (printf "%dMi" $mem) -}}
+{{- end -}}
+{{- if $limits -}}
+{{- $_ := set $res "limits" $limits -}}
+{{- else -}}
+{{- $_ := unset $res "limits" -}}
+{{- end -}}
+{{- toYaml $res -}}
+{{- end -}}

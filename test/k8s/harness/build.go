@@ -45,6 +45,7 @@ type module struct {
 	dir      string   // directory name under test/k8s/tools
 	packages []string // import paths of the commands to build
 	ldflags  string
+	env      []string // extra build environment (part of the cache key)
 }
 
 func kubeLDFlags() string {
@@ -67,6 +68,8 @@ var (
 		packages: []string{
 			"k8s.io/kubernetes/cmd/kube-apiserver",
 			"k8s.io/kubernetes/cmd/kube-controller-manager",
+			"k8s.io/kubernetes/cmd/kube-scheduler",
+			"k8s.io/kubernetes/cmd/kubelet",
 			"k8s.io/kubernetes/cmd/kubectl",
 		},
 		ldflags: kubeLDFlags(),
@@ -90,7 +93,9 @@ var (
 		packages: []string{"github.com/kubernetes-csi/external-resizer/v2/cmd/csi-resizer"},
 		ldflags:  "-X main.version=" + ResizerVersion,
 	}
-	modHelm = module{
+	// The pod sandbox binary: static, for a FROM-scratch image.
+	modPause = module{dir: "pause", packages: []string{"."}, ldflags: "-s -w", env: []string{"CGO_ENABLED=0"}}
+	modHelm  = module{
 		dir:      "helm",
 		packages: []string{"helm.sh/helm/v3/cmd/helm"},
 		ldflags:  "-X helm.sh/helm/v3/internal/version.version=" + HelmVersion,
@@ -155,6 +160,9 @@ func (b *Builder) toolsDir(m module) string {
 func (b *Builder) key(m module) (string, error) {
 	h := sha256.New()
 	fmt.Fprintf(h, "%s\n%s/%s\n%s\n%q\n", runtime.Version(), runtime.GOOS, runtime.GOARCH, m.ldflags, m.packages)
+	if len(m.env) > 0 {
+		fmt.Fprintf(h, "env %q\n", m.env)
+	}
 	dir := b.toolsDir(m)
 	entries, err := os.ReadDir(dir)
 	if err != nil {
@@ -217,10 +225,19 @@ func (b *Builder) build(ctx context.Context, m module) (string, error) {
 	args = append(args, m.packages...)
 	cmd := exec.CommandContext(ctx, "go", args...)
 	cmd.Dir = b.toolsDir(m)
-	cmd.Env = append(os.Environ(), "GOWORK=off", "GOFLAGS=-mod=readonly")
+	cmd.Env = append(append(os.Environ(), "GOWORK=off", "GOFLAGS=-mod=readonly"), m.env...)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return "", fmt.Errorf("tools %s: go %s: %w\n%s", m.dir, strings.Join(args, " "), err, out)
+	}
+	for _, pkg := range m.packages {
+		name := filepath.Base(pkg)
+		if pkg == "." {
+			name = m.dir
+		}
+		if _, err := os.Stat(filepath.Join(tmp, name)); err != nil {
+			return "", fmt.Errorf("tools %s: go build wrote no %s: %w\n%s", m.dir, name, err, out)
+		}
 	}
 	took := time.Since(start)
 	b.Logf("tools %s: built in %s", m.dir, took.Round(time.Second))
@@ -261,9 +278,10 @@ func lockFile(ctx context.Context, path string) (func(), error) {
 	}
 }
 
-// ControlPlane holds the paths of the control-plane binaries.
+// ControlPlane holds the paths of the control-plane binaries, and of the
+// node's kubelet (built in the same module, so always the same version).
 type ControlPlane struct {
-	Etcd, KubeAPIServer, KubeControllerManager, Kubectl string
+	Etcd, KubeAPIServer, KubeControllerManager, KubeScheduler, Kubelet, Kubectl string
 }
 
 // BuildControlPlane builds (or finds cached) etcd, kube-apiserver,
@@ -281,6 +299,8 @@ func (b *Builder) BuildControlPlane(ctx context.Context) (*ControlPlane, error) 
 		Etcd:                  filepath.Join(etcdDir, "etcd"),
 		KubeAPIServer:         filepath.Join(kubeDir, "kube-apiserver"),
 		KubeControllerManager: filepath.Join(kubeDir, "kube-controller-manager"),
+		KubeScheduler:         filepath.Join(kubeDir, "kube-scheduler"),
+		Kubelet:               filepath.Join(kubeDir, "kubelet"),
 		Kubectl:               filepath.Join(kubeDir, "kubectl"),
 	}, nil
 }

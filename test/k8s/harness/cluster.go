@@ -42,9 +42,25 @@ type ClusterOptions struct {
 	// Controllers for kube-controller-manager; empty means the harness default
 	// (serviceaccount, persistentvolume binder, expander and protection).
 	Controllers []string
+	// Scheduler also starts kube-scheduler (for a cluster with a node).
+	Scheduler bool
 	// Logf receives progress lines.
 	Logf func(format string, args ...any)
 }
+
+// NodeControllers are the controllers of a cluster with a kubelet: the
+// defaults, node lifecycle (it lifts the not-ready taint kubelet registers
+// with), DaemonSets, the attach/detach controller (it marks CSI volumes
+// attached for kubelet even when the driver needs no attach), the root CA
+// publisher (pods with service-account tokens need kube-root-ca.crt) and the
+// garbage collector (pods of a deleted DaemonSet).
+var NodeControllers = append(append([]string{}, DefaultControllers...),
+	"node-lifecycle-controller",
+	"daemonset-controller",
+	"persistentvolume-attach-detach-controller",
+	"root-ca-certificate-publisher-controller",
+	"garbage-collector-controller",
+)
 
 // DefaultControllers are the kube-controller-manager controllers the harness runs.
 var DefaultControllers = []string{
@@ -180,6 +196,7 @@ func StartCluster(ctx context.Context, tools *ControlPlane, dir string, opts Clu
 		"--cert-dir=" + filepath.Join(pki, "kcm"),
 		"--leader-elect=false",
 		"--controllers=" + strings.Join(controllers, ","),
+		"--root-ca-file=" + filepath.Join(pki, "serving", "apiserver.crt"),
 		"--v=1",
 	}, nil)
 	if err != nil {
@@ -193,6 +210,33 @@ func StartCluster(ctx context.Context, tools *ControlPlane, dir string, opts Clu
 		return httpOK(ctx, insecure, kcmURL, c.Token, "ok")
 	}); err != nil {
 		return nil, err
+	}
+	if opts.Scheduler {
+		schedPort, err := FreePort()
+		if err != nil {
+			return nil, err
+		}
+		sched, err := StartProcess("kube-scheduler", dir, tools.KubeScheduler, []string{
+			"--kubeconfig=" + c.Kubeconfig,
+			"--authentication-kubeconfig=" + c.Kubeconfig,
+			"--authorization-kubeconfig=" + c.Kubeconfig,
+			"--bind-address=127.0.0.1",
+			fmt.Sprintf("--secure-port=%d", schedPort),
+			"--leader-elect=false",
+			"--v=1",
+		}, nil)
+		if err != nil {
+			return nil, err
+		}
+		c.procs = append(c.procs, sched)
+		schedURL := fmt.Sprintf("https://127.0.0.1:%d/healthz", schedPort)
+		waitCtx4, cancel4 := context.WithTimeout(ctx, 60*time.Second)
+		defer cancel4()
+		if err := WaitFor(waitCtx4, "kube-scheduler", sched, 250*time.Millisecond, func(ctx context.Context) error {
+			return httpOK(ctx, insecure, schedURL, c.Token, "ok")
+		}); err != nil {
+			return nil, err
+		}
 	}
 	logf("cluster: etcd, kube-apiserver %s and kube-controller-manager ready at %s in %s", KubernetesVersion, c.Server, time.Since(start).Round(time.Millisecond))
 	return c, nil

@@ -22,8 +22,9 @@ type Process struct {
 	waitErr error
 }
 
-// StartProcess starts bin with args in its own process group, writing stdout
-// and stderr to dir/NAME.log.
+// StartProcess starts bin with args in its own session (so a GNU timeout
+// around the test, which kills its process group, leaves the cleanup to us),
+// writing stdout and stderr to dir/NAME.log.
 func StartProcess(name, dir, bin string, args []string, env []string) (*Process, error) {
 	logPath := filepath.Join(dir, name+".log")
 	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
@@ -34,7 +35,7 @@ func StartProcess(name, dir, bin string, args []string, env []string) (*Process,
 	cmd.Stdout = logf
 	cmd.Stderr = logf
 	cmd.Env = append(os.Environ(), env...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Pdeathsig: syscall.SIGKILL}
 	if err := cmd.Start(); err != nil {
 		logf.Close()
 		return nil, fmt.Errorf("start %s (%s): %w", name, bin, err)
@@ -58,7 +59,7 @@ func (p *Process) Exited() (bool, error) {
 	}
 }
 
-// Stop sends SIGTERM to the process group, then SIGKILL after grace.
+// Stop sends SIGTERM to the process group (the session), then SIGKILL after grace.
 func (p *Process) Stop(grace time.Duration) {
 	select {
 	case <-p.done:

@@ -46,6 +46,14 @@ func run() error {
 			return err
 		}
 	}
+	// The node's own binaries (kubelet is in the control plane's module):
+	// the pause binary and node-driver-registrar from ../shared/thirdparty.
+	// Their images need podman and the base image: the test makes them.
+	if only == "" || only == "node" {
+		if _, err := b.BuildNodeTools(ctx); err != nil {
+			return err
+		}
+	}
 	fmt.Printf("tools ready in %s\n", time.Since(start).Round(100*time.Millisecond))
 	return nil
 }
