@@ -40,13 +40,21 @@ func OpenDirKeystore(dir string) (*DirKeystore, error) {
 }
 
 // InitDirKeystore opens a directory keystore, creating the directory
-// (mode 0700) if it is missing: only on an explicit request.
+// (mode 0700) if it is missing: only on an explicit request. An existing
+// directory that is still empty is tightened to 0700 (a hostPath volume of
+// type DirectoryOrCreate is made 0755 by kubelet); one that holds anything
+// keeps its mode, and a loose one is refused.
 func InitDirKeystore(dir string) (*DirKeystore, error) {
 	if dir == "" || !filepath.IsAbs(dir) {
 		return nil, fmt.Errorf("keystore dir %q: want an absolute path", dir)
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("keystore dir: %w", err)
+	}
+	if entries, err := os.ReadDir(dir); err == nil && len(entries) == 0 {
+		if err := os.Chmod(dir, 0o700); err != nil {
+			return nil, fmt.Errorf("keystore dir: %w", err)
+		}
 	}
 	return openDirKeystore(dir)
 }

@@ -428,3 +428,35 @@ func TestServeNeverDeletesAFile(t *testing.T) {
 		t.Fatalf("the regular file was touched: %q %v", b, err)
 	}
 }
+
+// --create-keystore tightens an empty directory a hostPath volume made 0755,
+// and refuses a loose directory that already holds something.
+func TestInitDirKeystoreTightensEmptyDir(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "keys")
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := OpenDirKeystore(dir); err == nil {
+		t.Fatal("a 0755 keystore directory was opened")
+	}
+	if _, err := InitDirKeystore(dir); err != nil {
+		t.Fatalf("init of an empty 0755 directory: %v", err)
+	}
+	if st, _ := os.Stat(dir); st.Mode().Perm() != 0o700 {
+		t.Fatalf("mode %o after init, want 700", st.Mode().Perm())
+	}
+	loose := filepath.Join(t.TempDir(), "loose")
+	if err := os.Mkdir(loose, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	os.Chmod(loose, 0o755)
+	if err := os.WriteFile(filepath.Join(loose, "something"), nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := InitDirKeystore(loose); err == nil {
+		t.Fatal("a loose directory that holds something was accepted")
+	}
+}

@@ -227,7 +227,9 @@ func TestQuotaFullIsEDQUOT(t *testing.T) {
 		t.Fatal(err)
 	}
 	c.CLI(t, "ceph", "osd", "pool", "set-quota", pool, "max_bytes", "1048576")
-	deadline := time.Now().Add(60 * time.Second)
+	// The monitors mark the pool full once the usage reported by the OSDs
+	// reaches them: seconds when idle, over a minute on a loaded machine.
+	deadline := time.Now().Add(3 * time.Minute)
 	for {
 		_, err = qp.Create(ctx, backend.CreateRequest{Meta: backend.Meta{Name: "more", Kind: backend.KindVolume, Size: 8 << 20}, ImageSize: 8 << 20})
 		if errors.Is(err, syscall.EDQUOT) || time.Now().After(deadline) {

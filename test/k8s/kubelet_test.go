@@ -243,7 +243,7 @@ func (k *kl) startController(driverBin string, sidecars *harness.Sidecars, kmsKe
 	k.kmsSocket = filepath.Join(procDir, "kms.sock")
 	// First, so the master key exists before a node's plugin looks for it.
 	kms := k.start(procDir, "kms-plugin", driverBin, "kms-plugin", "--listen=unix://"+k.kmsSocket,
-		"--keystore=dir:"+kmsKeys, "--region="+region)
+		"--keystore=dir:"+kmsKeys, "--create-keystore", "--region="+region)
 	if err := harness.WaitFor(k.ctx, "kms-plugin socket", kms, 100*time.Millisecond, func(context.Context) error {
 		_, err := os.Stat(k.kmsSocket)
 		return err

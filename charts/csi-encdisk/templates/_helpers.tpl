@@ -59,6 +59,9 @@ pkcs11:{{ .Values.kms.builtin.pkcs11.module }}?token={{ .Values.kms.builtin.pkcs
     - kms-plugin
     - --listen=unix:///kms/kms.sock
     - --keystore={{ include "encdisk.keystore" . }}
+    {{- if eq .Values.kms.builtin.keystore "dir" }}
+    - --create-keystore
+    {{- end }}
     - --region={{ .Values.region }}
   {{- with .Values.kms.builtin.pkcs11.extraEnv }}
   {{- if eq $.Values.kms.builtin.keystore "pkcs11" }}
