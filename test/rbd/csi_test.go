@@ -113,7 +113,7 @@ func newCSIEnv(t *testing.T) *csiEnv {
 	sock := filepath.Join(dir, "csi.sock")
 	e.driver = startProcess(t, filepath.Join(dir, "driver.log"), "driver", "--mode", "all",
 		"--endpoint", "unix://"+sock, "--data-dir", filepath.Join(dir, "data"), "--state-dir", filepath.Join(dir, "state"),
-		"--node-id", "rbd-node", "--kms-endpoint", "unix://"+e.kmsSock, "--kms-timeout", "3s", "-v", "10")
+		"--node-id", "rbd-node", "--region", "rbd-region", "--kms-endpoint", "unix://"+e.kmsSock, "--kms-timeout", "3s", "-v", "10")
 	waitFor(t, sock)
 	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithChainUnaryInterceptor(rbdtest.SecretsInterceptor(c.Secrets())))
@@ -136,7 +136,7 @@ func (e *csiEnv) startKMS() {
 		e.t.Fatal(err)
 	}
 	_ = os.Remove(e.kmsSock)
-	e.kms = startProcess(e.t, filepath.Join(e.dir, "kms.log"), "kms-plugin", "--listen", "unix://"+e.kmsSock, "--keystore", "dir:"+keys)
+	e.kms = startProcess(e.t, filepath.Join(e.dir, "kms.log"), "kms-plugin", "--listen", "unix://"+e.kmsSock, "--region", "rbd-region", "--keystore", "dir:"+keys)
 	waitFor(e.t, e.kmsSock)
 }
 
