@@ -38,11 +38,11 @@ go test -count=1 -timeout 20m ./test/sanity/...
 step "test/e2e (real FUSE, loop devices, mounts, fault injection)"
 go test -count=1 -timeout 20m ./test/e2e/...
 
-step "Ceph RBD (throw-away single-node cluster; vet, staticcheck and tests built with -tags ceph,pacific)"
+step "Ceph RBD (throw-away single-node cluster; vet, staticcheck and tests built with -tags ceph,pacific; csi-sanity and the CSI end to end on it)"
 # Own cluster on 127.0.0.1 (scripts/ceph-cluster.sh), stopped right after
 # this step so that its daemons do not compete with the later ones.
 rbd_step() {
-  local dir rc=0
+  local dir rc=0 t0=$SECONDS
   dir=$(mktemp -d /tmp/csi-encdisk-ceph.XXXXXX)
   scripts/ceph-cluster.sh start "$dir" || rc=$?
   if [ $rc = 0 ]; then
@@ -50,11 +50,13 @@ rbd_step() {
       export CSI_ENCDISK_CEPH_CONF=$dir/cluster/ceph.conf
       go vet -tags ceph,pacific ./... &&
         "$tools/staticcheck-v0.8.2" -tags ceph,pacific ./... &&
-        go test -tags ceph,pacific -count=1 -timeout 15m ./pkg/rbd/... ./pkg/blockdev/... ./test/rbd/...
+        go test -tags ceph,pacific -count=1 -timeout 15m ./pkg/rbd/... ./pkg/blockdev/... ./test/rbd/... &&
+        go test -tags ceph,pacific -count=1 -timeout 15m -run TestSanityRBD ./test/sanity/
     ) || rc=$?
   fi
   scripts/ceph-cluster.sh stop "$dir"
   rm -rf "$dir"
+  echo "rbd step: $((SECONDS - t0)) s"
   return $rc
 }
 rbd_step

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/rbd"
 )
 
 // ReportFD is the descriptor on which a new engine reports how its start
@@ -39,6 +41,7 @@ const (
 	reasonKMSRefused     = "kms-refused"
 	reasonWrongPass      = "wrong-passphrase"
 	reasonInUse          = "in-use"
+	reasonStoreDown      = "store-unavailable"
 )
 
 var reasons = map[string]error{
@@ -47,6 +50,7 @@ var reasons = map[string]error{
 	reasonKMSRefused:     ErrKMSRefused,
 	reasonWrongPass:      ErrWrongPassphrase,
 	reasonInUse:          ErrInUse,
+	reasonStoreDown:      rbd.ErrUnavailable,
 }
 
 // reasonOf names the sentinel err wraps, "" for none.

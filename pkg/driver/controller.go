@@ -18,6 +18,7 @@ import (
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/backend"
 	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
+	"github.com/csi-encdisk/csi-encdisk/pkg/rbd"
 )
 
 const (
@@ -38,7 +39,7 @@ const conversionRefused = "conversion is not possible: an %[3]s %[1]s cannot bec
 type ControllerServer struct {
 	csi.UnimplementedControllerServer
 
-	pool   backend.Pool
+	pool   *pools
 	kms    kmsSet
 	region string
 }
@@ -46,8 +47,13 @@ type ControllerServer struct {
 var _ csi.ControllerServer = (*ControllerServer)(nil)
 
 // newControllerServer returns a controller serving one region.
+// pool is the file pool, or the driver's pools (file and RBD).
 func newControllerServer(pool backend.Pool, kms kmsSet, region string) *ControllerServer {
-	return &ControllerServer{pool: pool, kms: kms, region: region}
+	p, ok := pool.(*pools)
+	if !ok {
+		p = newPools(pool)
+	}
+	return &ControllerServer{pool: p, kms: kms, region: region}
 }
 
 // ControllerGetCapabilities lists what the controller does.
@@ -290,8 +296,18 @@ func (c *ControllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolu
 	if err != nil {
 		return nil, invalid("%v", err)
 	}
+	if params.Backend == BackendRBD && !params.Encrypted && (params.EncryptedSet || req.GetVolumeContentSource() == nil) {
+		// The node reaches RADOS only through its engine, which serves
+		// LUKS2 images (no kernel rbd, nbd or device-mapper on the node).
+		return nil, invalid("parameter %q: backend %q keeps encrypted volumes only (accepted with backend %q: \"true\"); "+
+			"use backend %q for unencrypted volumes", ParamEncrypted, BackendRBD, BackendRBD, BackendFile)
+	}
 	if err := c.checkTopology(req.GetAccessibilityRequirements()); err != nil {
 		return nil, err
+	}
+	target, err := c.pool.target(params)
+	if err != nil {
+		return nil, toStatus(err, "CreateVolume")
 	}
 	unlock, err := c.pool.Lock(ctx, backend.KindVolume, name)
 	if err != nil {
@@ -319,6 +335,10 @@ func (c *ControllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolu
 		headerBytes = crypt.DefaultDataOffset
 	}
 	if src != nil {
+		if from, to := location(src.meta.ID), paramsLocation(params); from != to {
+			return nil, invalid("volume_content_source: %s %s is in %s, and a volume made from it stays there; parameters %q and %q name %s "+
+				"(use a StorageClass with the source's backend and pool)", src.kind, src.meta.ID, from, ParamBackend, ParamPool, to)
+		}
 		if err := c.checkSource(src, params); err != nil {
 			return nil, err
 		}
@@ -345,7 +365,7 @@ func (c *ControllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolu
 	}
 	meta.Size = size
 
-	if old, err := c.pool.Get(ctx, backend.KindVolume, c.pool.ID(backend.KindVolume, name)); err == nil {
+	if old, err := target.Get(ctx, backend.KindVolume, target.ID(backend.KindVolume, name)); err == nil {
 		if err := sameVolume(old, &meta, req.GetCapacityRange()); err != nil {
 			return nil, err
 		}
@@ -374,9 +394,9 @@ func (c *ControllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolu
 		}
 		m, err = c.createFromSource(ctx, meta, src, headerBytes+meta.Size)
 	case meta.Encrypted:
-		m, err = c.createEncrypted(ctx, meta)
+		m, err = c.createEncrypted(ctx, target, meta)
 	default:
-		m, err = c.pool.Create(ctx, backend.CreateRequest{Meta: meta, ImageSize: meta.Size})
+		m, err = target.Create(ctx, backend.CreateRequest{Meta: meta, ImageSize: meta.Size})
 	}
 	if err != nil {
 		return nil, toStatus(err, "CreateVolume "+name)
@@ -451,7 +471,7 @@ func kmsUID() string {
 // createEncrypted wraps a new passphrase with the KMS before touching the
 // pool (so an unreachable KMS leaves nothing behind), then formats a LUKS2
 // image with the wrapped passphrase as token 0.
-func (c *ControllerServer) createEncrypted(ctx context.Context, meta backend.Meta) (*backend.Meta, error) {
+func (c *ControllerServer) createEncrypted(ctx context.Context, pool backend.Pool, meta backend.Meta) (*backend.Meta, error) {
 	kms, err := c.kms.Get(meta.KMSID)
 	if err != nil {
 		return nil, err
@@ -465,7 +485,7 @@ func (c *ControllerServer) createEncrypted(ctx context.Context, meta backend.Met
 	if err != nil {
 		return nil, err
 	}
-	return c.pool.Create(ctx, backend.CreateRequest{
+	return pool.Create(ctx, backend.CreateRequest{
 		Meta:      meta,
 		ImageSize: crypt.DefaultDataOffset + meta.Size,
 		Build: func(_ context.Context, img backend.Image) error {
@@ -662,8 +682,10 @@ func (c *ControllerServer) ValidateVolumeCapabilities(ctx context.Context, req *
 // GetCapacity reports the free bytes of the pool (zero for a topology of
 // another region).
 func (c *ControllerServer) GetCapacity(ctx context.Context, req *csi.GetCapacityRequest) (*csi.GetCapacityResponse, error) {
+	params := &volumeParams{Backend: BackendFile}
 	if len(req.GetParameters()) > 0 {
-		if _, err := parseParams(req.GetParameters()); err != nil {
+		var err error
+		if params, err = parseParams(req.GetParameters()); err != nil {
 			return nil, invalid("%v", err)
 		}
 	}
@@ -677,7 +699,16 @@ func (c *ControllerServer) GetCapacity(ctx context.Context, req *csi.GetCapacity
 			return &csi.GetCapacityResponse{}, nil
 		}
 	}
-	free, err := c.pool.Capacity(ctx)
+	pool, err := c.pool.target(params)
+	if err != nil {
+		return nil, toStatus(err, "GetCapacity")
+	}
+	free, err := pool.Capacity(ctx)
+	if errors.Is(err, rbd.ErrNoCredentials) {
+		// GetCapacity carries no secrets: the pool is known once another
+		// call brought them.
+		return nil, status.Errorf(codes.Unavailable, "GetCapacity: RBD pool %q: no call has brought its Ceph credentials yet", params.Pool)
+	}
 	if err != nil {
 		return nil, toStatus(err, "GetCapacity")
 	}
@@ -759,7 +790,7 @@ func paginate(all []*backend.Meta, kind backend.Kind, token string, maxEntries i
 	}
 	start := 0
 	if token != "" {
-		if !backend.ValidID(kind, token) {
+		if !validObjectID(kind, token) {
 			return nil, "", status.Errorf(codes.Aborted, "starting_token %q is not a token this driver issued", token)
 		}
 		for start < len(all) && all[start].ID < token {

@@ -33,12 +33,17 @@ func (c *ControllerServer) CreateSnapshot(ctx context.Context, req *csi.CreateSn
 		}
 		return nil, invalid("unknown snapshot parameter %q (snapshots take no parameters besides csi.storage.k8s.io/* metadata)", k)
 	}
+	// A snapshot lives in its volume's pool.
+	pool, err := c.pool.byID(srcID)
+	if err != nil {
+		return nil, toStatus(err, "CreateSnapshot")
+	}
 	unlock, err := c.pool.Lock(ctx, backend.KindSnapshot, name)
 	if err != nil {
 		return nil, toStatus(err, "CreateSnapshot")
 	}
 	defer unlock()
-	if old, err := c.pool.Get(ctx, backend.KindSnapshot, c.pool.ID(backend.KindSnapshot, name)); err == nil {
+	if old, err := pool.Get(ctx, backend.KindSnapshot, pool.ID(backend.KindSnapshot, name)); err == nil {
 		if old.SourceVolumeID != srcID {
 			return nil, status.Errorf(codes.AlreadyExists, "snapshot %q exists for volume %q, not %q", name, old.SourceVolumeID, srcID)
 		}

@@ -94,6 +94,7 @@ type Driver struct {
 	cfg        Config
 	registry   *prometheus.Registry
 	pool       *backend.FilePool
+	pools      *pools // the file pool and the RBD pools
 	kms        *kmsSetup
 	identity   *IdentityServer
 	controller *ControllerServer
@@ -132,7 +133,7 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 	if err != nil {
 		return nil, fmt.Errorf("driver: %w", err)
 	}
-	d := &Driver{cfg: cfg, pool: pool, registry: prometheus.NewRegistry()}
+	d := &Driver{cfg: cfg, pool: pool, pools: newPools(pool), registry: prometheus.NewRegistry()}
 	d.registry.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	if d.metrics, err = newCallMetrics(d.registry); err != nil {
 		return nil, fmt.Errorf("driver: metrics: %w", err)
@@ -143,15 +144,15 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 	d.identity = &IdentityServer{version: cfg.Version, pool: pool}
 	d.kmsHealth = newKMSMonitor(d.kms.set, cfg.KMSHealthInterval, d.registry)
 	if cfg.Mode.controller() {
-		d.controller = newControllerServer(pool, d.kms.set, cfg.Region)
-		d.rewrap = newRewrapper(pool, d.kms.set, cfg.RewrapInterval, cfg.RewrapRate, d.registry)
+		d.controller = newControllerServer(d.pools, d.kms.set, cfg.Region)
+		d.rewrap = newRewrapper(d.pools, d.kms.set, cfg.RewrapInterval, cfg.RewrapRate, d.registry)
 	}
 	if cfg.Mode.node() {
 		d.node, err = NewNodeServer(NodeConfig{
 			NodeID:       cfg.NodeID,
 			Region:       cfg.Region,
 			StateDir:     cfg.StateDir,
-			ImagePath:    pool.ImagePath,
+			ImagePath:    d.pools.ImagePath,
 			Reserved:     []string{cfg.DataDir},
 			KMS:          d.kms.registry,
 			EngineBinary: cfg.EngineBinary,
@@ -191,6 +192,7 @@ func listen(endpoint string) (net.Listener, string, error) {
 // volumes first.
 func (d *Driver) Run(ctx context.Context, endpoint string) error {
 	defer d.kms.close()
+	defer d.pools.close()
 	log := klog.FromContext(ctx)
 	if d.node != nil {
 		if err := d.node.Recover(ctx); err != nil {
@@ -202,7 +204,7 @@ func (d *Driver) Run(ctx context.Context, endpoint string) error {
 		return fmt.Errorf("driver: %w", err)
 	}
 	defer os.Remove(path)
-	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(d.metrics.interceptor, recoverPanics))
+	srv := grpc.NewServer(grpc.ChainUnaryInterceptor(d.metrics.interceptor, cephCredentials, recoverPanics))
 	csi.RegisterIdentityServer(srv, d.identity)
 	if d.controller != nil {
 		csi.RegisterControllerServer(srv, d.controller)

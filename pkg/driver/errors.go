@@ -11,6 +11,7 @@ import (
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/backend"
 	"github.com/csi-encdisk/csi-encdisk/pkg/keyedlock"
+	"github.com/csi-encdisk/csi-encdisk/pkg/rbd"
 	"github.com/csi-encdisk/csi-encdisk/pkg/staging"
 )
 
@@ -37,6 +38,9 @@ var statusCodes = []struct {
 	code codes.Code
 }{
 	{keyedlock.ErrBusy, codes.Aborted},
+	{rbd.ErrNoCredentials, codes.InvalidArgument}, // before ErrUnavailable, which may wrap it
+	{rbd.ErrUnavailable, codes.Unavailable},
+	{errNoCephBuild, codes.InvalidArgument},
 	{backend.ErrNotFound, codes.NotFound},
 	{backend.ErrCorrupt, codes.DataLoss},
 	{errKMSKeyUnusable, codes.FailedPrecondition},

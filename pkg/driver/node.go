@@ -19,6 +19,7 @@ import (
 	"github.com/csi-encdisk/csi-encdisk/pkg/keyedlock"
 	"github.com/csi-encdisk/csi-encdisk/pkg/kmsclient"
 	"github.com/csi-encdisk/csi-encdisk/pkg/nodestate"
+	"github.com/csi-encdisk/csi-encdisk/pkg/rbd"
 	"github.com/csi-encdisk/csi-encdisk/pkg/staging"
 )
 
@@ -193,6 +194,10 @@ func (n *NodeServer) imagePath(volumeID string) (string, error) {
 			return "", err
 		}
 		return "", status.Errorf(codes.NotFound, "volume %q: %v", volumeID, err)
+	}
+	if _, isRBD := rbd.ParseRef(p); isRBD {
+		// In Ceph: the engine opens it at stage (this node has no librbd).
+		return p, nil
 	}
 	if _, err := os.Stat(p); err != nil {
 		if errors.Is(err, os.ErrNotExist) {

@@ -67,6 +67,7 @@ func stageRequest(id, path string, c *csi.VolumeCapability, volCtx map[string]st
 		MountFlags:    vc.mountFlags,
 		ReadOnly:      vc.readOnly,
 		Encrypted:     encrypted,
+		KMSID:         volCtx[ctxKMSID],
 		SectorSize:    sectorSize,
 		AllowDiscards: discards != nil && *discards,
 	}, nil

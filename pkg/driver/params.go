@@ -15,6 +15,10 @@ const (
 	ParamSectorSize    = "sectorSize"
 	ParamAllowDiscards = "allowDiscards"
 	ParamFSType        = "csi.storage.k8s.io/fstype"
+	// ParamBackend chooses the store: "file" (default) or "rbd".
+	ParamBackend = "backend"
+	// ParamPool names the RBD pool of backend "rbd".
+	ParamPool = "pool"
 
 	// reservedPrefix marks keys that the CSI sidecars add (PV and PVC names
 	// with --extra-create-metadata, secrets references): accepted, ignored.
@@ -47,6 +51,8 @@ type volumeParams struct {
 	SectorSize    int
 	AllowDiscards bool
 	FSType        string
+	Backend       string // BackendFile or BackendRBD
+	Pool          string // the RBD pool (backend rbd)
 }
 
 // paramError names a bad parameter and what it accepts.
@@ -63,7 +69,7 @@ func (e *paramError) Error() string {
 }
 
 func knownParams() []string {
-	k := []string{ParamEncrypted, ParamKMSID, ParamSectorSize, ParamAllowDiscards, ParamFSType}
+	k := []string{ParamEncrypted, ParamKMSID, ParamSectorSize, ParamAllowDiscards, ParamFSType, ParamBackend, ParamPool}
 	sort.Strings(k)
 	return k
 }
@@ -81,7 +87,7 @@ func parseBool(key, v string) (bool, error) {
 // parseParams checks every key and value of a StorageClass's parameters.
 // An unknown key or a bad value is an error naming it.
 func parseParams(in map[string]string) (*volumeParams, error) {
-	p := &volumeParams{KMSID: DefaultKMSID, SectorSize: DefaultSectorSize, FSType: DefaultFSType}
+	p := &volumeParams{KMSID: DefaultKMSID, SectorSize: DefaultSectorSize, FSType: DefaultFSType, Backend: BackendFile}
 	keys := make([]string, 0, len(in))
 	for k := range in {
 		keys = append(keys, k)
@@ -112,6 +118,22 @@ func parseParams(in map[string]string) (*volumeParams, error) {
 				err = &paramError{k, v, `"ext4" or "xfs"`}
 			}
 			p.FSType = v
+		case ParamBackend:
+			switch v {
+			case BackendFile:
+			case BackendRBD:
+				if !cephSupported {
+					err = &paramError{k, v, `"file" (this build has no Ceph support, so no "rbd": build with -tags ceph,pacific)`}
+				}
+			default:
+				err = &paramError{k, v, `"file" or "rbd"`}
+			}
+			p.Backend = v
+		case ParamPool:
+			if !validRBDPool(v) {
+				err = &paramError{k, v, fmt.Sprintf("the name of an RBD pool: 1-%d letters, digits, '.', '_' or '-'", maxRBDPoolName)}
+			}
+			p.Pool = v
 		default:
 			if !strings.HasPrefix(k, reservedPrefix) {
 				err = &paramError{key: k}
@@ -120,6 +142,12 @@ func parseParams(in map[string]string) (*volumeParams, error) {
 		if err != nil {
 			return nil, err
 		}
+	}
+	switch {
+	case p.Backend == BackendRBD && p.Pool == "":
+		return nil, fmt.Errorf("parameter %q: required with backend %q (the RBD pool to keep volumes in)", ParamPool, BackendRBD)
+	case p.Backend != BackendRBD && p.Pool != "":
+		return nil, fmt.Errorf("parameter %q: only with backend %q (this class's backend is %q)", ParamPool, BackendRBD, p.Backend)
 	}
 	return p, nil
 }

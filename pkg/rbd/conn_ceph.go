@@ -82,10 +82,6 @@ func Connect(ctx context.Context, c *Credentials, osdTimeout bool) (*rados.Conn,
 	return conn, nil
 }
 
-// ErrUnavailable marks a cluster that cannot be reached (or refused the
-// user): the driver answers Unavailable.
-var ErrUnavailable = errors.New("rbd: Ceph cluster unavailable")
-
 // mapErr turns a go-ceph error into one that wraps its syscall.Errno (so
 // that callers can tell ENOSPC, EDQUOT, ENOENT, EBUSY ... apart).
 func mapErr(err error) error {

@@ -43,6 +43,10 @@ const SecretFD = 4
 // ErrNoCredentials: the call carried no Ceph credentials and none are cached.
 var ErrNoCredentials = errors.New("no Ceph credentials: the StorageClass must name a secret with userID, userKey and monitors")
 
+// ErrUnavailable marks a cluster that cannot be reached (or refused the
+// user): the driver answers Unavailable.
+var ErrUnavailable = errors.New("rbd: Ceph cluster unavailable")
+
 // Credentials reach one Ceph cluster as one cephx user. Printing them (%v,
 // %+v, %#v, %s) shows the user and monitors, never the key.
 type Credentials struct {

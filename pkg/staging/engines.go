@@ -3,9 +3,11 @@ package staging
 import (
 	"context"
 	"errors"
+	"fmt"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/blockdev"
 	"github.com/csi-encdisk/csi-encdisk/pkg/enginehost"
+	"github.com/csi-encdisk/csi-encdisk/pkg/rbd"
 )
 
 // Engines starts and stops the engines of encrypted volumes: directly (the
@@ -30,9 +32,38 @@ type Supervision struct {
 // DirectEngines runs engines as children of this process.
 type DirectEngines struct{ Binary string }
 
-// Start starts an engine that mounts its FUSE file itself.
+// Start starts an engine that mounts its FUSE file itself. An engine of an
+// image in Ceph RBD gets the credentials that ctx carries (rbd.WithCredentials:
+// the NodeStageVolume secrets) on an inherited pipe.
 func (d DirectEngines) Start(ctx context.Context, spec blockdev.EngineSpec) (*blockdev.Engine, *blockdev.StartReport, error) {
+	if isRBD(spec.Image) {
+		c := rbd.CredentialsFrom(ctx)
+		if c == nil {
+			return nil, nil, fmt.Errorf("volume %s: %w (node-stage-secret)", spec.VolumeID, rbd.ErrNoCredentials)
+		}
+		return blockdev.StartEngineWithCredentials(ctx, d.Binary, spec, c)
+	}
 	return blockdev.StartEngine(ctx, d.Binary, spec)
+}
+
+// isRBD reports whether image is in Ceph RBD ("rbd:POOL/IMAGE").
+func isRBD(image string) bool {
+	_, ok := rbd.ParseRef(image)
+	return ok
+}
+
+// engines is who starts and stops the engine of image. An image in Ceph RBD
+// always gets a direct engine, with an engine host too: the host replaces
+// dead engines on its own, so it would have to keep the Ceph key for the
+// volume's whole life in another process, and its API would have to carry
+// it; a direct engine reads the key once from its pipe at start, and the
+// key lives nowhere else on the node. (Such an engine is not replaced when
+// it dies: the volume reports abnormal until it is staged again.)
+func (m *Manager) engines(image string) Engines {
+	if isRBD(image) {
+		return DirectEngines{Binary: m.cfg.EngineBinary}
+	}
+	return m.cfg.Engines
 }
 
 // Stop stops the engine and unmounts its FUSE file.

@@ -23,6 +23,9 @@ const engineResizeTimeout = 30 * time.Second
 // the filesystem, online. It returns the new data size. required is the
 // least size the caller needs; an image that holds less is ErrImageTooSmall.
 func (m *Manager) Expand(ctx context.Context, v *nodestate.Volume, required int64) (int64, error) {
+	if isRBD(v.Image) {
+		return m.expandRBD(ctx, v, required)
+	}
 	fi, err := os.Stat(v.Image)
 	if err != nil {
 		return 0, fmt.Errorf("stat image: %w", err)
@@ -48,13 +51,42 @@ func (m *Manager) Expand(ctx context.Context, v *nodestate.Volume, required int6
 			return 0, fmt.Errorf("resize the engine to %d bytes: %w", dataSize, err)
 		}
 	}
+	return m.growOnDevice(ctx, v, dataSize)
+}
+
+// expandRBD grows a volume whose image is in Ceph RBD: only its engine can
+// see the image's size, so it is asked to take all of it, then tells what
+// it serves.
+func (m *Manager) expandRBD(ctx context.Context, v *nodestate.Volume, required int64) (int64, error) {
+	if v.Engine == nil {
+		return 0, fmt.Errorf("volume %q is staged without an engine", v.VolumeID)
+	}
+	rctx, cancel := context.WithTimeout(ctx, engineResizeTimeout)
+	defer cancel()
+	ctl := blockdev.DialControl(v.Engine.ControlSocket)
+	if err := ctl.Resize(rctx, 0); err != nil {
+		return 0, fmt.Errorf("resize the engine to its image: %w", err)
+	}
+	st, err := ctl.Stats(rctx)
+	if err != nil {
+		return 0, fmt.Errorf("read the engine's size: %w", err)
+	}
+	if required > st.Size {
+		return 0, fmt.Errorf("%w: volume %q: the image holds %d bytes, less than the %d asked; expand it through the controller first", ErrImageTooSmall, v.VolumeID, st.Size, required)
+	}
+	return m.growOnDevice(ctx, v, st.Size)
+}
+
+// growOnDevice grows the loop device and the filesystem to dataSize, which
+// the engine (or the image) already serves.
+func (m *Manager) growOnDevice(ctx context.Context, v *nodestate.Volume, dataSize int64) (int64, error) {
 	if err := loopdev.SetCapacity(ctx, v.Loop); err != nil {
 		return 0, err
 	}
 	if v.AccessType != nodestate.AccessMount {
 		return dataSize, nil
 	}
-	err = filesystem.Resize(ctx, v.Loop, v.StagingPath, v.FSType)
+	err := filesystem.Resize(ctx, v.Loop, v.StagingPath, v.FSType)
 	if err == nil {
 		return dataSize, nil
 	}

@@ -39,6 +39,9 @@ type Request struct {
 	// it does not say. The image's header decides; a disagreement is
 	// ErrEncryptionMismatch and nothing is attached.
 	Encrypted *bool
+	// KMSID is the volume context's kmsID: it names the KMS of an image in
+	// Ceph RBD ("rbd:POOL/IMAGE"), whose header only its engine reads.
+	KMSID string
 	// SectorSize of a plain volume's loop device (512 if 0). An encrypted
 	// volume's comes from its header.
 	SectorSize    int
@@ -74,7 +77,7 @@ func (m *Manager) Stage(ctx context.Context, req Request) (*nodestate.Volume, er
 			return old, err
 		}
 	}
-	encrypted, kmsID, err := inspectImage(req.Image)
+	encrypted, kmsID, err := inspectImage(req)
 	if err != nil {
 		return nil, err
 	}
@@ -138,8 +141,18 @@ func (m *Manager) restage(ctx context.Context, old *nodestate.Volume, req Reques
 }
 
 // inspectImage reads whether an image is encrypted (it starts with a LUKS2
-// header) and the kmsID of its token. It reads public header data only.
-func inspectImage(image string) (encrypted bool, kmsID string, err error) {
+// header) and the kmsID of its token. It reads public header data only. An
+// image in Ceph RBD is always encrypted (the controller makes no other): the
+// node has no librbd, so its engine reads the header and refuses an image
+// without one (ErrBadHeader).
+func inspectImage(req Request) (encrypted bool, kmsID string, err error) {
+	image := req.Image
+	if isRBD(image) {
+		if req.Encrypted != nil && !*req.Encrypted {
+			return false, "", fmt.Errorf("%w: the volume context says encrypted=false, and RBD volume images (%s) are always encrypted", ErrEncryptionMismatch, image)
+		}
+		return true, req.KMSID, nil
+	}
 	f, err := os.Open(image)
 	if err != nil {
 		return false, "", fmt.Errorf("open image: %w", err)
@@ -244,7 +257,7 @@ func (m *Manager) startEngine(ctx context.Context, v *nodestate.Volume, req Requ
 	if err := os.MkdirAll(v.RunDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create run dir: %w", err)
 	}
-	eng, rep, err := m.cfg.Engines.Start(ctx, spec)
+	eng, rep, err := m.engines(v.Image).Start(ctx, spec)
 	if rep != nil && m.cfg.KMS != nil {
 		m.cfg.KMS.CountCalls(kmsID, rep.KMSCalls)
 	}
@@ -259,7 +272,7 @@ func (m *Manager) mountFilesystem(ctx context.Context, v *nodestate.Volume, neve
 		return err
 	}
 	formattedBefore := false
-	if found == "" && !neverFormat {
+	if found == "" && !neverFormat && !isRBD(v.Image) {
 		formattedBefore = wasFormatted(v.Image)
 	}
 	fsType := v.FSType
@@ -277,7 +290,10 @@ func (m *Manager) mountFilesystem(ctx context.Context, v *nodestate.Volume, neve
 		if err := filesystem.Make(ctx, v.Loop, fsType); err != nil {
 			return err
 		}
-		if err := markFormatted(v.Image); err != nil {
+		if isRBD(v.Image) {
+			// No xattr on an RBD image: restores and clones are guarded
+			// by NeverFormat alone.
+		} else if err := markFormatted(v.Image); err != nil {
 			// The volume works; only the guard against a later mkfs over
 			// its data is missing on this filesystem.
 			klog.FromContext(ctx).Error(err, "Could not record on the image that the volume was formatted; a later stage that finds no filesystem would format it again", "volumeID", v.VolumeID, "image", v.Image)

@@ -13,31 +13,53 @@ import (
 	"testing"
 	"time"
 
-	"github.com/csi-encdisk/csi-encdisk/pkg/backend"
+	"github.com/csi-encdisk/csi-encdisk/pkg/csiclient"
 )
 
 // TestBenchRBD (CSI_ENCDISK_RBD_BENCH=1, bench/rbd.sh) runs the same fio
-// jobs through an encrypted volume's engine (FUSE file, libaio, O_DIRECT)
-// and through librbd itself (fio's rbd engine, an unencrypted image), and
-// `rbd bench` with as many threads, in one run, and prints the ratios.
+// jobs through an encrypted RBD volume of the driver (CreateVolume with
+// backend "rbd", staged and published for block access by the driver: loop
+// device on the engine's FUSE file on librbd; libaio, O_DIRECT) and through
+// librbd itself (fio's rbd engine on a plain image: the driver keeps no
+// unencrypted RBD volumes, so this is the unencrypted baseline), and `rbd
+// bench` with as many threads, in one run, and prints the ratios.
 func TestBenchRBD(t *testing.T) {
 	if os.Getenv("CSI_ENCDISK_RBD_BENCH") != "1" {
 		t.Skip("set CSI_ENCDISK_RBD_BENCH=1 (bench/rbd.sh)")
 	}
 	e := newEnv(t)
+	ce := newCSIEnv(t)
 	runtime := os.Getenv("BENCH_RUNTIME")
 	if runtime == "" {
 		runtime = "15"
 	}
 	const size = 1 << 30
 	stamp := time.Now().UnixNano()
-	v := e.createEncrypted(fmt.Sprintf("bench-enc-%d", stamp), size, nil)
-	defer e.pool.Delete(e.ctx, backend.KindVolume, v.ID, nil)
+	ctx, cancel := ctxT()
+	defer cancel()
+	v, err := ce.cli.CreateVolume(ctx, csiclient.VolumeRequest{Name: fmt.Sprintf("bench-enc-%d", stamp), Size: size, Access: csiclient.Block, Parameters: ce.params})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ce.deleteVolume(v.GetVolumeId())
+	pub, err := csiclient.NewPublication(v, csiclient.Block, ce.dir, "bench")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := ce.cli.StagePublish(ctx, pub); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		ctx, cancel := ctxT()
+		defer cancel()
+		if err := ce.cli.UnpublishUnstage(ctx, pub); err != nil {
+			t.Error(err)
+		}
+	}()
+	file := pub.TargetPath
 	plain := fmt.Sprintf("bench-plain-%d", stamp)
 	e.c.CLI(t, "rbd", "create", "--size", "1G", "--image-feature", "layering", e.c.Pool+"/"+plain)
 	defer e.c.CLI(t, "rbd", "rm", e.c.Pool+"/"+plain)
-	file, stop := e.serve(v.ID)
-	defer stop()
 
 	jobs := []struct{ name, rw, bs string }{
 		{"4k randwrite", "randwrite", "4k"}, {"4k randread", "randread", "4k"},
@@ -95,7 +117,7 @@ func TestBenchRBD(t *testing.T) {
 	// Fill both images first so reads hit real data.
 	fio("--filename="+file, "--ioengine=libaio", "--direct=1", "--rw=write", "--bs=4M", "--time_based=0", "--runtime=0")
 	fio("--ioengine=rbd", "--clientname=admin", "--pool="+e.c.Pool, "--rbdname="+plain, "--rw=write", "--bs=4M", "--time_based=0", "--runtime=0")
-	t.Logf("%-13s | %-22s | %-22s | %-22s | %s", "job", "encrypted (engine)", "librbd (fio rbd)", "rbd bench", "enc/librbd, enc/rbd-bench")
+	t.Logf("%-13s | %-22s | %-22s | %-22s | %s", "job", "encrypted (CSI)", "librbd (fio rbd)", "rbd bench", "enc/librbd, enc/rbd-bench")
 	for _, j := range jobs {
 		enc := fio("--filename="+file, "--ioengine=libaio", "--direct=1", "--rw="+j.rw, "--bs="+j.bs)
 		lib := fio("--ioengine=rbd", "--clientname=admin", "--pool="+e.c.Pool, "--rbdname="+plain, "--rw="+j.rw, "--bs="+j.bs)

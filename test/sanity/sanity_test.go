@@ -20,11 +20,15 @@ import (
 	"github.com/onsi/gomega"
 )
 
-// buildBinary builds cmd/csi-encdisk into dir.
-func buildBinary(t *testing.T, dir string) string {
+// buildBinary builds cmd/csi-encdisk into dir, with the build tags given.
+func buildBinary(t *testing.T, dir string, tags ...string) string {
 	t.Helper()
 	out := filepath.Join(dir, "csi-encdisk")
-	cmd := exec.Command("go", "build", "-o", out, "./cmd/csi-encdisk")
+	args := []string{"build", "-o", out}
+	if len(tags) > 0 {
+		args = append(args, "-tags", strings.Join(tags, ","))
+	}
+	cmd := exec.Command("go", append(args, "./cmd/csi-encdisk")...)
 	cmd.Dir = filepath.Join("..", "..")
 	if b, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("build csi-encdisk: %v\n%s", err, b)
@@ -34,7 +38,8 @@ func buildBinary(t *testing.T, dir string) string {
 
 // startDriver runs `csi-encdisk driver --mode all` with the built-in KMS
 // plugin and returns its socket; it is stopped with SIGTERM at cleanup.
-func startDriver(t *testing.T, bin, dir string) string {
+// verbosity is its -v.
+func startDriver(t *testing.T, bin, dir, verbosity string) string {
 	t.Helper()
 	sock := filepath.Join(dir, "csi.sock")
 	logPath := filepath.Join(dir, "driver.log")
@@ -46,7 +51,7 @@ func startDriver(t *testing.T, bin, dir string) string {
 		"--endpoint", "unix://"+sock,
 		"--data-dir", filepath.Join(dir, "data"),
 		"--state-dir", filepath.Join(dir, "state"),
-		"--node-id", "sanity-node", "--region", "sanity-region", "-v", "4")
+		"--node-id", "sanity-node", "--region", "sanity-region", "-v", verbosity)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
@@ -100,7 +105,7 @@ func TestSanity(t *testing.T) {
 	}
 	dir := t.TempDir()
 	bin := buildBinary(t, dir)
-	sock := startDriver(t, bin, dir)
+	sock := startDriver(t, bin, dir, "4")
 
 	var contexts []*sanity.TestContext
 	for _, encrypted := range []string{"true", "false"} {
