@@ -348,3 +348,19 @@ func BackingUnreachable(path string) bool {
 	_, err := status(path)
 	return err != nil && !errors.Is(err, unix.ENXIO) && !errors.Is(err, fs.ErrNotExist)
 }
+
+// DiskSeq returns the loop device's disk sequence number, which the kernel
+// raises on every attach: with the device path it names one attachment, so
+// a device number reused by another attachment since is told apart even
+// when its backing file cannot be asked.
+func DiskSeq(path string) (uint64, error) {
+	b, err := os.ReadFile(sysPath(path, "diskseq"))
+	if err != nil {
+		return 0, fmt.Errorf("loop diskseq %s: %w", path, err)
+	}
+	n, err := strconv.ParseUint(strings.TrimSpace(string(b)), 10, 64)
+	if err != nil {
+		return 0, fmt.Errorf("loop diskseq %s: %w", path, err)
+	}
+	return n, nil
+}

@@ -357,3 +357,25 @@ func ioctlArg(fd int, req uint, arg int) (int, error) {
 	}
 	return int(r), nil
 }
+
+// A re-attach of the same device number gets another disk sequence number.
+func TestDiskSeqChangesOnReattach(t *testing.T) {
+	requireRoot(t)
+	img := tempImage(t, 4<<20)
+	d := attach(t, img, 512, false)
+	first, err := DiskSeq(d.Path)
+	if err != nil || first == 0 {
+		t.Fatalf("DiskSeq: %d, %v", first, err)
+	}
+	if err := Detach(context.Background(), d.Path); err != nil {
+		t.Fatal(err)
+	}
+	d2 := attach(t, img, 512, false)
+	second, err := DiskSeq(d2.Path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d2.Path == d.Path && second == first {
+		t.Fatalf("%s re-attached with the same disk sequence number %d", d.Path, first)
+	}
+}

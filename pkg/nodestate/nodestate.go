@@ -67,6 +67,9 @@ type Volume struct {
 	// attach: a loop device is found by them, never by path text.
 	LoopBackingDev   uint64 `json:"loopBackingDev,omitempty"`
 	LoopBackingInode uint64 `json:"loopBackingInode,omitempty"`
+	// LoopDiskSeq is the loop device's disk sequence number at attach: it
+	// tells this attachment from a later one of the same device number.
+	LoopDiskSeq uint64 `json:"loopDiskSeq,omitempty"`
 	// Engine is set once the engine of an encrypted volume started.
 	Engine *Engine `json:"engine,omitempty"`
 	// Targets lists the publish target paths.

@@ -224,6 +224,9 @@ func (m *Manager) build(ctx context.Context, v *nodestate.Volume, req Request, k
 		return fmt.Errorf("attach a loop device: %w", err)
 	}
 	v.Loop = dev.Path
+	if seq, err := loopdev.DiskSeq(dev.Path); err == nil {
+		v.LoopDiskSeq = seq
+	}
 	if err := m.cfg.Store.Save(v); err != nil {
 		return err
 	}

@@ -150,10 +150,22 @@ func (m *Manager) loopOf(v *nodestate.Volume) (dev string, reachable bool) {
 	if found, _ := loopdev.FindByBacking(v.LoopBackingDev, v.LoopBackingInode); found != "" {
 		return found, true
 	}
-	if v.Loop != "" && loopdev.BackingUnreachable(v.Loop) && !m.recordedElsewhere(v) {
+	if v.Loop != "" && loopdev.BackingUnreachable(v.Loop) && m.sameAttachment(v) {
 		return v.Loop, false
 	}
 	return "", true
+}
+
+// sameAttachment reports whether v's recorded loop device is still the
+// attachment v made: the same disk sequence number (recorded since it was
+// kept), and no other volume of this node records the device.
+func (m *Manager) sameAttachment(v *nodestate.Volume) bool {
+	if v.LoopDiskSeq != 0 {
+		if seq, err := loopdev.DiskSeq(v.Loop); err != nil || seq != v.LoopDiskSeq {
+			return false
+		}
+	}
+	return !m.recordedElsewhere(v)
 }
 
 // recordedElsewhere reports whether another volume's state names v's loop
