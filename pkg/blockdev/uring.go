@@ -50,9 +50,9 @@ type uringCQOff struct {
 
 type uringParams struct {
 	sqEntries, cqEntries, flags, sqThreadCPU, sqThreadIdle, features, wqFd uint32
-	resv                                                                 [3]uint32
-	sq                                                                   uringSQOff
-	cq                                                                   uringCQOff
+	resv                                                                   [3]uint32
+	sq                                                                     uringSQOff
+	cq                                                                     uringCQOff
 }
 
 // uring is one ring. Any goroutine may queue and submit (under mu); one
