@@ -118,14 +118,15 @@ const bigPayloadOff = inHeaderSize + writeInSize
 const (
 	// DefaultSmallSize covers the 4 KiB requests of random I/O (and small
 	// merges) without a request-sized buffer each.
-	DefaultSmallSize = 32 << 10
+	DefaultSmallSize = 16 << 10
 	// DefaultSmallBuffers: as many as the kernel sends at once (the mount's
 	// max_background is 64), so small requests never wait for a buffer.
 	DefaultSmallBuffers = 64
-	// DefaultBigBuffers bounds the large requests in flight: 12 of up to
-	// 1 MiB (the loop device's QD16 sequential I/O measured the same with
-	// 12 and 32), so the engine's buffers stay near 14 MiB with 2 readers.
-	DefaultBigBuffers = 12
+	// DefaultBigBuffers bounds the large requests in flight: 8 of up to
+	// 1 MiB, so the engine's buffers stay near 12 MiB with 2 readers (each
+	// holds one more) and its RSS within 32 MiB: with 12 the peak RSS under
+	// bench/fio-driver.sh was 30-37 MiB.
+	DefaultBigBuffers = 8
 )
 
 type asyncServer struct {
