@@ -240,10 +240,10 @@ func (e *engine) connect(ctx context.Context, mnt string) (*os.File, *fuseserve.
 // for an engine, and so how many readers the engine's fast path runs (one
 // per clone). Each reader reads through the netpoller, starts every READ
 // and WRITE on the image's ring and reads on, so it is not a bound on the
-// requests in flight (the server's buffers are); two let both request intake
-// and the write encryption in it use two CPUs. Measured on 2 cores (bench/
-// RESULTS.md): 1, 2 and 4 readers made no difference within the run-to-run
-// spread at 4 KiB; 2 keeps threads and memory low.
+// requests in flight (the server's buffers are); two let request intake and
+// the write encryption done in it use the two CPUs of the machine this was
+// measured on. Other counts were not measured yet (bench/RESULTS.md); each
+// reader costs a 1 MiB request buffer.
 const FUSEReaders = 2
 
 // setupFastPath starts the image ring and, for an engine that mounted its
