@@ -5,7 +5,11 @@
 # with encrypted "true" and one with encrypted "false", stages and publishes
 # both as ext4; then each gets the same four fio tests: sequential 1 MiB
 # write and read, random 4 KiB write and read, libaio, direct=1, iodepth 16,
-# on a file laid out first. Prints MB/s, IOPS and the enc/plain ratio.
+# on a file laid out first. Prints MB/s, IOPS and the enc/plain ratio, and
+# for the encrypted volume's engine process: CPU time (user+system, from
+# /proc/PID/stat) and context switches (voluntary+involuntary, summed over
+# /proc/PID/task/*/status) per fio request, sampled before and after each
+# test, its peak RSS (VmHWM) over the whole run and its threads.
 #
 # Needs root, go, fio, python3 and what the node service needs (FUSE, loop
 # devices, mkfs.ext4). Env: SIZE (per volume, in csi-encdisk's size syntax: bytes, 2G, 2Gi, 2GB; default 2Gi),
@@ -70,6 +74,25 @@ done
 enc=$(sed -n 's/^enc=//p' "$work/mounts")
 plain=$(sed -n 's/^plain=//p' "$work/mounts")
 
+# engine_pid: the encrypted volume's engine (the one engine of this run's
+# driver: the unencrypted volume has none).
+engine_pid() {
+  local p
+  for p in /proc/[0-9]*; do
+    if tr '\0' ' ' 2>/dev/null <"$p/cmdline" | grep -q "engine .*--run-dir=$work/"; then
+      echo "${p#/proc/}"; return
+    fi
+  done
+}
+# engine_sample: "CPU-ticks ctx-switches" of the engine now.
+engine_sample() {
+  local p=$1 ticks cs
+  ticks=$(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')
+  cs=$(cat /proc/"$p"/task/*/status 2>/dev/null | awk '/^(non)?voluntary_ctxt_switches/ {s += $2} END {print s}')
+  echo "$ticks $cs"
+}
+epid=
+
 # run_fio MODE DIR: lay the file out, then the four tests; JSON in $work.
 run_fio() {
   local mode=$1 dir=$2 t
@@ -78,12 +101,16 @@ run_fio() {
       --ioengine=libaio --iodepth=16 --direct=1 --output=/dev/null
   for t in seqwrite:write:1M seqread:read:1M randwrite:randwrite:4k randread:randread:4k; do
     IFS=: read -r name rw bs <<<"$t"
+    if [ "$mode" = enc ] && [ -n "$epid" ]; then engine_sample "$epid" >"$work/enc.$name.before"; fi
     fio --name="$name" --filename="$dir/fio.dat" --size="$filesize" --rw="$rw" --bs="$bs" \
         --ioengine=libaio --iodepth=16 --direct=1 --time_based --runtime="$runtime" \
         --group_reporting --output-format=json --output="$work/$mode.$name.json"
+    if [ "$mode" = enc ] && [ -n "$epid" ]; then engine_sample "$epid" >"$work/enc.$name.after"; fi
   done
   rm -f "$dir/fio.dat"
 }
+epid=$(engine_pid)
+[ -n "$epid" ] || echo "fio-driver.sh: no engine process found; no engine figures" >&2
 for mode in $order; do
   case $mode in
   plain) run_fio plain "$plain" ;;
@@ -91,6 +118,10 @@ for mode in $order; do
   esac
 done
 
+if [ -n "$epid" ] && [ -r "/proc/$epid/status" ]; then
+  awk '/^(VmHWM|VmRSS|VmLck|Threads):/ {print $1, $2, $3}' "/proc/$epid/status" >"$work/enc.status"
+  echo "CLK_TCK $(getconf CLK_TCK)" >>"$work/enc.status"
+fi
 echo "CPU:     $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//') ($(nproc) cores)"
 echo "Date:    $(date -u +%Y-%m-%dT%H:%MZ); kernel $(uname -r); $(fio --version)"
 echo "Load:    $load (1/5/15-minute load average before the run; the machine is shared)"
@@ -104,9 +135,35 @@ def res(mode, t):
     j = json.load(open(f"{work}/{mode}.{t}.json"))["jobs"][0]
     side = j["write"] if "write" in t else j["read"]
     return side["bw_bytes"] / 1e6, side["iops"]
-print(f"{'test':<10}" + "".join(f"{m + ' MB/s':>12}{m + ' IOPS':>12}" for m in modes) + f"{'enc/plain':>11}")
+def ios(mode, t):
+    j = json.load(open(f"{work}/{mode}.{t}.json"))["jobs"][0]
+    return j["read"]["total_ios"] + j["write"]["total_ios"]
+def engine(t):
+    try:
+        b = [int(x) for x in open(f"{work}/enc.{t}.before").read().split()]
+        a = [int(x) for x in open(f"{work}/enc.{t}.after").read().split()]
+    except (OSError, ValueError):
+        return None
+    return a[0] - b[0], a[1] - b[1]
+status = {}
+try:
+    for line in open(f"{work}/enc.status"):
+        k, v = line.split()[:2]
+        status[k.rstrip(":")] = int(v)
+except OSError:
+    pass
+tck = status.get("CLK_TCK", 100)
+print(f"{'test':<10}" + "".join(f"{m + ' MB/s':>12}{m + ' IOPS':>12}" for m in modes) + f"{'enc/plain':>11}"
+      + f"{'eng µs/req':>12}{'eng cs/req':>12}")
 for t in tests:
     r = {m: res(m, t) for m in modes}
-    print(f"{t:<10}" + "".join(f"{r[m][0]:>12.0f}{r[m][1]:>12.0f}" for m in modes)
-          + f"{r['enc'][0] / r['plain'][0]:>10.2f}x")
+    line = (f"{t:<10}" + "".join(f"{r[m][0]:>12.0f}{r[m][1]:>12.0f}" for m in modes)
+            + f"{r['enc'][0] / r['plain'][0]:>10.2f}x")
+    e, n = engine(t), ios("enc", t)
+    if e and n:
+        line += f"{e[0] * 1e6 / tck / n:>12.1f}{e[1] / n:>12.2f}"
+    print(line)
+if status:
+    print(f"engine: peak RSS (VmHWM) {status.get('VmHWM', 0) / 1024:.1f} MiB, RSS at the end {status.get('VmRSS', 0) / 1024:.1f} MiB, "
+          f"locked {status.get('VmLck', 0) / 1024:.1f} MiB, {status.get('Threads', 0)} threads")
 PY

@@ -95,7 +95,7 @@ func serveControl(ln net.Listener, e *engine, shutdown func() error, handoff fun
 					uc, ok := c.(*net.UnixConn)
 					if ok && e.dev != nil {
 						ctx, cancel := context.WithTimeout(context.Background(), controlTimeout)
-						err := fuseserve.SendSession(ctx, uc, e.sess, e.dev)
+						err := fuseserve.SendSession(ctx, uc, e.sess, append([]*os.File{e.dev}, e.clones...)...)
 						cancel()
 						if err != nil {
 							klog.ErrorS(err, "Handing the FUSE connection to a supervisor failed", "volumeID", e.spec.VolumeID)
@@ -184,27 +184,24 @@ func (c *Control) Handoff(ctx context.Context) error {
 	return err
 }
 
-// FUSE asks the engine for a copy of its FUSE connection's descriptor and
-// Session (a supervisor adopting an engine it did not start). The caller
-// owns the returned file.
-func (c *Control) FUSE(ctx context.Context) (*os.File, *fuseserve.Session, error) {
+// FUSE asks the engine for a copy of its FUSE connection's descriptor, of
+// the clones its readers use, and its Session (a supervisor adopting an
+// engine it did not start). The caller owns the returned files.
+func (c *Control) FUSE(ctx context.Context) (*os.File, []*os.File, *fuseserve.Session, error) {
 	ctx, cancel := context.WithTimeout(ctx, controlTimeout)
 	defer cancel()
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, "unix", c.socket)
 	if err != nil {
-		return nil, nil, fmt.Errorf("engine control %s: %w", c.socket, err)
+		return nil, nil, nil, fmt.Errorf("engine control %s: %w", c.socket, err)
 	}
 	defer conn.Close()
 	if err := json.NewEncoder(conn).Encode(&controlRequest{Op: "fuse"}); err != nil {
-		return nil, nil, fmt.Errorf("engine control %s: fuse: %w", c.socket, err)
+		return nil, nil, nil, fmt.Errorf("engine control %s: fuse: %w", c.socket, err)
 	}
 	sess, files, err := fuseserve.ReceiveSession(ctx, conn.(*net.UnixConn))
 	if err != nil {
-		return nil, nil, fmt.Errorf("engine control %s: fuse: %w", c.socket, err)
+		return nil, nil, nil, fmt.Errorf("engine control %s: fuse: %w", c.socket, err)
 	}
-	for _, f := range files[1:] {
-		f.Close()
-	}
-	return files[0], sess, nil
+	return files[0], files[1:], sess, nil
 }

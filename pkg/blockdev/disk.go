@@ -40,20 +40,26 @@ func (e *engine) ReadAt(p []byte, off int64) (int, syscall.Errno) {
 		klog.ErrorS(err, "Image read failed", "volumeID", e.spec.VolumeID, "offset", off, "length", n)
 		return 0, ioErrno(err)
 	}
+	e.decrypt(buf, off)
+	e.readOps.Add(1)
+	e.readBytes.Add(uint64(n))
+	return n, 0
+}
+
+// decrypt decrypts whole ciphertext sectors read from data offset off in
+// place.
+func (e *engine) decrypt(buf []byte, off int64) {
 	if e.spec.AllowDiscards {
 		// A punched sector reads back as zero plaintext.
 		ss := e.sectorSize
-		for s := 0; s < n; s += ss {
+		for s := 0; s < len(buf); s += ss {
 			if sec := buf[s : s+ss]; !bytes.Equal(sec, e.zero) {
 				e.xts.DecryptSectors(sec, sec, uint64(off+int64(s))/512)
 			}
 		}
-	} else {
-		e.xts.DecryptSectors(buf, buf, uint64(off)/512)
+		return
 	}
-	e.readOps.Add(1)
-	e.readBytes.Add(uint64(n))
-	return n, 0
+	e.xts.DecryptSectors(buf, buf, uint64(off)/512)
 }
 
 // WriteAt encrypts whole sectors of p in place (the request buffer is the

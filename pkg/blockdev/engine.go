@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"runtime"
+	"runtime/debug"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -36,10 +38,13 @@ type engine struct {
 	sectorSize int     // from the header
 	img        imageIO // the image: a file (O_DIRECT when it takes it) or RBD (imageio.go)
 	size       atomic.Int64
-	zero       []byte   // one all-zero sector, for discard mode
-	dev        *os.File // the FUSE connection (/dev/fuse)
+	zero       []byte     // one all-zero sector, for discard mode
+	dev        *os.File   // the FUSE connection (/dev/fuse)
+	clones     []*os.File // clones of dev the fast path reads (the supervisor holds copies)
 	sess       *fuseserve.Session
 	fuseStats  fuseserve.Stats
+	ring       *imageRing          // the fast path's io_uring on the image (nil: pread/pwrite)
+	completeFn func(uint64, int32) // e.complete, bound once (no allocation per reap)
 
 	readOps, writeOps, readBytes, writeBytes, ioErrors atomic.Uint64
 }
@@ -70,7 +75,9 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 		return err
 	}
 	harden()
+	tuneRuntime()
 	e := &engine{spec: spec}
+	e.completeFn = e.complete
 	if e.img, err = openImageIO(ctx, spec); err != nil {
 		return err
 	}
@@ -105,6 +112,13 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 	}
 	defer dev.Close()
 	e.dev, e.sess = dev, sess
+	defer func() {
+		for _, c := range e.clones {
+			c.Close()
+		}
+	}()
+	e.setupFastPath()
+	defer e.stopRing()
 	ln, err := listenControl(ControlSocketPath(spec.RunDir))
 	if err != nil {
 		if spec.FUSEFD == 0 {
@@ -141,11 +155,15 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 	go serveControl(ln, e, shutdown, handoff, &inflight)
 	served := make(chan error, 1)
 	go func() {
-		served <- fuseserve.Serve(serveCtx, dev, sess, e, fuseserve.ServeOptions{Resend: spec.Resend, Stats: &e.fuseStats})
+		opts := fuseserve.ServeOptions{Resend: spec.Resend, Stats: &e.fuseStats}
+		if e.ring != nil {
+			opts.Clones = e.clones
+		}
+		served <- fuseserve.Serve(serveCtx, dev, sess, e, opts)
 	}()
 	klog.InfoS("Engine serving", "volumeID", spec.VolumeID, "image", spec.Image, "file", PlainFile(spec.RunDir),
 		"size", e.size.Load(), "sectorSize", e.sectorSize, "allowDiscards", spec.AllowDiscards, "directIO", e.img.DirectIO(),
-		"takeover", spec.FUSEFD != 0, "resend", spec.Resend)
+		"takeover", spec.FUSEFD != 0, "resend", spec.Resend, "io_uring", e.ring != nil, "fuseReaders", len(e.clones))
 	writeReport(report, &StartReport{DataOffset: e.dataOffset, SectorSize: e.sectorSize, Size: e.size.Load(), KMSCalls: calls.report()})
 
 	sig := ctx.Done()
@@ -190,6 +208,13 @@ func (e *engine) connect(ctx context.Context, mnt string) (*os.File, *fuseserve.
 		if dev == nil {
 			return nil, nil, fmt.Errorf("engine: --fuse-fd %d is not open", e.spec.FUSEFD)
 		}
+		for i := 1; i <= e.spec.FUSEClones; i++ {
+			c := os.NewFile(uintptr(e.spec.FUSEFD+i), "fuse-clone")
+			if c == nil {
+				return nil, nil, fmt.Errorf("engine: --fuse-clones: descriptor %d is not open", e.spec.FUSEFD+i)
+			}
+			e.clones = append(e.clones, c)
+		}
 		return dev, &sess, nil
 	}
 	if err := os.MkdirAll(mnt, 0o700); err != nil {
@@ -209,6 +234,63 @@ func (e *engine) connect(ctx context.Context, mnt string) (*os.File, *fuseserve.
 		return nil, nil, fmt.Errorf("engine: FUSE mount on %s: %w", mnt, err)
 	}
 	return dev, sess, nil
+}
+
+// FUSEReaders is how many cloned /dev/fuse descriptors a supervisor makes
+// for an engine, and so how many readers the engine's fast path runs (one
+// per clone). Each reader reads through the netpoller, starts every READ
+// and WRITE on the image's ring and reads on, so it is not a bound on the
+// requests in flight (the server's buffers are); two let request intake and
+// the write encryption done in it use the two CPUs of the machine this was
+// measured on. Other counts were not measured yet (bench/RESULTS.md); each
+// reader costs a 1 MiB request buffer.
+const FUSEReaders = 2
+
+// setupFastPath starts the image ring and, for an engine that mounted its
+// file itself, clones the connection for the readers (a supervised engine
+// got its clones from the supervisor, which keeps copies). Without a ring
+// (no io_uring, an RBD image, buffered I/O, CSI_ENCDISK_ENGINE_IO=pread) the
+// engine serves with blocking readers on the connection's descriptor.
+func (e *engine) setupFastPath() {
+	f, ok := e.img.(*fileImage)
+	switch {
+	case !ok || f.direct == nil:
+		return
+	case os.Getenv("CSI_ENCDISK_ENGINE_IO") == "pread":
+		klog.InfoS("Engine I/O through pread/pwrite (CSI_ENCDISK_ENGINE_IO=pread)", "volumeID", e.spec.VolumeID)
+		return
+	}
+	if e.spec.FUSEFD == 0 {
+		cs, err := fuseserve.Clones(e.dev, FUSEReaders)
+		if err != nil {
+			klog.ErrorS(err, "Cloning the FUSE connection failed; serving with blocking readers", "volumeID", e.spec.VolumeID)
+			return
+		}
+		e.clones = cs
+	}
+	if len(e.clones) == 0 {
+		return // a supervisor that passed no clones
+	}
+	if err := e.startRing(f); err != nil {
+		klog.ErrorS(err, "No io_uring on the image; serving with pread/pwrite", "volumeID", e.spec.VolumeID)
+		e.ring = nil
+	}
+}
+
+// tuneRuntime bounds the engine's threads and memory (it mlockalls: every
+// resident page is locked). GOMAXPROCS is the fast path's parallel work: its
+// readers (request intake, write encryption) and the reaper (read
+// decryption, replies), at most the CPUs; more Ps only add idle threads. The
+// Go heap holds the server's buffers (about 16 MiB, allocated once) and
+// little else: a limit of 24 MiB makes the collector work before the
+// process grows past the 32 MiB the engine is meant to stay within.
+func tuneRuntime() {
+	if os.Getenv("GOMAXPROCS") == "" {
+		runtime.GOMAXPROCS(min(runtime.NumCPU(), FUSEReaders+1))
+	}
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(24 << 20)
+	}
 }
 
 // MountOptions are the FUSE mount options of a volume's engine (whoever

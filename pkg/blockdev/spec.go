@@ -45,6 +45,10 @@ type EngineSpec struct {
 	FUSEFD  int
 	Session string
 	Resend  bool
+	// FUSEClones descriptors follow FUSEFD (FUSEFD+1, ...): clones of its
+	// connection (fuseserve.Clone) that the supervisor holds copies of too;
+	// the engine's fast path reads them, one reader each.
+	FUSEClones int
 }
 
 // RegisterFlags defines the engine's flags on fs, bound to s.
@@ -61,6 +65,7 @@ func (s *EngineSpec) RegisterFlags(fs *flag.FlagSet) {
 	fs.BoolVar(&s.BufferedBacking, "buffered-backing", false, "open the image without O_DIRECT (for measurements)")
 	fs.IntVar(&s.FUSEFD, "fuse-fd", 0, "serve the FUSE connection on this inherited descriptor instead of mounting (set by the engine host)")
 	fs.StringVar(&s.Session, "session", "", "the --fuse-fd connection's negotiated parameters, JSON (set by the engine host)")
+	fs.IntVar(&s.FUSEClones, "fuse-clones", 0, "descriptors after --fuse-fd that are clones of its connection (set by the engine host)")
 	fs.BoolVar(&s.Resend, "resend", false, "ask the kernel to resend what a dead predecessor had read (set by the engine host)")
 }
 
@@ -119,6 +124,8 @@ func (s EngineSpec) Validate() error {
 		return errors.New("engine spec: give exactly one of a KMS endpoint and a passphrase file")
 	case s.FUSEFD < 0 || s.FUSEFD == 1 || s.FUSEFD == 2 || s.FUSEFD == ReportFD:
 		return fmt.Errorf("engine spec: --fuse-fd %d is not a descriptor an engine can be given", s.FUSEFD)
+	case s.FUSEClones < 0 || s.FUSEClones > 64 || s.FUSEClones > 0 && s.FUSEFD == 0:
+		return fmt.Errorf("engine spec: --fuse-clones %d needs --fuse-fd and at most 64", s.FUSEClones)
 	case (s.FUSEFD == 0) != (s.Session == ""):
 		return errors.New("engine spec: --fuse-fd and --session go together")
 	case s.KMSTimeout < 0:

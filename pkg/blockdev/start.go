@@ -42,9 +42,12 @@ func StartEngine(ctx context.Context, binary string, spec EngineSpec) (*Engine, 
 // connection's descriptor: the engine serves that connection (spec.Session
 // must be its Session as JSON; spec.Resend after a predecessor died). On
 // failure the engine is killed and the mount left to the supervisor. creds
-// are an RBD image's credentials (nil for an image file).
-func StartEngineOn(ctx context.Context, binary string, spec EngineSpec, dev *os.File, creds *rbd.Credentials) (*Engine, *StartReport, error) {
-	return startEngine(ctx, binary, spec, dev, creds)
+// are an RBD image's credentials (nil for an image file). clones are clones
+// of dev (fuseserve.Clones, FUSEReaders of them) the engine's readers use;
+// the supervisor keeps its copies of them too, or requests the engine had
+// read from them would fail instead of being resent when it dies.
+func StartEngineOn(ctx context.Context, binary string, spec EngineSpec, dev *os.File, creds *rbd.Credentials, clones ...*os.File) (*Engine, *StartReport, error) {
+	return startEngine(ctx, binary, spec, dev, creds, clones...)
 }
 
 // StartEngineWithCredentials is StartEngine for an image in Ceph RBD
@@ -54,10 +57,12 @@ func StartEngineWithCredentials(ctx context.Context, binary string, spec EngineS
 	return startEngine(ctx, binary, spec, nil, creds)
 }
 
-func startEngine(ctx context.Context, binary string, spec EngineSpec, dev *os.File, creds *rbd.Credentials) (*Engine, *StartReport, error) {
+func startEngine(ctx context.Context, binary string, spec EngineSpec, dev *os.File, creds *rbd.Credentials, clones ...*os.File) (*Engine, *StartReport, error) {
 	// Inherited descriptors: ReportFD, then rbd.SecretFD (creds), then the
-	// FUSE connection.
+	// FUSE connection and its clones.
+	spec.FUSEClones = 0
 	if dev != nil {
+		spec.FUSEClones = len(clones)
 		spec.FUSEFD = ReportFD + 1
 		if creds != nil {
 			spec.FUSEFD = rbd.SecretFD + 1
@@ -125,6 +130,7 @@ func startEngine(ctx context.Context, binary string, spec EngineSpec, dev *os.Fi
 	}
 	if dev != nil {
 		cmd.ExtraFiles = append(cmd.ExtraFiles, dev) // becomes spec.FUSEFD
+		cmd.ExtraFiles = append(cmd.ExtraFiles, clones...)
 	}
 	cmd.Dir = "/"
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}

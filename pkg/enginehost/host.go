@@ -86,6 +86,7 @@ type Host struct {
 type volume struct {
 	spec     blockdev.EngineSpec // as asked, without the connection fields
 	dev      *os.File            // the host's copy of the FUSE connection
+	clones   []*os.File          // its copies of the clones the engines read (fuseserve.Clone)
 	sess     *fuseserve.Session
 	pid      int
 	restarts []time.Time // deaths within the window
@@ -129,7 +130,7 @@ func (h *Host) Close() {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	for _, v := range h.vols {
-		v.dev.Close()
+		v.closeConn()
 	}
 	h.vols = map[string]*volume{}
 }
@@ -173,11 +174,18 @@ func (h *Host) Start(ctx context.Context, spec blockdev.EngineSpec) (*blockdev.E
 	if err != nil {
 		return nil, nil, fmt.Errorf("engine host: FUSE mount on %s: %w", mnt, err)
 	}
-	v := &volume{spec: spec, dev: dev, sess: sess}
+	// The engine's readers read clones of the connection; the host makes
+	// them and keeps copies, so that what a dead engine had read from any of
+	// them is resent to its replacement, not failed.
+	clones, err := fuseserve.Clones(dev, blockdev.FUSEReaders)
+	if err != nil {
+		klog.ErrorS(err, "Engine host: cloning the FUSE connection failed; the engine serves it with blocking readers", "volumeID", spec.VolumeID)
+	}
+	v := &volume{spec: spec, dev: dev, clones: clones, sess: sess}
 	eng, rep, err := h.startEngine(ctx, v, false)
 	if err != nil {
 		_ = fuseserve.Unmount(mnt)
-		dev.Close()
+		v.closeConn()
 		return nil, rep, err
 	}
 	if err := h.save(v); err != nil {
@@ -198,13 +206,21 @@ func (h *Host) startEngine(ctx context.Context, v *volume, resend bool) (*blockd
 	}
 	spec := v.spec
 	spec.Session, spec.Resend = string(js), resend
-	eng, rep, err := blockdev.StartEngineOn(ctx, h.cfg.Binary, spec, v.dev, nil)
+	eng, rep, err := blockdev.StartEngineOn(ctx, h.cfg.Binary, spec, v.dev, nil, v.clones...)
 	if err != nil {
 		return nil, rep, err
 	}
 	v.pid = eng.PID
 	v.exited = make(chan struct{})
 	return eng, rep, nil
+}
+
+// closeConn closes the host's copies of v's connection.
+func (v *volume) closeConn() {
+	v.dev.Close()
+	for _, c := range v.clones {
+		c.Close()
+	}
 }
 
 func engineOf(v *volume) *blockdev.Engine {
@@ -267,7 +283,7 @@ func (h *Host) noteDeathLocked(v *volume) bool {
 // can detach and unmount.
 func (h *Host) leaveDown(v *volume) {
 	klog.ErrorS(nil, "Engine host: engine keeps dying, left down", "volumeID", v.spec.VolumeID, "reason", v.failed)
-	v.dev.Close()
+	v.closeConn()
 }
 
 // restart starts a replacement engine that resends, retrying with backoff
@@ -344,7 +360,7 @@ func (h *Host) Stop(ctx context.Context, volumeID string) error {
 	h.mu.Lock()
 	delete(h.vols, volumeID)
 	h.mu.Unlock()
-	v.dev.Close()
+	v.closeConn()
 	if err := os.Remove(h.recordPath(volumeID)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("engine host: %w", err)
 	}
@@ -396,12 +412,12 @@ func (h *Host) Adopt(ctx context.Context) (int, error) {
 			_ = os.Remove(path)
 			continue
 		}
-		dev, sess, err := blockdev.DialControl(blockdev.ControlSocketPath(rec.Spec.RunDir)).FUSE(ctx)
+		dev, clones, sess, err := blockdev.DialControl(blockdev.ControlSocketPath(rec.Spec.RunDir)).FUSE(ctx)
 		if err != nil {
 			klog.ErrorS(err, "Engine host: engine did not hand over its connection", "volumeID", rec.Spec.VolumeID, "pid", pid)
 			continue
 		}
-		v := &volume{spec: rec.Spec, dev: dev, sess: sess, pid: pid, exited: make(chan struct{})}
+		v := &volume{spec: rec.Spec, dev: dev, clones: clones, sess: sess, pid: pid, exited: make(chan struct{})}
 		h.mu.Lock()
 		h.vols[rec.Spec.VolumeID] = v
 		h.mu.Unlock()

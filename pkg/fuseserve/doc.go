@@ -23,7 +23,10 @@
 // The server calls Serve; a replacement calls Serve with Resend set once the
 // previous server is gone (its process reaped). Serve reads and answers
 // requests with one goroutine per reader and preallocated, page-aligned
-// buffers: no allocation per request.
+// buffers: no allocation per request. With cloned descriptors
+// (ServeOptions.Clones) and an AsyncFile it serves READ and WRITE
+// asynchronously: one non-blocking reader per clone, many requests in
+// flight per reader, bounded by the server's buffers.
 //
 // # Replayed writes are safe for a block device
 //
@@ -72,6 +75,12 @@
 //     exec is the next server, nothing ever answers. The supervisor never
 //     opens the file (the loop device holds it, and the kernel closes nothing
 //     on its behalf).
+//   - The asynchronous path (AsyncFile on ServeOptions.Clones) reads the
+//     clones through the Go netpoller. The serving process must then not
+//     open the served file with os.OpenFile/os.Open: Go registers the file
+//     with the same epoll, the kernel asks the server (FUSE_POLL) while
+//     holding that epoll's lock, and the server's readers wait in it. An
+//     engine never opens its own file.
 //   - FUSE-over-io_uring requests in a dead server's ring entries are not
 //     resent (the kernel does not walk the ring queues on
 //     FUSE_NOTIFY_RESEND): until it does, takeover needs the classic

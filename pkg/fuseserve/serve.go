@@ -53,6 +53,16 @@ type ServeOptions struct {
 	Resend bool
 	// Stats, if not nil, counts what this server did.
 	Stats *Stats
+	// Clones are descriptors of the same connection (Clone) to serve on
+	// instead of dev, one reader each, when the file is an AsyncFile: the
+	// asynchronous path (Readers is then unused). Whoever must resend after
+	// this server dies must hold copies of them (see Clone).
+	Clones []*os.File
+	// SmallSize, SmallBuffers and BigBuffers size the asynchronous path's
+	// buffers (defaults DefaultSmallSize, DefaultSmallBuffers,
+	// DefaultBigBuffers): requests up to SmallSize bytes use a small buffer,
+	// larger ones a request-sized one; they bound the requests in flight.
+	SmallSize, SmallBuffers, BigBuffers int
 }
 
 // Stats are counters of one Serve call, safe to read while it runs.
@@ -109,6 +119,13 @@ func Serve(ctx context.Context, dev *os.File, sess *Session, file File, opts Ser
 			}
 			return fmt.Errorf("fuseserve: FUSE_NOTIFY_RESEND: %w", err)
 		}
+	}
+
+	if af, ok := file.(AsyncFile); ok && len(opts.Clones) > 0 {
+		if err := s.serveAsync(af, opts.Clones, opts, ctx.Done()); err != nil {
+			return err
+		}
+		return ctx.Err()
 	}
 
 	var (
@@ -228,6 +245,7 @@ func (s *server) notify(code int32, body []byte) error {
 // reader owns its buffers: nothing is allocated per request.
 type reader struct {
 	s   *server
+	fd  int    // read from and answered on
 	in  []byte // request; the WRITE payload at in[inHeaderSize+writeInSize:] is page-aligned
 	out []byte // reply; the payload at out[outHeaderSize:] is page-aligned
 }
@@ -236,6 +254,7 @@ func newReader(s *server) *reader {
 	payload := s.sess.maxPayload()
 	return &reader{
 		s:   s,
+		fd:  s.fd,
 		in:  alignedAt(max(minReadBufSize, inHeaderSize+writeInSize+payload), inHeaderSize+writeInSize),
 		out: alignedAt(outHeaderSize+payload, outHeaderSize),
 	}
@@ -253,7 +272,7 @@ func alignedAt(n, off int) []byte {
 func (r *reader) run() error {
 	s := r.s
 	for !s.stop.Load() {
-		n, err := unix.Read(s.fd, r.in)
+		n, err := unix.Read(r.fd, r.in)
 		switch err {
 		case nil:
 		case unix.EINTR, unix.EAGAIN, unix.ENOENT: // ENOENT: request interrupted while being read
@@ -295,7 +314,7 @@ func (r *reader) handle(n int) error {
 	// FUSE_UNIQUE_RESEND, and the kernel looks it up with that bit.
 	putOutHeader(r.out, outHeaderSize+m, -int32(errno), unique)
 	for {
-		_, err := unix.Write(s.fd, r.out[:outHeaderSize+m])
+		_, err := unix.Write(r.fd, r.out[:outHeaderSize+m])
 		switch err {
 		case nil, unix.ENOENT: // ENOENT: the request was interrupted or aborted meanwhile
 			return nil

@@ -1,0 +1,229 @@
+package fuseserve
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// asyncMem is a memFile served asynchronously: Submit queues, Flush hands
+// the queued ops to a worker goroutine, which completes them.
+type asyncMem struct {
+	*memFile
+	mu      sync.Mutex
+	queued  []*Op
+	work    chan *Op
+	flushes int
+}
+
+func newAsyncMem(m *memFile) *asyncMem {
+	a := &asyncMem{memFile: m, work: make(chan *Op, 1024)}
+	go func() {
+		for op := range a.work {
+			if op.Write {
+				n, e := m.WriteAt(op.Buf, op.Off)
+				op.Complete(n, e)
+			} else {
+				n, e := m.ReadAt(op.Buf, op.Off)
+				op.Complete(n, e)
+			}
+		}
+	}()
+	return a
+}
+
+func (a *asyncMem) Submit(op *Op) {
+	a.mu.Lock()
+	a.queued = append(a.queued, op)
+	a.mu.Unlock()
+}
+
+func (a *asyncMem) Flush() {
+	a.mu.Lock()
+	q := a.queued
+	a.queued = nil
+	if len(q) > 0 {
+		a.flushes++
+	}
+	a.mu.Unlock()
+	for _, op := range q {
+		a.work <- op
+	}
+}
+
+// TestAsyncThroughTheKernel serves a memory file on two clones of the
+// connection through the asynchronous path: large and small, concurrent
+// reads and writes come back right, the other requests still work, and a
+// cancelled Serve returns after answering what it read; a server on the
+// plain descriptor then takes over.
+func TestAsyncThroughTheKernel(t *testing.T) {
+	requireRoot(t)
+	const size = 16 << 20
+	m := &memFile{data: make([]byte, size)}
+	m.size.Store(size)
+	a := newAsyncMem(m)
+	dir := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	dev, sess, err := Mount(ctx, dir, MountOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	defer func() { _ = unix.Unmount(dir, unix.MNT_DETACH) }()
+	clones, err := Clones(dev, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		for _, c := range clones {
+			c.Close()
+		}
+	}()
+	var stats Stats
+	sctx, stop := context.WithCancel(ctx)
+	served := serveInProcess(sctx, dev, sess, a, ServeOptions{Clones: clones, Stats: &stats, BigBuffers: 2, SmallBuffers: 4})
+
+	path := filepath.Join(dir, FileName)
+	// Not os.OpenFile: it would register the FUSE file with the process's
+	// epoll, whose poll call (FUSE_POLL) waits for this process's readers,
+	// which wait in that epoll. (An engine never opens its own file.)
+	fd, err := unix.Open(path, unix.O_RDWR|unix.O_DIRECT|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fd), path)
+	w := aligned(3 << 20)
+	for i := range w {
+		w[i] = byte(i*13 + i>>12)
+	}
+	if n, err := f.WriteAt(w, 4096); err != nil || n != len(w) {
+		t.Fatalf("write: %d %v", n, err)
+	}
+	r := aligned(len(w))
+	if n, err := f.ReadAt(r, 4096); err != nil || n != len(r) || !bytes.Equal(r, w) {
+		t.Fatalf("read back: %d %v equal=%v", n, err, bytes.Equal(r, w))
+	}
+	// Concurrent 4 KiB I/O, more than the buffers: they bound, not fail.
+	var wg sync.WaitGroup
+	for g := range 16 {
+		wg.Go(func() {
+			b := aligned(4096)
+			for i := range 50 {
+				off := int64((g*50+i)%1024) * 4096
+				for j := range b {
+					b[j] = byte(g + i + j)
+				}
+				if _, err := f.WriteAt(b, 8<<20+off); err != nil {
+					t.Error(err)
+					return
+				}
+				c := aligned(4096)
+				if _, err := f.ReadAt(c, 8<<20+off); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if _, err := f.WriteAt(r[:4096], size); err == nil {
+		t.Error("write beyond the size succeeded")
+	}
+	if err := f.Sync(); err != nil || m.syncs.Load() == 0 {
+		t.Errorf("fsync: %v, %d syncs", err, m.syncs.Load())
+	}
+	if _, err := os.Stat(path); err != nil {
+		t.Error(err)
+	}
+	f.Close()
+	stop()
+	if err := wait(t, served); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Serve after cancel: %v", err)
+	}
+	if stats.Requests.Load() == 0 || stats.ReplyFailures.Load() != 0 {
+		t.Errorf("stats: %d requests, %d reply failures", stats.Requests.Load(), stats.ReplyFailures.Load())
+	}
+	// A blocking server on the connection's own descriptor takes over.
+	served = serveInProcess(ctx, dev, sess, m, ServeOptions{Readers: 2, Resend: true})
+	got, err := os.ReadFile(path)
+	if err != nil || !bytes.Equal(got[4096:4096+len(w)], w) {
+		t.Errorf("read after takeover: %v", err)
+	}
+	if err := Unmount(dir); err != nil {
+		t.Fatal(err)
+	}
+	if err := wait(t, served); err != nil {
+		t.Errorf("Serve after unmount: %v", err)
+	}
+}
+
+// TestAsyncNoAllocationPerRequest: starting a READ or WRITE on the
+// asynchronous path and completing it allocates nothing.
+func TestAsyncNoAllocationPerRequest(t *testing.T) {
+	null, err := os.OpenFile(os.DevNull, os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer null.Close()
+	m := &memFile{data: make([]byte, 4<<20)}
+	m.size.Store(4 << 20)
+	sf := &syncAsync{m}
+	sess := &Session{Major: 7, Minor: 45, MaxWrite: 1 << 20, MaxPages: 256}
+	s := &server{fd: int(null.Fd()), sess: sess, file: m, stats: &Stats{}}
+	as := &asyncServer{s: s, file: sf, big: make(chan *Op, 1), small: make(chan *Op, 1), smallSz: DefaultSmallSize}
+	as.big <- &Op{as: as, buf: alignedAt(bigPayloadOff+1<<20, bigPayloadOff), big: true}
+	as.small <- &Op{as: as, buf: alignedAt(DefaultSmallSize, 0)}
+	r := &asyncReader{as: as, fd: int(null.Fd()), rbuf: alignedAt(bigPayloadOff+1<<20, bigPayloadOff)}
+	r.sync = &reader{s: s, fd: r.fd, in: r.rbuf, out: alignedAt(outHeaderSize+8192, outHeaderSize)}
+	for _, tc := range []struct {
+		name   string
+		opcode uint32
+		size   int
+	}{{"read 4k", opRead, 4096}, {"write 4k", opWrite, 4096}, {"read 1m", opRead, 1 << 20}, {"write 1m", opWrite, 1 << 20}} {
+		allocs := testing.AllocsPerRun(100, func() {
+			n := inHeaderSize + readInSize
+			if tc.opcode == opWrite {
+				n = inHeaderSize + writeInSize + tc.size
+			}
+			b := r.rbuf
+			le.PutUint32(b[0:], uint32(n))
+			le.PutUint32(b[4:], tc.opcode)
+			le.PutUint64(b[8:], 7)
+			le.PutUint64(b[16:], fileNodeID)
+			le.PutUint64(b[inHeaderSize+8:], 65536)
+			le.PutUint32(b[inHeaderSize+16:], uint32(tc.size))
+			if err := r.handle(n); err != nil {
+				t.Fatal(err)
+			}
+		})
+		if allocs != 0 {
+			t.Errorf("%s: %.1f allocations per request", tc.name, allocs)
+		}
+	}
+	if s.stats.ReplyFailures.Load() != 0 || s.stats.Errors.Load() != 0 {
+		t.Errorf("stats: %d reply failures, %d errors", s.stats.ReplyFailures.Load(), s.stats.Errors.Load())
+	}
+}
+
+// syncAsync completes every op in Submit.
+type syncAsync struct{ *memFile }
+
+func (f *syncAsync) Submit(op *Op) {
+	if op.Write {
+		n, e := f.WriteAt(op.Buf, op.Off)
+		op.Complete(n, e)
+		return
+	}
+	n, e := f.ReadAt(op.Buf, op.Off)
+	op.Complete(n, e)
+}
+
+func (f *syncAsync) Flush() {}
