@@ -49,6 +49,9 @@ func (e *engine) ReadAt(p []byte, off int64) (int, syscall.Errno) {
 // decrypt decrypts whole ciphertext sectors read from data offset off in
 // place.
 func (e *engine) decrypt(buf []byte, off int64) {
+	if e.spec.Plaintext {
+		return
+	}
 	if e.spec.AllowDiscards {
 		// A punched sector reads back as zero plaintext.
 		ss := e.sectorSize
@@ -99,9 +102,11 @@ func (e *engine) Sync() syscall.Errno {
 // (ZERO_RANGE). Without AllowDiscards every mode gets EOPNOTSUPP, so the
 // kernel writes real (encrypted) zeros and the image never has holes that
 // would decrypt to garbage. With it, both punch holes in the image, which
-// Read turns back into zero plaintext.
+// Read turns back into zero plaintext. A plaintext volume always punches
+// holes, as a plain loop device on an image file does: a hole reads back
+// as the zeros it stands for, and there is no ciphertext to keep secret.
 func (e *engine) Allocate(offset, length int64, mode uint32) syscall.Errno {
-	if !e.spec.AllowDiscards {
+	if !e.spec.AllowDiscards && !e.spec.Plaintext {
 		return syscall.EOPNOTSUPP
 	}
 	switch mode &^ unix.FALLOC_FL_KEEP_SIZE {

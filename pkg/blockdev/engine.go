@@ -16,7 +16,6 @@ import (
 	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
-	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
 	"github.com/csi-encdisk/csi-encdisk/pkg/fuseserve"
 	"github.com/csi-encdisk/csi-encdisk/pkg/imagelock"
 	"github.com/csi-encdisk/csi-encdisk/pkg/mounts"
@@ -32,8 +31,11 @@ const fuseRequestTimeout = 120 * time.Second
 
 // engine serves the plaintext of one image's data segment.
 type engine struct {
-	spec       EngineSpec
-	xts        *crypt.XTS
+	spec EngineSpec
+	// xts transforms whole sectors: the volume's XTS cipher, or plainCipher
+	// for a plaintext volume (spec.Plaintext). (The name stays that of the
+	// fast path's one user.)
+	xts        sectorCipher
 	dataOffset int64   // from the header
 	sectorSize int     // from the header
 	img        imageIO // the image: a file (O_DIRECT when it takes it) or RBD (imageio.go)
@@ -62,6 +64,10 @@ type engine struct {
 // connection was mounted by a supervisor (the engine host), which keeps a
 // copy of the descriptor; spec.Resend then asks the kernel to deliver again
 // what a dead predecessor had read and not answered.
+//
+// With spec.Plaintext the volume is unencrypted: no header, KMS or key; the
+// image is served as it is from offset 0, once checkMode confirmed that the
+// volume was made unencrypted.
 func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err error) {
 	calls := &kmsCallCounter{}
 	rep := &StartReport{}
@@ -94,12 +100,19 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 			return fmt.Errorf("engine: %w", err)
 		}
 	}
-	xts, h, err := unlockImage(ctx, spec, e.img, calls)
-	if err != nil {
+	if err := checkMode(spec, e.img); err != nil {
 		return err
 	}
-	defer xts.Wipe()
-	e.xts, e.dataOffset, e.sectorSize = xts, h.DataOffset(), h.SectorSize()
+	if spec.Plaintext {
+		e.xts, e.dataOffset, e.sectorSize = plainCipher{}, 0, spec.SectorSize
+	} else {
+		xts, h, err := unlockImage(ctx, spec, e.img, calls)
+		if err != nil {
+			return err
+		}
+		defer xts.Wipe()
+		e.xts, e.dataOffset, e.sectorSize = xts, h.DataOffset(), h.SectorSize()
+	}
 	e.zero = make([]byte, e.sectorSize)
 	if err := e.refreshSize(0); err != nil {
 		return err
@@ -162,9 +175,9 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 		served <- fuseserve.Serve(serveCtx, dev, sess, e, opts)
 	}()
 	klog.InfoS("Engine serving", "volumeID", spec.VolumeID, "image", spec.Image, "file", PlainFile(spec.RunDir),
-		"size", e.size.Load(), "sectorSize", e.sectorSize, "allowDiscards", spec.AllowDiscards, "directIO", e.img.DirectIO(),
+		"size", e.size.Load(), "sectorSize", e.sectorSize, "plaintext", spec.Plaintext, "allowDiscards", spec.AllowDiscards, "directIO", e.img.DirectIO(),
 		"takeover", spec.FUSEFD != 0, "resend", spec.Resend, "io_uring", e.ring != nil, "fuseReaders", len(e.clones))
-	writeReport(report, &StartReport{DataOffset: e.dataOffset, SectorSize: e.sectorSize, Size: e.size.Load(), KMSCalls: calls.report()})
+	writeReport(report, &StartReport{Plaintext: spec.Plaintext, DataOffset: e.dataOffset, SectorSize: e.sectorSize, Size: e.size.Load(), KMSCalls: calls.report()})
 
 	sig := ctx.Done()
 	for {

@@ -4,6 +4,9 @@ package blockdev
 
 import (
 	"context"
+	"errors"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/backend"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/rbd"
 )
@@ -16,6 +19,20 @@ type rbdImage struct{ *rbd.Image }
 
 // DirectIO: no cache of this node holds the data (rbd_cache is off).
 func (rbdImage) DirectIO() bool { return true }
+
+// RecordedEncrypted reads the volume record the controller keeps on the
+// image (its csi-encdisk.meta key): the engine serves the volume only in
+// the mode it was made with.
+func (i rbdImage) RecordedEncrypted() (encrypted, recorded bool, err error) {
+	m, err := i.Meta()
+	if errors.Is(err, backend.ErrNotFound) {
+		return false, false, nil
+	}
+	if err != nil {
+		return false, false, err
+	}
+	return m.Encrypted, true, nil
+}
 
 func openRBDImage(ctx context.Context, ref rbd.Ref) (imageIO, error) {
 	c, err := rbd.ReadCredentials()

@@ -21,7 +21,10 @@ type StartReport struct {
 	// Error is empty when the engine serves.
 	Error string `json:"error,omitempty"`
 	// Reason classifies Error: one of the reason* constants, or "".
-	Reason     string    `json:"reason,omitempty"`
+	Reason string `json:"reason,omitempty"`
+	// Plaintext: the engine serves an unencrypted volume (no header, no
+	// key; KMSCalls is empty).
+	Plaintext  bool      `json:"plaintext,omitempty"`
 	DataOffset int64     `json:"dataOffset,omitempty"`
 	SectorSize int       `json:"sectorSize,omitempty"`
 	Size       int64     `json:"size,omitempty"`
@@ -42,6 +45,7 @@ const (
 	reasonWrongPass      = "wrong-passphrase"
 	reasonInUse          = "in-use"
 	reasonStoreDown      = "store-unavailable"
+	reasonModeMismatch   = "encryption-mismatch"
 )
 
 var reasons = map[string]error{
@@ -51,6 +55,7 @@ var reasons = map[string]error{
 	reasonWrongPass:      ErrWrongPassphrase,
 	reasonInUse:          ErrInUse,
 	reasonStoreDown:      rbd.ErrUnavailable,
+	reasonModeMismatch:   ErrEncryptionMismatch,
 }
 
 // reasonOf names the sentinel err wraps, "" for none.

@@ -11,7 +11,7 @@ import (
 )
 
 // EngineSpec says which image an engine serves, how it gets the image's
-// passphrase, and how it serves it. It holds no secret: it becomes the
+// passphrase (or that the volume is unencrypted), and how it serves it. It holds no secret: it becomes the
 // engine's argv (Args) and is parsed back there (RegisterFlags), from one
 // definition of the flags.
 type EngineSpec struct {
@@ -19,7 +19,17 @@ type EngineSpec struct {
 	Image    string // absolute path of the LUKS2 image, or rbd:POOL/IMAGE (imageio.go)
 	RunDir   string // per-volume dir: FUSE mount RunDir/fuse, control socket RunDir/control.sock
 
-	// The passphrase comes from exactly one of these. KMSEndpoint: the
+	// Plaintext serves an unencrypted volume: the image has no LUKS2
+	// header and no encryption, its data starts at offset 0, and there is
+	// no KMS, passphrase or key. It is chosen from the volume (its volume
+	// context), never from the image's contents, and the engine refuses an
+	// image whose volume record says otherwise (ErrEncryptionMismatch).
+	// SectorSize is then the served file's sector size (512 or 4096); an
+	// encrypted volume's comes from its header.
+	Plaintext  bool
+	SectorSize int
+
+	// Without Plaintext, the passphrase comes from exactly one of these. KMSEndpoint: the
 	// engine unwraps the header's csi-encdisk-kms token through this KMS v2
 	// plugin (KMSID must match the token's kms_id). PassphraseFile: a file
 	// whose bytes are the passphrase, as cryptsetup reads a key file
@@ -56,6 +66,8 @@ func (s *EngineSpec) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&s.VolumeID, "volume-id", "", "volume ID, for logs (required)")
 	fs.StringVar(&s.Image, "image", "", "absolute path of the LUKS2 image, or rbd:POOL/IMAGE (credentials on fd 4) (required)")
 	fs.StringVar(&s.RunDir, "run-dir", "", "absolute per-volume directory for the FUSE mount and control socket (required)")
+	fs.BoolVar(&s.Plaintext, "plaintext", false, "serve an unencrypted volume as it is (no LUKS2 header, no KMS, data at offset 0); its volume record must say unencrypted")
+	fs.IntVar(&s.SectorSize, "sector-size", 0, "sector size of a --plaintext volume: 512 or 4096")
 	fs.StringVar(&s.KMSEndpoint, "kms-endpoint", "", "unwrap the header's KMS token through this KMS v2 plugin (unix:///path)")
 	fs.StringVar(&s.KMSID, "kms-id", "", "the kmsID the token must name (with --kms-endpoint)")
 	fs.DurationVar(&s.KMSTimeout, "kms-timeout", 0, "bound of each KMS call (0: the client's default)")
@@ -120,7 +132,13 @@ func (s EngineSpec) Validate() error {
 		return fmt.Errorf("engine spec: run dir %q must be an absolute path", s.RunDir)
 	case len(ControlSocketPath(s.RunDir)) >= maxSocketPath:
 		return fmt.Errorf("engine spec: control socket %s is longer than a unix socket path may be (%d bytes): use a shorter state directory", ControlSocketPath(s.RunDir), maxSocketPath-1)
-	case (s.KMSEndpoint == "") == (s.PassphraseFile == ""):
+	case s.Plaintext && (s.KMSEndpoint != "" || s.KMSID != "" || s.PassphraseFile != ""):
+		return errors.New("engine spec: a plaintext volume takes no KMS endpoint, kmsID or passphrase file")
+	case s.Plaintext && s.SectorSize != 512 && s.SectorSize != 4096:
+		return fmt.Errorf("engine spec: --sector-size %d of a plaintext volume must be 512 or 4096", s.SectorSize)
+	case !s.Plaintext && s.SectorSize != 0:
+		return fmt.Errorf("engine spec: --sector-size %d is for plaintext volumes only (an encrypted volume's comes from its header)", s.SectorSize)
+	case !s.Plaintext && (s.KMSEndpoint == "") == (s.PassphraseFile == ""):
 		return errors.New("engine spec: give exactly one of a KMS endpoint and a passphrase file")
 	case s.FUSEFD < 0 || s.FUSEFD == 1 || s.FUSEFD == 2 || s.FUSEFD == ReportFD:
 		return fmt.Errorf("engine spec: --fuse-fd %d is not a descriptor an engine can be given", s.FUSEFD)

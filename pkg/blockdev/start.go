@@ -176,6 +176,9 @@ func startEngine(ctx context.Context, binary string, spec EngineSpec, dev *os.Fi
 	if err := rep.Err(); err != nil {
 		return fail(rep, err)
 	}
+	if rep.Plaintext != spec.Plaintext {
+		return fail(rep, fmt.Errorf("%w: the engine reports plaintext=%t, asked %t", ErrEncryptionMismatch, rep.Plaintext, spec.Plaintext))
+	}
 	// A supervisor never touches the FUSE file: if the engine died right
 	// after its report, the stat would wait for a server until the request
 	// timeout (the supervisor holds the connection).

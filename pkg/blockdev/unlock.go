@@ -32,6 +32,10 @@ var (
 	ErrWrongPassphrase = errors.New("passphrase opens no keyslot")
 	// ErrInUse: another engine or node holds the image's writer lock.
 	ErrInUse = imagelock.ErrInUse
+	// ErrEncryptionMismatch: the engine was asked to serve an encrypted
+	// volume and the image's record says unencrypted, or the reverse
+	// (EngineSpec.Plaintext). Nothing is served.
+	ErrEncryptionMismatch = errors.New("the image's encryption differs from what the volume context says")
 )
 
 // kmsCallCounter counts an engine's KMS calls by method and result, for the

@@ -296,12 +296,6 @@ func (c *ControllerServer) CreateVolume(ctx context.Context, req *csi.CreateVolu
 	if err != nil {
 		return nil, invalid("%v", err)
 	}
-	if params.Backend == BackendRBD && !params.Encrypted && (params.EncryptedSet || req.GetVolumeContentSource() == nil) {
-		// The node reaches RADOS only through its engine, which serves
-		// LUKS2 images (no kernel rbd, nbd or device-mapper on the node).
-		return nil, invalid("parameter %q: backend %q keeps encrypted volumes only (accepted with backend %q: \"true\"); "+
-			"use backend %q for unencrypted volumes", ParamEncrypted, BackendRBD, BackendRBD, BackendFile)
-	}
 	if err := c.checkTopology(req.GetAccessibilityRequirements()); err != nil {
 		return nil, err
 	}

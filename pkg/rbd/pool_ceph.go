@@ -286,6 +286,12 @@ func (p *Pool) get(io *rados.IOContext, kind backend.Kind, id string) (*backend.
 	if err != nil {
 		return nil, fmt.Errorf("rbd: metadata of %s: %w", id, mapErr(err))
 	}
+	return parseMeta(raw, kind, id)
+}
+
+// parseMeta decodes the metadata of object id of kind and checks that it
+// describes that object.
+func parseMeta(raw string, kind backend.Kind, id string) (*backend.Meta, error) {
 	var m backend.Meta
 	if err := json.Unmarshal([]byte(raw), &m); err != nil {
 		return nil, fmt.Errorf("%w: %s %s: %s: %v", backend.ErrCorrupt, kind, id, metaKey, err)
@@ -294,6 +300,22 @@ func (p *Pool) get(io *rados.IOContext, kind backend.Kind, id string) (*backend.
 		return nil, fmt.Errorf("%w: %s %s: %s does not describe this object", backend.ErrCorrupt, kind, id, metaKey)
 	}
 	return &m, nil
+}
+
+// Meta returns the metadata the controller recorded on this volume image
+// (its key csi-encdisk.meta): whether the volume is encrypted, its sector
+// size, ... An image without it (made by hand) is an error wrapping
+// backend.ErrNotFound; one whose metadata names another object or kind,
+// backend.ErrCorrupt.
+func (i *Image) Meta() (*backend.Meta, error) {
+	raw, err := i.img.GetMetadata(metaKey)
+	if isErrno(err, syscall.ENOENT) {
+		return nil, fmt.Errorf("%w: image %s has no %s metadata", backend.ErrNotFound, i.name, metaKey)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("rbd: metadata of %s: %w", i.name, mapErr(err))
+	}
+	return parseMeta(raw, backend.KindVolume, i.img.GetName())
 }
 
 // List implements backend.Pool.

@@ -50,7 +50,7 @@ func joinProblems(ps []Problem) string {
 // means healthy.
 func (m *Manager) Health(ctx context.Context, v *nodestate.Volume) []Problem {
 	var out []Problem
-	if v.Encrypted {
+	if servedByEngine(v) {
 		if why := m.engines(v.Image).Supervision(ctx, v.VolumeID).Failed; why != "" {
 			out = append(out, problem(Inaccessible, "EngineFailed", "%s", why))
 		} else if p, ok := engineHealth(ctx, v); !ok {
@@ -137,7 +137,7 @@ func (m *Manager) Usage(v *nodestate.Volume, path string) (*Usage, error) {
 
 // Supervision reports what the engine's supervisor knows (restarts).
 func (m *Manager) Supervision(ctx context.Context, v *nodestate.Volume) Supervision {
-	if !v.Encrypted {
+	if !servedByEngine(v) {
 		return Supervision{}
 	}
 	return m.engines(v.Image).Supervision(ctx, v.VolumeID)

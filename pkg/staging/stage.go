@@ -142,14 +142,17 @@ func (m *Manager) restage(ctx context.Context, old *nodestate.Volume, req Reques
 
 // inspectImage reads whether an image is encrypted (it starts with a LUKS2
 // header) and the kmsID of its token. It reads public header data only. An
-// image in Ceph RBD is always encrypted (the controller makes no other): the
-// node has no librbd, so its engine reads the header and refuses an image
-// without one (ErrBadHeader).
+// image in Ceph RBD is not read here (the node has no librbd): the volume
+// context says whether it is encrypted (encrypted when it does not say, as
+// every RBD volume was before unencrypted ones existed) and names its KMS,
+// and its engine, which serves it either way, refuses to serve it in a mode
+// its volume record (the RBD image's metadata) disagrees with
+// (ErrEncryptionMismatch, nothing attached).
 func inspectImage(req Request) (encrypted bool, kmsID string, err error) {
 	image := req.Image
 	if isRBD(image) {
 		if req.Encrypted != nil && !*req.Encrypted {
-			return false, "", fmt.Errorf("%w: the volume context says encrypted=false, and RBD volume images (%s) are always encrypted", ErrEncryptionMismatch, image)
+			return false, "", nil
 		}
 		return true, req.KMSID, nil
 	}
@@ -179,7 +182,7 @@ func (m *Manager) build(ctx context.Context, v *nodestate.Volume, req Request, k
 	if v.SectorSize == 0 {
 		v.SectorSize = 512
 	}
-	if v.Encrypted {
+	if servedByEngine(v) {
 		eng, err := m.startEngine(ctx, v, req, kmsID)
 		if err != nil {
 			return err
@@ -207,10 +210,10 @@ func (m *Manager) build(ctx context.Context, v *nodestate.Volume, req Request, k
 	// A plain image's loop device holds the image's writer lock
 	// (pkg/imagelock) for as long as it is attached: the lock belongs to the
 	// open file description the loop device keeps, so it survives restarts
-	// of this process and goes with the detach. An encrypted image's engine
-	// holds the lock itself.
+	// of this process and goes with the detach. An engine holds the lock
+	// on its image itself.
 	var lock func(*os.File) error
-	if !v.Encrypted {
+	if !servedByEngine(v) {
 		mode := imagelock.Write
 		if v.ReadOnly {
 			mode = imagelock.Read
@@ -236,7 +239,16 @@ func (m *Manager) build(ctx context.Context, v *nodestate.Volume, req Request, k
 	return m.mountFilesystem(ctx, v, req.NeverFormat)
 }
 
-// startEngine starts the volume's engine; it unlocks the image itself.
+// servedByEngine reports whether the volume's loop device sits on an
+// engine's FUSE file: an encrypted volume's, and every volume in Ceph RBD
+// (the node reaches RADOS only through an engine; an unencrypted one's
+// serves it in plaintext). A plain image file gets its loop device directly.
+func servedByEngine(v *nodestate.Volume) bool { return v.Encrypted || isRBD(v.Image) }
+
+// startEngine starts the volume's engine; it unlocks the image itself, or
+// serves an unencrypted volume (in Ceph RBD) in plaintext: the mode comes
+// from the volume context (v.Encrypted), and the engine refuses an image
+// whose record says otherwise.
 func (m *Manager) startEngine(ctx context.Context, v *nodestate.Volume, req Request, kmsID string) (*blockdev.Engine, error) {
 	spec := blockdev.EngineSpec{
 		VolumeID:        v.VolumeID,
@@ -247,7 +259,13 @@ func (m *Manager) startEngine(ctx context.Context, v *nodestate.Volume, req Requ
 		AllowDiscards:   req.AllowDiscards,
 		BufferedBacking: m.cfg.BufferedBacking,
 	}
-	if spec.PassphraseFile == "" {
+	switch {
+	case !v.Encrypted:
+		if spec.PassphraseFile != "" {
+			return nil, fmt.Errorf("%w: volume %q is unencrypted, and a key file was given", ErrEncryptionMismatch, v.VolumeID)
+		}
+		spec.Plaintext, spec.SectorSize = true, v.SectorSize
+	case spec.PassphraseFile == "":
 		if m.cfg.KMS == nil {
 			return nil, fmt.Errorf("%w: volume %q is encrypted but this node has no KMS", ErrNoKMS, v.VolumeID)
 		}
@@ -261,7 +279,7 @@ func (m *Manager) startEngine(ctx context.Context, v *nodestate.Volume, req Requ
 		return nil, fmt.Errorf("create run dir: %w", err)
 	}
 	eng, rep, err := m.engines(v.Image).Start(ctx, spec)
-	if rep != nil && m.cfg.KMS != nil {
+	if rep != nil && m.cfg.KMS != nil && v.Encrypted {
 		m.cfg.KMS.CountCalls(kmsID, rep.KMSCalls)
 	}
 	return eng, err

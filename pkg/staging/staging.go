@@ -29,9 +29,6 @@ var (
 	// ErrReservedPath: a staging or target path lies inside a directory the
 	// node owns (its pool, state or KMS directory).
 	ErrReservedPath = errors.New("path inside the driver's own directories")
-	// ErrEncryptionMismatch: the caller says encrypted and the image is not,
-	// or the reverse. Nothing is attached.
-	ErrEncryptionMismatch = errors.New("the image's encryption differs from what the volume context says")
 	// ErrStagedElsewhere: the volume is already staged at another path.
 	ErrStagedElsewhere = errors.New("volume already staged at another path")
 	// ErrIncompatible: staged or published here already, with another
@@ -70,6 +67,10 @@ var (
 	// ErrInUse: another engine or node serves the image (one writer per
 	// image, pkg/imagelock).
 	ErrInUse = blockdev.ErrInUse
+	// ErrEncryptionMismatch: the caller says encrypted and the image is not,
+	// or the reverse (an image file's header says so; an RBD image's record,
+	// which its engine checks). Nothing is attached.
+	ErrEncryptionMismatch = blockdev.ErrEncryptionMismatch
 )
 
 // KMS tells the engine which plugin unwraps a volume of a kmsID and takes

@@ -93,7 +93,7 @@ func (m *Manager) Teardown(ctx context.Context, v *nodestate.Volume) error {
 	if err := m.detachLoop(ctx, v); err != nil {
 		return err
 	}
-	if v.Encrypted && v.RunDir != "" {
+	if servedByEngine(v) && v.RunDir != "" {
 		pid := 0
 		if v.Engine != nil {
 			pid = v.Engine.PID
@@ -192,7 +192,7 @@ func (m *Manager) leftovers(v *nodestate.Volume) error {
 	if dev, _ := m.loopOf(v); dev != "" {
 		left = append(left, fmt.Errorf("loop device %s", dev))
 	}
-	if v.Encrypted && v.RunDir != "" {
+	if servedByEngine(v) && v.RunDir != "" {
 		if pid := blockdev.FindEngine(v.RunDir); pid > 0 {
 			left = append(left, fmt.Errorf("engine pid %d", pid))
 		}
