@@ -470,8 +470,7 @@ func TestRBDParameters(t *testing.T) {
 		params map[string]string
 		want   string
 	}{
-		{map[string]string{"backend": "rbd", "pool": e.c.Pool, "encrypted": "false"}, `parameter "encrypted"`},
-		{map[string]string{"backend": "rbd", "pool": e.c.Pool}, `parameter "encrypted"`},
+		{map[string]string{"backend": "rbd", "pool": e.c.Pool, "encrypted": "no"}, `parameter "encrypted"`},
 		{map[string]string{"backend": "rbd", "encrypted": "true"}, `parameter "pool": required`},
 		{map[string]string{"backend": "ceph", "encrypted": "true"}, `parameter "backend"`},
 		{map[string]string{"pool": e.c.Pool, "encrypted": "true"}, `parameter "pool": only with backend "rbd"`},
@@ -492,4 +491,217 @@ func TestRBDParameters(t *testing.T) {
 	if out := e.c.CLI(t, "rbd", "ls", "-p", e.c.Pool); strings.Contains(out, "tmp-") {
 		t.Errorf("refused calls left images: %s", out)
 	}
+}
+
+// withContext returns a copy of v whose volume context says encrypted=enc
+// (what a PV edited by hand, or another class's context, would carry).
+func withContext(v *csi.Volume, enc string) *csi.Volume {
+	c := map[string]string{}
+	for k, val := range v.GetVolumeContext() {
+		c[k] = val
+	}
+	c["encrypted"] = enc
+	return &csi.Volume{VolumeId: v.GetVolumeId(), CapacityBytes: v.GetCapacityBytes(), VolumeContext: c}
+}
+
+// TestRBDUnencryptedThroughCSI: an unencrypted RBD volume (StorageClass
+// backend "rbd", encrypted "false") end to end through CSI on the real
+// cluster: created as a plain image (no LUKS2 header: the data is in RADOS
+// as written), staged through a plaintext engine, written and read back
+// through ext4; a stage whose volume context disagrees with the image's
+// record is FailedPrecondition both ways and attaches nothing; snapshot,
+// restore and clone stay unencrypted and read back; converting a snapshot
+// or volume either way is InvalidArgument; online expansion; delete leaves
+// no image, object or trash entry.
+func TestRBDUnencryptedThroughCSI(t *testing.T) {
+	e := newCSIEnv(t)
+	stamp := time.Now().UnixNano()
+	name := func(s string) string { return fmt.Sprintf("csi-plain-%s-%d", s, stamp) }
+	encParams := e.params
+	e.params = map[string]string{"backend": "rbd", "pool": e.c.Pool, "encrypted": "false"}
+
+	src := e.create(name("src"), 128*mib, nil)
+	if got := src.GetVolumeContext()["encrypted"]; got != "false" {
+		t.Fatalf("volume context encrypted=%q, want \"false\"", got)
+	}
+	imageID, prefix := e.rbdInfo(src.GetVolumeId())
+	p := e.stage(src, "src")
+	data := marker(8 * mib)
+	writeFile(t, filepath.Join(p.StagingPath, "data"), data)
+	readBack(t, filepath.Join(p.StagingPath, "data"), data)
+	// No header: the image starts with the filesystem (ext4's magic at
+	// 1080), and the data is in RADOS as written.
+	exp := filepath.Join(t.TempDir(), "head")
+	e.c.CLI(t, "rados", "-p", e.c.Pool, "get", prefix+".0000000000000000", exp)
+	head, err := os.ReadFile(exp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.HasPrefix(head, []byte("LUKS\xba\xbe")) || len(head) < 1082 || head[1080] != 0x53 || head[1081] != 0xef {
+		t.Fatalf("first object of the unencrypted image: not an ext4 volume from offset 0 (%d bytes)", len(head))
+	}
+	found := false
+	for _, o := range e.radosObjects() {
+		if !strings.HasPrefix(o, prefix) {
+			continue
+		}
+		out := filepath.Join(t.TempDir(), "obj")
+		e.c.CLI(t, "rados", "-p", e.c.Pool, "get", o, out)
+		if b, _ := os.ReadFile(out); bytes.Contains(b, marker(37*4)) {
+			found = true
+			break
+		}
+	}
+	if !found {
+		t.Fatal("the written data is not in RADOS as written")
+	}
+
+	// A context that disagrees with the image's record: FailedPrecondition,
+	// nothing attached, both ways.
+	ctx, cancel := ctxT()
+	defer cancel()
+	enc := e.createWith(name("enc"), 64*mib, encParams, nil)
+	for label, v := range map[string]*csi.Volume{"plain-as-enc": withContext(src, "true"), "enc-as-plain": withContext(enc, "false")} {
+		if label == "plain-as-enc" {
+			e.unstage(p) // the volume is staged: stage it elsewhere only once it is not
+		}
+		mp, err := csiclient.NewPublication(v, "ext4", e.dir, label)
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = e.cli.Stage(ctx, mp)
+		if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "encrypted=") {
+			t.Errorf("%s: stage with a mismatching context: %v, want FailedPrecondition", label, err)
+		}
+		if err := e.cli.Unstage(ctx, mp); err != nil {
+			t.Errorf("%s: unstage after the refusal: %v", label, err)
+		}
+		if m, _ := mountsUnder(e.dir, label); m != "" {
+			t.Errorf("%s: a refused stage left a mount: %s", label, m)
+		}
+	}
+	p = e.stage(src, "src2")
+	readBack(t, filepath.Join(p.StagingPath, "data"), data)
+
+	// Snapshot, restore, clone: unencrypted, and they read back.
+	snap := e.snapshot(name("snap"), src.GetVolumeId())
+	e.params = map[string]string{"backend": "rbd", "pool": e.c.Pool} // "encrypted" unset: inherited
+	restored := e.create(name("restored"), 128*mib, csiclient.SnapshotSource(snap))
+	e.params = map[string]string{"backend": "rbd", "pool": e.c.Pool, "encrypted": "false"}
+	clone := e.create(name("clone"), 128*mib, csiclient.VolumeSource(src.GetVolumeId()))
+	for label, v := range map[string]*csi.Volume{"restored": restored, "clone": clone} {
+		if got := v.GetVolumeContext()["encrypted"]; got != "false" {
+			t.Errorf("%s: volume context encrypted=%q, want \"false\"", label, got)
+		}
+		rp := e.stage(v, label)
+		readBack(t, filepath.Join(rp.StagingPath, "data"), data)
+		e.unstage(rp)
+	}
+
+	// No conversion, either way: InvalidArgument, nothing made.
+	encSnap := e.snapshot(name("encsnap"), enc.GetVolumeId())
+	before := e.c.CLI(t, "rbd", "ls", "-p", e.c.Pool)
+	for _, c := range []struct {
+		what string
+		enc  string
+		src  *csi.VolumeContentSource
+	}{
+		{"unencrypted snapshot as encrypted", "true", csiclient.SnapshotSource(snap)},
+		{"unencrypted volume cloned as encrypted", "true", csiclient.VolumeSource(src.GetVolumeId())},
+		{"encrypted snapshot as unencrypted", "false", csiclient.SnapshotSource(encSnap)},
+		{"encrypted volume cloned as unencrypted", "false", csiclient.VolumeSource(enc.GetVolumeId())},
+	} {
+		_, err := e.cli.CreateVolume(ctx, csiclient.VolumeRequest{Name: name("conv"), Size: 128 * mib, Access: "ext4",
+			Parameters: map[string]string{"backend": "rbd", "pool": e.c.Pool, "encrypted": c.enc}, Source: c.src})
+		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), `"encrypted"`) {
+			t.Errorf("%s: %v, want InvalidArgument naming \"encrypted\"", c.what, err)
+		}
+	}
+	if after := e.c.CLI(t, "rbd", "ls", "-p", e.c.Pool); after != before {
+		t.Errorf("refused conversions left images:\nbefore %s\nafter %s", before, after)
+	}
+
+	// Expand the staged volume online.
+	if _, err := e.cli.Controller.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: src.GetVolumeId(),
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 256 * mib}}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := e.cli.Node.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: src.GetVolumeId(), VolumePath: p.StagingPath,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 256 * mib}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(p.StagingPath, &st); err != nil {
+		t.Fatal(err)
+	}
+	if resp.GetCapacityBytes() != 256*mib || int64(st.Blocks)*st.Bsize < 200*mib {
+		t.Fatalf("after expand: node says %d bytes, the filesystem has %d", resp.GetCapacityBytes(), int64(st.Blocks)*st.Bsize)
+	}
+	readBack(t, filepath.Join(p.StagingPath, "data"), data)
+	e.unstage(p)
+
+	// Delete everything: no image, no data object, no trash entry.
+	type obj struct{ id, imageID, prefix string }
+	all := []obj{{src.GetVolumeId(), imageID, prefix}}
+	for _, v := range []*csi.Volume{restored, clone, enc} {
+		iid, pre := e.rbdInfo(v.GetVolumeId())
+		all = append(all, obj{v.GetVolumeId(), iid, pre})
+	}
+	e.deleteVolume(src.GetVolumeId())
+	e.deleteSnapshot(snap)
+	e.deleteSnapshot(encSnap)
+	for _, o := range all[1:] {
+		e.deleteVolume(o.id)
+	}
+	names := e.c.CLI(t, "rbd", "ls", "-p", e.c.Pool)
+	for _, o := range all {
+		if strings.Contains(names, e.image(o.id)) {
+			t.Errorf("image %s left after delete", e.image(o.id))
+		}
+	}
+	var left []string
+	for deadline := time.Now().Add(90 * time.Second); ; time.Sleep(time.Second) {
+		left = left[:0]
+		for _, ro := range e.radosObjects() {
+			for _, o := range all {
+				if strings.HasPrefix(ro, o.prefix) || ro == "rbd_header."+o.imageID {
+					left = append(left, ro)
+				}
+			}
+		}
+		if len(left) == 0 || time.Now().After(deadline) {
+			break
+		}
+	}
+	if len(left) > 0 {
+		t.Errorf("objects of deleted volumes left: %v", left)
+	}
+	if trash := strings.TrimSpace(e.c.CLI(t, "rbd", "trash", "ls", "-p", e.c.Pool)); trash != "" {
+		t.Errorf("RBD trash not empty: %s", trash)
+	}
+}
+
+// createWith is create with other parameters.
+func (e *csiEnv) createWith(name string, size int64, params map[string]string, src *csi.VolumeContentSource) *csi.Volume {
+	e.t.Helper()
+	saved := e.params
+	defer func() { e.params = saved }()
+	e.params = params
+	return e.create(name, size, src)
+}
+
+// mountsUnder returns a mount point under dir whose path names label, "".
+func mountsUnder(dir, label string) (string, error) {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return "", err
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) > 4 && strings.HasPrefix(f[4], dir) && strings.Contains(f[4], label) {
+			return f[4], nil
+		}
+	}
+	return "", nil
 }

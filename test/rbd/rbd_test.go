@@ -266,3 +266,107 @@ func TestKMSDownIsUnavailable(t *testing.T) {
 		t.Fatal("engine log shows the cephx key")
 	}
 }
+
+// startEngine starts an engine on image id of the test pool in the given
+// mode; the caller stops it (stopEngine) when it served.
+func (e *env) startEngine(id, run string, plaintext bool) (*blockdev.Engine, *blockdev.StartReport, error) {
+	spec := blockdev.EngineSpec{VolumeID: id, Image: rbd.Ref{Pool: e.c.Pool, Image: id}.String(), RunDir: run}
+	if plaintext {
+		spec.Plaintext, spec.SectorSize = true, 4096
+	} else {
+		spec.PassphraseFile = e.pass
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	return blockdev.StartEngineWithCredentials(ctx, binary, spec, e.c.Creds)
+}
+
+// TestPlaintextVolumeOnRBD: an unencrypted volume (its image recorded
+// encrypted=false, no header) is served by a plaintext engine through
+// librbd as it is: what is written through the engine's file is at the
+// same offset in the image, read back from RADOS (rbd export); the report
+// claims no KMS call. The engine's mode is checked against the image's
+// record both ways, and an image with no record is never served in
+// plaintext: each refusal is ErrEncryptionMismatch and leaves nothing.
+func TestPlaintextVolumeOnRBD(t *testing.T) {
+	e := newEnv(t)
+	stamp := time.Now().UnixNano()
+	const size = 32 << 20
+	v, err := e.pool.Create(e.ctx, backend.CreateRequest{
+		Meta:      backend.Meta{Name: fmt.Sprintf("e2e-plain-%d", stamp), Kind: backend.KindVolume, Size: size, SectorSize: 4096},
+		ImageSize: size})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.pool.Delete(e.ctx, backend.KindVolume, v.ID, nil)
+	run := filepath.Join("/tmp", "rbde2e-p-"+v.ID[len(v.ID)-8:])
+	defer os.RemoveAll(run)
+	eng, rep, err := e.startEngine(v.ID, run, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !rep.Plaintext || rep.DataOffset != 0 || rep.Size != size || len(rep.KMSCalls) != 0 {
+		t.Fatalf("start report %+v: want plaintext, offset 0, size %d, no KMS call", rep, size)
+	}
+	data := marker(4 << 20)
+	f, err := os.OpenFile(eng.File, os.O_RDWR, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(data, 8<<20); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(data))
+	if _, err := f.ReadAt(got, 8<<20); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("read back through the engine differs: %v", err)
+	}
+	f.Close()
+	if err := blockdev.UnmountEngine(context.Background(), run); err != nil {
+		t.Fatal(err)
+	}
+	exp := filepath.Join(t.TempDir(), "export")
+	e.c.CLI(t, "rbd", "export", e.c.Pool+"/"+v.ID, exp)
+	img, err := os.ReadFile(exp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(img) != size || !bytes.Equal(img[8<<20:12<<20], data) {
+		t.Fatalf("the image (%d bytes) does not hold the written bytes at their offset", len(img))
+	}
+
+	// Both ways refused, and an image without a record is not served raw.
+	enc := e.createEncrypted(fmt.Sprintf("e2e-plain-enc-%d", stamp), 16<<20, nil)
+	defer e.pool.Delete(e.ctx, backend.KindVolume, enc.ID, nil)
+	bare := fmt.Sprintf("vol-bare%d", stamp)
+	e.c.CLI(t, "rbd", "create", "--size", "16M", "--image-feature", "layering", e.c.Pool+"/"+bare)
+	defer e.c.CLI(t, "rbd", "rm", e.c.Pool+"/"+bare)
+	for _, c := range []struct {
+		what      string
+		id        string
+		plaintext bool
+		want      string
+	}{
+		{"encrypted engine on an unencrypted volume", v.ID, false, "encrypted=false"},
+		{"plaintext engine on an encrypted volume", enc.ID, true, "encrypted=true"},
+		{"plaintext engine on an image without a record", bare, true, "no volume record"},
+	} {
+		_, rep, err := e.startEngine(c.id, run, c.plaintext)
+		if !errors.Is(err, blockdev.ErrEncryptionMismatch) || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want ErrEncryptionMismatch saying %q", c.what, err, c.want)
+		}
+		if rep != nil && len(rep.KMSCalls) != 0 {
+			t.Errorf("%s: the refused engine made KMS calls %+v", c.what, rep.KMSCalls)
+		}
+		if blockdev.FindEngine(run) > 0 {
+			t.Errorf("%s: an engine is left", c.what)
+		}
+	}
+	// The refusals changed nothing: the data is still there.
+	e.c.CLI(t, "rbd", "export", e.c.Pool+"/"+v.ID, exp+"2")
+	if img2, _ := os.ReadFile(exp + "2"); !bytes.Equal(img2, img) {
+		t.Fatal("a refused engine changed the unencrypted image")
+	}
+}
