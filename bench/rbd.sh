@@ -2,9 +2,11 @@
 # fio through an encrypted RBD volume of the driver (CreateVolume with
 # backend "rbd", staged and published for block access through CSI: loop
 # device on the engine's FUSE file on librbd; libaio, O_DIRECT, QD16),
-# through librbd itself (fio's rbd engine on a plain image: the driver keeps
-# no unencrypted RBD volumes, so this is the unencrypted baseline) and
-# `rbd bench` (16 threads), in one run, on a throw-away cluster.
+# through an unencrypted RBD volume of the same driver (encrypted "false":
+# the same path, engine in plaintext mode), through librbd itself (fio's rbd
+# engine on an image made by hand) and `rbd bench` (16 threads), in one run,
+# on a throw-away cluster; ratios enc/unencrypted, unencrypted/librbd,
+# enc/librbd, enc/rbd-bench (IOPS).
 # Usage: bench/rbd.sh [CLUSTER_DIR]   (BENCH_RUNTIME seconds per job, default 15)
 set -euo pipefail
 cd "$(dirname "$0")/.."

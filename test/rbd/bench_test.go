@@ -19,10 +19,11 @@ import (
 // TestBenchRBD (CSI_ENCDISK_RBD_BENCH=1, bench/rbd.sh) runs the same fio
 // jobs through an encrypted RBD volume of the driver (CreateVolume with
 // backend "rbd", staged and published for block access by the driver: loop
-// device on the engine's FUSE file on librbd; libaio, O_DIRECT) and through
-// librbd itself (fio's rbd engine on a plain image: the driver keeps no
-// unencrypted RBD volumes, so this is the unencrypted baseline), and `rbd
-// bench` with as many threads, in one run, and prints the ratios.
+// device on the engine's FUSE file on librbd; libaio, O_DIRECT), through an
+// unencrypted RBD volume of the same driver (encrypted "false": the same
+// path with the engine in plaintext mode), through librbd itself (fio's rbd
+// engine on a plain image made by hand) and `rbd bench` with as many
+// threads, in one run, and prints the ratios.
 func TestBenchRBD(t *testing.T) {
 	if os.Getenv("CSI_ENCDISK_RBD_BENCH") != "1" {
 		t.Skip("set CSI_ENCDISK_RBD_BENCH=1 (bench/rbd.sh)")
@@ -37,26 +38,32 @@ func TestBenchRBD(t *testing.T) {
 	stamp := time.Now().UnixNano()
 	ctx, cancel := ctxT()
 	defer cancel()
-	v, err := ce.cli.CreateVolume(ctx, csiclient.VolumeRequest{Name: fmt.Sprintf("bench-enc-%d", stamp), Size: size, Access: csiclient.Block, Parameters: ce.params})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ce.deleteVolume(v.GetVolumeId())
-	pub, err := csiclient.NewPublication(v, csiclient.Block, ce.dir, "bench")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := ce.cli.StagePublish(ctx, pub); err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		ctx, cancel := ctxT()
-		defer cancel()
-		if err := ce.cli.UnpublishUnstage(ctx, pub); err != nil {
-			t.Error(err)
+	// blockVolume creates a volume of the driver with params and publishes
+	// it for block access: its device's path.
+	blockVolume := func(label string, params map[string]string) string {
+		v, err := ce.cli.CreateVolume(ctx, csiclient.VolumeRequest{Name: fmt.Sprintf("bench-%s-%d", label, stamp), Size: size, Access: csiclient.Block, Parameters: params})
+		if err != nil {
+			t.Fatal(err)
 		}
-	}()
-	file := pub.TargetPath
+		t.Cleanup(func() { ce.deleteVolume(v.GetVolumeId()) })
+		pub, err := csiclient.NewPublication(v, csiclient.Block, ce.dir, "bench-"+label)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := ce.cli.StagePublish(ctx, pub); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			ctx, cancel := ctxT()
+			defer cancel()
+			if err := ce.cli.UnpublishUnstage(ctx, pub); err != nil {
+				t.Error(err)
+			}
+		})
+		return pub.TargetPath
+	}
+	file := blockVolume("enc", ce.params)
+	unencFile := blockVolume("unenc", map[string]string{"backend": "rbd", "pool": e.c.Pool, "encrypted": "false"})
 	plain := fmt.Sprintf("bench-plain-%d", stamp)
 	e.c.CLI(t, "rbd", "create", "--size", "1G", "--image-feature", "layering", e.c.Pool+"/"+plain)
 	defer e.c.CLI(t, "rbd", "rm", e.c.Pool+"/"+plain)
@@ -114,15 +121,20 @@ func TestBenchRBD(t *testing.T) {
 		}
 		return result{iops, bw / 1e6}
 	}
-	// Fill both images first so reads hit real data.
-	fio("--filename="+file, "--ioengine=libaio", "--direct=1", "--rw=write", "--bs=4M", "--time_based=0", "--runtime=0")
+	// Fill the images first so reads hit real data.
+	for _, f := range []string{file, unencFile} {
+		fio("--filename="+f, "--ioengine=libaio", "--direct=1", "--rw=write", "--bs=4M", "--time_based=0", "--runtime=0")
+	}
 	fio("--ioengine=rbd", "--clientname=admin", "--pool="+e.c.Pool, "--rbdname="+plain, "--rw=write", "--bs=4M", "--time_based=0", "--runtime=0")
-	t.Logf("%-13s | %-22s | %-22s | %-22s | %s", "job", "encrypted (CSI)", "librbd (fio rbd)", "rbd bench", "enc/librbd, enc/rbd-bench")
+	t.Logf("%-13s | %-22s | %-22s | %-22s | %-22s | %s", "job", "encrypted (CSI)", "unencrypted (CSI)", "librbd (fio rbd)", "rbd bench",
+		"enc/unencrypted, unencrypted/librbd, enc/librbd, enc/rbd-bench")
 	for _, j := range jobs {
 		enc := fio("--filename="+file, "--ioengine=libaio", "--direct=1", "--rw="+j.rw, "--bs="+j.bs)
+		unenc := fio("--filename="+unencFile, "--ioengine=libaio", "--direct=1", "--rw="+j.rw, "--bs="+j.bs)
 		lib := fio("--ioengine=rbd", "--clientname=admin", "--pool="+e.c.Pool, "--rbdname="+plain, "--rw="+j.rw, "--bs="+j.bs)
 		rb := rbdBench(j.rw, j.bs)
-		t.Logf("%-13s | %7.0f IOPS %7.1f MB/s | %7.0f IOPS %7.1f MB/s | %7.0f IOPS %7.1f MB/s | %.2f, %.2f",
-			j.name, enc.iops, enc.mbs, lib.iops, lib.mbs, rb.iops, rb.mbs, enc.iops/lib.iops, enc.iops/rb.iops)
+		t.Logf("%-13s | %7.0f IOPS %7.1f MB/s | %7.0f IOPS %7.1f MB/s | %7.0f IOPS %7.1f MB/s | %7.0f IOPS %7.1f MB/s | %.2f, %.2f, %.2f, %.2f",
+			j.name, enc.iops, enc.mbs, unenc.iops, unenc.mbs, lib.iops, lib.mbs, rb.iops, rb.mbs,
+			enc.iops/unenc.iops, unenc.iops/lib.iops, enc.iops/lib.iops, enc.iops/rb.iops)
 	}
 }

@@ -4,6 +4,7 @@ package sanity
 
 import (
 	"bytes"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -22,13 +23,11 @@ import (
 // TestSanityRBD runs csi-sanity against the Ceph RBD backend of a driver
 // built with -tags ceph,pacific, on the throw-away cluster that
 // $CSI_ENCDISK_CEPH_CONF names (scripts/ceph-cluster.sh): StorageClass
-// parameters backend "rbd", pool, encrypted "true"; the cluster's csi user
-// reaches the driver as the CSI secrets of every call that has them, as
-// Kubernetes passes them. Unencrypted RBD volumes are refused at
-// CreateVolume (InvalidArgument: the node reaches RADOS only through its
-// engine), so there is no encrypted "false" run; TestRBDParameters checks
-// the refusal. The driver runs at -v=10, and its log must not hold the
-// cephx key afterwards.
+// parameters backend "rbd", pool, and encrypted "true" and "false" (an
+// unencrypted RBD volume is served by a plaintext engine), one suite each
+// against the same driver; the cluster's csi user reaches the driver as the
+// CSI secrets of every call that has them, as Kubernetes passes them. The
+// driver runs at -v=10, and its log must not hold the cephx key afterwards.
 //
 // Run it alone (-run TestSanityRBD): Ginkgo runs one suite per process.
 func TestSanityRBD(t *testing.T) {
@@ -40,26 +39,34 @@ func TestSanityRBD(t *testing.T) {
 	bin := buildBinary(t, dir, "ceph", "pacific")
 	sock := startDriver(t, bin, dir, "10")
 
-	cfg := sanity.NewTestConfig()
-	cfg.Address = "unix://" + sock
-	cfg.DialOptions = []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithChainUnaryInterceptor(rbdtest.SecretsInterceptor(cluster.Secrets()))}
-	cfg.TargetPath = filepath.Join(dir, "rbd", "target")
-	cfg.StagingPath = filepath.Join(dir, "rbd", "staging")
-	if err := os.MkdirAll(filepath.Join(dir, "rbd"), 0o755); err != nil {
-		t.Fatal(err)
+	var contexts []*sanity.TestContext
+	for _, encrypted := range []string{"true", "false"} {
+		cfg := sanity.NewTestConfig()
+		cfg.Address = "unix://" + sock
+		cfg.DialOptions = []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials()),
+			grpc.WithChainUnaryInterceptor(rbdtest.SecretsInterceptor(cluster.Secrets()))}
+		base := filepath.Join(dir, "rbd-encrypted-"+encrypted)
+		if err := os.MkdirAll(base, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		cfg.TargetPath = filepath.Join(base, "target")
+		cfg.StagingPath = filepath.Join(base, "staging")
+		cfg.TestVolumeSize = 64 << 20
+		cfg.TestVolumeExpandSize = 128 << 20
+		cfg.TestVolumeParameters = map[string]string{"encrypted": encrypted, "backend": "rbd", "pool": cluster.Pool}
+		cfg.IdempotentCount = 2
+		c := cfg
+		ginkgo.Describe(fmt.Sprintf("[rbd encrypted=%s]", encrypted), func() {
+			contexts = append(contexts, sanity.GinkgoTest(&c))
+		})
 	}
-	cfg.TestVolumeSize = 64 << 20
-	cfg.TestVolumeExpandSize = 128 << 20
-	cfg.TestVolumeParameters = map[string]string{"encrypted": "true", "backend": "rbd", "pool": cluster.Pool}
-	cfg.IdempotentCount = 2
-	var sc *sanity.TestContext
-	ginkgo.Describe("[rbd encrypted=true]", func() { sc = sanity.GinkgoTest(&cfg) })
 	gomega.RegisterFailHandler(ginkgo.Fail)
 	suite, reporter := ginkgo.GinkgoConfiguration()
-	suite.Timeout = 20 * time.Minute
+	suite.Timeout = 30 * time.Minute
 	ginkgo.RunSpecs(t, "csi-encdisk sanity on Ceph RBD", suite, reporter)
-	sc.Finalize()
+	for _, c := range contexts {
+		c.Finalize()
+	}
 
 	// Nothing of the run is left in the pool (csi-sanity deletes what it
 	// made; a deleted parent waits in the trash only while clones live).
