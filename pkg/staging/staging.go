@@ -1,7 +1,8 @@
-// Package staging is the life of a volume staged on a node: Stage (the
-// image's own header decides: an encrypted image gets an engine process that
-// unlocks it and serves its plaintext as a FUSE file, a plain image is used
-// as it is), a loop device on that, a filesystem on the loop device;
+// Package staging is the life of a volume staged on a node: Stage (an
+// image file's own header decides: an encrypted image gets an engine process
+// that unlocks it and serves its plaintext as a FUSE file, a plain image is
+// used as it is; an image in Ceph RBD always gets an engine, in the mode the
+// volume context says and its record confirms), a loop device on that, a filesystem on the loop device;
 // Publish and Unpublish at targets; Teardown in reverse order; Health,
 // Usage, Expand; and Recover after a restart. The CSI node service and
 // `volume open/close` both run it. Callers serialise calls per volume.
