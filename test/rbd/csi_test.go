@@ -511,8 +511,9 @@ func withContext(v *csi.Volume, enc string) *csi.Volume {
 // through ext4; a stage whose volume context disagrees with the image's
 // record is FailedPrecondition both ways and attaches nothing; snapshot,
 // restore and clone stay unencrypted and read back; converting a snapshot
-// or volume either way is InvalidArgument; online expansion; delete leaves
-// no image, object or trash entry.
+// or volume either way is InvalidArgument; capacity and the pool quota as
+// for encrypted volumes; online expansion; delete leaves no image, object
+// or trash entry.
 func TestRBDUnencryptedThroughCSI(t *testing.T) {
 	e := newCSIEnv(t)
 	stamp := time.Now().UnixNano()
@@ -620,6 +621,23 @@ func TestRBDUnencryptedThroughCSI(t *testing.T) {
 	if after := e.c.CLI(t, "rbd", "ls", "-p", e.c.Pool); after != before {
 		t.Errorf("refused conversions left images:\nbefore %s\nafter %s", before, after)
 	}
+
+	// Pool quota reached -> ResourceExhausted for create and expand, as for
+	// encrypted volumes; capacity is reported for the class.
+	if gc, err := e.cli.Controller.GetCapacity(ctx, &csi.GetCapacityRequest{Parameters: e.params}); err != nil || gc.GetAvailableCapacity() <= 0 {
+		t.Errorf("GetCapacity of the unencrypted class: %v, %v", gc, err)
+	}
+	e.c.CLI(t, "ceph", "osd", "pool", "set-quota", e.c.Pool, "max_bytes", "1")
+	quotaOff := func() { e.c.CLI(t, "ceph", "osd", "pool", "set-quota", e.c.Pool, "max_bytes", "0") }
+	t.Cleanup(quotaOff)
+	if _, err := e.cli.CreateVolume(ctx, csiclient.VolumeRequest{Name: name("full"), Size: 64 * mib, Access: "ext4", Parameters: e.params}); status.Code(err) != codes.ResourceExhausted {
+		t.Errorf("unencrypted CreateVolume at the pool quota: %v, want ResourceExhausted", err)
+	}
+	if _, err := e.cli.Controller.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: src.GetVolumeId(),
+		CapacityRange: &csi.CapacityRange{RequiredBytes: 256 * mib}}); status.Code(err) != codes.ResourceExhausted {
+		t.Errorf("unencrypted ControllerExpandVolume at the pool quota: %v, want ResourceExhausted", err)
+	}
+	quotaOff()
 
 	// Expand the staged volume online.
 	if _, err := e.cli.Controller.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: src.GetVolumeId(),
