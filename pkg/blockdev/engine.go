@@ -36,8 +36,8 @@ type engine struct {
 	// for a plaintext volume (spec.Plaintext). (The name stays that of the
 	// fast path's one user.)
 	xts        sectorCipher
-	dataOffset int64   // from the header
-	sectorSize int     // from the header
+	dataOffset int64   // from the header (0 for a plaintext volume)
+	sectorSize int     // from the header (a plaintext volume's: spec.SectorSize)
 	img        imageIO // the image: a file (O_DIRECT when it takes it) or RBD (imageio.go)
 	size       atomic.Int64
 	zero       []byte     // one all-zero sector, for discard mode

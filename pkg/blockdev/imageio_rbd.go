@@ -7,7 +7,6 @@ import (
 	"errors"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/backend"
-
 	"github.com/csi-encdisk/csi-encdisk/pkg/rbd"
 )
 

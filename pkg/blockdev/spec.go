@@ -11,9 +11,9 @@ import (
 )
 
 // EngineSpec says which image an engine serves, how it gets the image's
-// passphrase (or that the volume is unencrypted), and how it serves it. It holds no secret: it becomes the
-// engine's argv (Args) and is parsed back there (RegisterFlags), from one
-// definition of the flags.
+// passphrase (or that the volume is unencrypted), and how it serves it. It
+// holds no secret: it becomes the engine's argv (Args) and is parsed back
+// there (RegisterFlags), from one definition of the flags.
 type EngineSpec struct {
 	VolumeID string
 	Image    string // absolute path of the LUKS2 image, or rbd:POOL/IMAGE (imageio.go)
@@ -29,11 +29,11 @@ type EngineSpec struct {
 	Plaintext  bool
 	SectorSize int
 
-	// Without Plaintext, the passphrase comes from exactly one of these. KMSEndpoint: the
-	// engine unwraps the header's csi-encdisk-kms token through this KMS v2
-	// plugin (KMSID must match the token's kms_id). PassphraseFile: a file
-	// whose bytes are the passphrase, as cryptsetup reads a key file
-	// (volume open of images made by hand).
+	// Without Plaintext, the passphrase comes from exactly one of these.
+	// KMSEndpoint: the engine unwraps the header's csi-encdisk-kms token
+	// through this KMS v2 plugin (KMSID must match the token's kms_id).
+	// PassphraseFile: a file whose bytes are the passphrase, as cryptsetup
+	// reads a key file (volume open of images made by hand).
 	KMSEndpoint    string
 	KMSID          string
 	KMSTimeout     time.Duration
