@@ -2,15 +2,16 @@
 // image file's own header decides: an encrypted image gets an engine process
 // that unlocks it and serves its plaintext as a FUSE file, a plain image is
 // used as it is; an image in Ceph RBD always gets an engine, in the mode the
-// volume context says and its record confirms), a loop device on that, a filesystem on the loop device;
-// Publish and Unpublish at targets; Teardown in reverse order; Health,
-// Usage, Expand; and Recover after a restart. The CSI node service and
-// `volume open/close` both run it. Callers serialise calls per volume.
+// volume context says and its record confirms), a loop device on that, a
+// filesystem on the loop device; Publish and Unpublish at targets; Teardown
+// in reverse order; Health, Usage, Expand; and Recover after a restart. The
+// CSI node service and `volume open/close` both run it. Callers serialise
+// calls per volume.
 //
 // The node trusts only the image and what it made itself: it never holds a
 // passphrase or volume key (the engine gets and keeps them), it attaches
 // nothing when the caller's idea of the volume's encryption disagrees with
-// the image, it refuses paths inside its own data directories, and it
+// the image (or, in Ceph RBD, with the image's record), it refuses paths inside its own data directories, and it
 // removes or unmounts only what its state records for a volume at a path.
 // Errors wrap the sentinels below (and blockdev's unlock sentinels), so a
 // caller can answer with the right code.
