@@ -32,20 +32,18 @@ const fuseRequestTimeout = 120 * time.Second
 
 // engine serves the plaintext of one image's data segment.
 type engine struct {
-	spec       EngineSpec
-	xts        *crypt.XTS
-	dataOffset int64   // from the header
-	sectorSize int     // from the header
-	img        imageIO // the image: a file (O_DIRECT when it takes it) or RBD (imageio.go)
-	size       atomic.Int64
-	zero       []byte     // one all-zero sector, for discard mode
-	dev        *os.File   // the FUSE connection (/dev/fuse)
-	clones     []*os.File // clones of dev the fast path reads (the supervisor holds copies)
-	sess       *fuseserve.Session
-	fuseStats  fuseserve.Stats
-	ring       *imageRing          // the fast path's io_uring on the image (nil: pread/pwrite)
-	completeFn func(uint64, int32) // e.complete, bound once (no allocation per reap)
-
+	spec                                               EngineSpec
+	xts                                                *crypt.XTS
+	dataOffset                                         int64   // from the header
+	sectorSize                                         int     // from the header
+	img                                                imageIO // the image: a file (O_DIRECT when it takes it) or RBD (imageio.go)
+	size                                               atomic.Int64
+	zero                                               []byte     // one all-zero sector, for discard mode
+	dev                                                *os.File   // the FUSE connection (/dev/fuse)
+	clones                                             []*os.File // clones of dev the fast path reads (the supervisor holds copies)
+	sess                                               *fuseserve.Session
+	fuseStats                                          fuseserve.Stats
+	directFD                                           int // the image's O_DIRECT descriptor the fast path's rings use (-1: pread/pwrite)
 	readOps, writeOps, readBytes, writeBytes, ioErrors atomic.Uint64
 }
 
@@ -77,7 +75,7 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 	harden()
 	tuneRuntime()
 	e := &engine{spec: spec}
-	e.completeFn = e.complete
+	e.directFD = -1
 	if e.img, err = openImageIO(ctx, spec); err != nil {
 		return err
 	}
@@ -118,7 +116,6 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 		}
 	}()
 	e.setupFastPath()
-	defer e.stopRing()
 	ln, err := listenControl(ControlSocketPath(spec.RunDir))
 	if err != nil {
 		if spec.FUSEFD == 0 {
@@ -156,14 +153,14 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 	served := make(chan error, 1)
 	go func() {
 		opts := fuseserve.ServeOptions{Resend: spec.Resend, Stats: &e.fuseStats}
-		if e.ring != nil {
+		if e.directFD >= 0 {
 			opts.Clones = e.clones
 		}
 		served <- fuseserve.Serve(serveCtx, dev, sess, e, opts)
 	}()
 	klog.InfoS("Engine serving", "volumeID", spec.VolumeID, "image", spec.Image, "file", PlainFile(spec.RunDir),
 		"size", e.size.Load(), "sectorSize", e.sectorSize, "allowDiscards", spec.AllowDiscards, "directIO", e.img.DirectIO(),
-		"takeover", spec.FUSEFD != 0, "resend", spec.Resend, "io_uring", e.ring != nil, "fuseReaders", len(e.clones))
+		"takeover", spec.FUSEFD != 0, "resend", spec.Resend, "io_uring", e.directFD >= 0, "fuseReaders", len(e.clones))
 	writeReport(report, &StartReport{DataOffset: e.dataOffset, SectorSize: e.sectorSize, Size: e.size.Load(), KMSCalls: calls.report()})
 
 	sig := ctx.Done()
@@ -238,15 +235,16 @@ func (e *engine) connect(ctx context.Context, mnt string) (*os.File, *fuseserve.
 
 // FUSEReaders is how many cloned /dev/fuse descriptors a supervisor makes
 // for an engine, and so how many readers the engine's fast path runs (one
-// per clone). Each reader reads through the netpoller, starts every READ
-// and WRITE on the image's ring and reads on, so it is not a bound on the
-// requests in flight (the server's buffers are); two let request intake and
-// the write encryption done in it use the two CPUs of the machine this was
-// measured on. Other counts were not measured yet (bench/RESULTS.md); each
-// reader costs a 1 MiB request buffer.
+// per clone, each an OS thread with its own ring). A reader starts every
+// READ and WRITE on its ring and reads on, so it is not a bound on the
+// requests in flight (the server's buffers are); two let the work of
+// requests (intake, encryption, decryption, replies) use the two CPUs of the
+// machine this was measured on (bench/RESULTS.md); each reader costs a
+// 1 MiB request buffer.
 const FUSEReaders = 2
 
-// setupFastPath starts the image ring and, for an engine that mounted its
+// setupFastPath chooses the fast path (readers with rings on the image's
+// O_DIRECT descriptor, set up by each reader) and, for an engine that mounted its
 // file itself, clones the connection for the readers (a supervised engine
 // got its clones from the supervisor, which keeps copies). Without a ring
 // (no io_uring, an RBD image, buffered I/O, CSI_ENCDISK_ENGINE_IO=pread) the
@@ -271,16 +269,21 @@ func (e *engine) setupFastPath() {
 	if len(e.clones) == 0 {
 		return // a supervisor that passed no clones
 	}
-	if err := e.startRing(f); err != nil {
+	// A ring now tells whether the kernel has io_uring (it may be disabled
+	// by sysctl or seccomp); the readers make their own.
+	r, err := newURing(ringEntries, 0, false)
+	if err != nil {
 		klog.ErrorS(err, "No io_uring on the image; serving with pread/pwrite", "volumeID", e.spec.VolumeID)
-		e.ring = nil
+		return
 	}
+	r.Close()
+	e.directFD = int(f.direct.Fd())
 }
 
 // tuneRuntime bounds the engine's threads and memory (it mlockalls: every
 // resident page is locked). GOMAXPROCS is the fast path's parallel work: its
-// readers (request intake, write encryption) and the reaper (read
-// decryption, replies), at most the CPUs; more Ps only add idle threads. The
+// readers (each does all the work of its requests) and one for the control
+// socket and the runtime, at most the CPUs; more Ps only add idle threads. The
 // Go heap holds the server's buffers (about 16 MiB, allocated once) and
 // little else: a limit of 24 MiB makes the collector work before the
 // process grows past the 32 MiB the engine is meant to stay within.

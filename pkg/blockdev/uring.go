@@ -5,9 +5,8 @@ package blockdev
 // Why we own it: no Go io_uring library is served by the module proxy this
 // project builds from (giouring, iouring-go and go-uring all answer 403), and
 // the engine needs very little of io_uring: READ and WRITE on one O_DIRECT
-// descriptor, submission from several goroutines, completions reaped by one
-// goroutine that the Go netpoller wakes through an eventfd (so no OS thread
-// waits in the kernel for an image I/O, unlike a pread/pwrite per request).
+// descriptor and a one-shot POLL_ADD (a FUSE reader's descriptor, the stop
+// eventfd), submitted and reaped by the one OS thread that owns the ring.
 
 import (
 	"errors"
@@ -25,6 +24,7 @@ const (
 	sysIOURingEnter    = 426
 	sysIOURingRegister = 427
 
+	uringOpPollAdd   = 6  // IORING_OP_POLL_ADD
 	uringOpRead      = 22 // IORING_OP_READ
 	uringOpWrite     = 23 // IORING_OP_WRITE
 	uringEnterGetEv  = 1  // IORING_ENTER_GETEVENTS
@@ -36,6 +36,12 @@ const (
 	uringCQESize     = 16
 	uringSetupClamp  = 1 << 4 // IORING_SETUP_CLAMP
 	uringSetupCQSize = 1 << 3 // IORING_SETUP_CQSIZE
+	// uringSetupSingleIssuer (IORING_SETUP_SINGLE_ISSUER, Linux 6.0) and
+	// uringSetupDeferTaskrun (IORING_SETUP_DEFER_TASKRUN, 6.1): one thread
+	// submits, and completions are posted only when it waits for them, so
+	// an I/O finishing while it works wakes nobody.
+	uringSetupSingleIssuer = 1 << 12
+	uringSetupDeferTaskrun = 1 << 13
 )
 
 type uringSQOff struct {
@@ -56,7 +62,8 @@ type uringParams struct {
 }
 
 // uring is one ring. Any goroutine may queue and submit (under mu); one
-// goroutine at a time reaps.
+// goroutine at a time reaps. A ring set up with uringSetupSingleIssuer is
+// used by the thread that set it up only.
 type uring struct {
 	fd      int
 	entries uint32
@@ -80,11 +87,11 @@ type uring struct {
 // errRingFull: every SQE is queued and not yet consumed by the kernel.
 var errRingFull = errors.New("io_uring: submission queue full")
 
-// newURing sets up a ring of entries SQEs and 2*entries CQEs. With
-// eventfd, completions signal an eventfd that Wait reads through the Go
-// netpoller.
-func newURing(entries uint32, eventfd bool) (*uring, error) {
-	p := uringParams{flags: uringSetupClamp | uringSetupCQSize, cqEntries: 2 * entries}
+// newURing sets up a ring of entries SQEs and 2*entries CQEs, with extra
+// setup flags. With eventfd, completions signal an eventfd that waitEvent
+// reads through the Go netpoller.
+func newURing(entries, flags uint32, eventfd bool) (*uring, error) {
+	p := uringParams{flags: uringSetupClamp | uringSetupCQSize | flags, cqEntries: 2 * entries}
 	fd, _, errno := unix.Syscall(sysIOURingSetup, uintptr(entries), uintptr(unsafe.Pointer(&p)), 0)
 	if errno != 0 {
 		return nil, fmt.Errorf("io_uring_setup: %w", errno)
@@ -151,6 +158,39 @@ func (r *uring) queueLocked(op uint8, fd int, b []byte, off int64, userData uint
 	r.sqArray[idx] = idx
 	r.tail++
 	return nil
+}
+
+// queuePollLocked writes a one-shot POLL_ADD SQE for POLLIN on fd.
+func (r *uring) queuePollLocked(fd int, userData uint64) error {
+	if r.tail-atomic.LoadUint32(r.sqHead) >= r.entries {
+		return errRingFull
+	}
+	idx := r.tail & r.sqMask
+	s := r.sqes[idx*uringSQESize : idx*uringSQESize+uringSQESize : idx*uringSQESize+uringSQESize]
+	clear(s)
+	s[0] = uringOpPollAdd
+	le32(s[4:], uint32(fd))
+	le32(s[28:], unix.POLLIN) // poll32_events
+	le64(s[32:], userData)
+	r.sqArray[idx] = idx
+	r.tail++
+	return nil
+}
+
+// submitAndWait publishes the queued SQEs, hands them to the kernel and
+// waits until at least one completion is there (one io_uring_enter). A
+// signal ends the wait early; the caller reaps and looks again.
+func (r *uring) submitAndWait() error {
+	atomic.StoreUint32(r.sqTail, r.tail)
+	n := r.tail - atomic.LoadUint32(r.sqHead)
+	_, _, errno := unix.Syscall6(sysIOURingEnter, uintptr(r.fd), uintptr(n), 1, uringEnterGetEv, 0, 0)
+	switch errno {
+	case 0, unix.EINTR, unix.EAGAIN, unix.EBUSY:
+		// EAGAIN/EBUSY: completions to reap first; what was not consumed
+		// goes with the next call.
+		return nil
+	}
+	return fmt.Errorf("io_uring_enter: %w", errno)
 }
 
 // submitLocked publishes the queued SQEs and hands them to the kernel

@@ -46,7 +46,7 @@ func benchImage(tb testing.TB, size int64) *os.File {
 
 func TestURingReadWrite(t *testing.T) {
 	f := benchImage(t, 1<<20)
-	r, err := newURing(8, true)
+	r, err := newURing(8, 0, true)
 	if err != nil {
 		t.Skipf("no io_uring: %v", err)
 	}
@@ -147,7 +147,7 @@ func BenchmarkImageIO(b *testing.B) {
 				wg.Wait()
 			})
 			b.Run(fmt.Sprintf("%s/io_uring/QD%d", rw, qd), func(b *testing.B) {
-				r, err := newURing(uint32(qd), false)
+				r, err := newURing(uint32(qd), 0, false)
 				if err != nil {
 					b.Skipf("no io_uring: %v", err)
 				}

@@ -13,50 +13,68 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// asyncMem is a memFile served asynchronously: Submit queues, Flush hands
-// the queued ops to a worker goroutine, which completes them.
+// asyncMem is a memFile served asynchronously: each reader's queue holds
+// what Submit gave it until the reader waits, then completes it.
 type asyncMem struct {
 	*memFile
-	mu      sync.Mutex
-	queued  []*Op
-	work    chan *Op
-	flushes int
 }
 
-func newAsyncMem(m *memFile) *asyncMem {
-	a := &asyncMem{memFile: m, work: make(chan *Op, 1024)}
-	go func() {
-		for op := range a.work {
-			if op.Write {
-				n, e := m.WriteAt(op.Buf, op.Off)
-				op.Complete(n, e)
-			} else {
-				n, e := m.ReadAt(op.Buf, op.Off)
-				op.Complete(n, e)
-			}
+func newAsyncMem(m *memFile) *asyncMem { return &asyncMem{memFile: m} }
+
+func (a *asyncMem) NewQueue(stop int) (Queue, error) {
+	return &memQueue{m: a.memFile, stop: stop}, nil
+}
+
+// memQueue completes queued ops in Wait, or waits for watch or stop with
+// poll(2) when none is queued.
+type memQueue struct {
+	m       *memFile
+	stop    int
+	pending []*Op
+	now     bool // complete in Submit
+}
+
+func (q *memQueue) Submit(op *Op) {
+	if q.now {
+		q.do(op)
+		return
+	}
+	q.pending = append(q.pending, op)
+}
+
+func (q *memQueue) do(op *Op) {
+	if op.Write {
+		n, e := q.m.WriteAt(op.Buf, op.Off)
+		op.Complete(n, e)
+		return
+	}
+	n, e := q.m.ReadAt(op.Buf, op.Off)
+	op.Complete(n, e)
+}
+
+func (q *memQueue) Wait(watch int) (bool, error) {
+	if len(q.pending) > 0 {
+		p := q.pending
+		q.pending = nil
+		for _, op := range p {
+			q.do(op)
 		}
-	}()
-	return a
-}
-
-func (a *asyncMem) Submit(op *Op) {
-	a.mu.Lock()
-	a.queued = append(a.queued, op)
-	a.mu.Unlock()
-}
-
-func (a *asyncMem) Flush() {
-	a.mu.Lock()
-	q := a.queued
-	a.queued = nil
-	if len(q) > 0 {
-		a.flushes++
+		return false, nil
 	}
-	a.mu.Unlock()
-	for _, op := range q {
-		a.work <- op
+	fds := []unix.PollFd{{Fd: int32(q.stop), Events: unix.POLLIN}}
+	if watch >= 0 {
+		fds = append(fds, unix.PollFd{Fd: int32(watch), Events: unix.POLLIN})
+	}
+	for {
+		n, err := unix.Poll(fds, -1)
+		if err == unix.EINTR {
+			continue
+		}
+		return n > 0, err
 	}
 }
+
+func (q *memQueue) Close() {}
 
 // TestAsyncThroughTheKernel serves a memory file on two clones of the
 // connection through the asynchronous path: large and small, concurrent
@@ -175,13 +193,13 @@ func TestAsyncNoAllocationPerRequest(t *testing.T) {
 	defer null.Close()
 	m := &memFile{data: make([]byte, 4<<20)}
 	m.size.Store(4 << 20)
-	sf := &syncAsync{m}
 	sess := &Session{Major: 7, Minor: 45, MaxWrite: 1 << 20, MaxPages: 256}
 	s := &server{fd: int(null.Fd()), sess: sess, file: m, stats: &Stats{}}
-	as := &asyncServer{s: s, file: sf, big: make(chan *Op, 1), small: make(chan *Op, 1), smallSz: DefaultSmallSize}
-	as.big <- &Op{as: as, buf: alignedAt(bigPayloadOff+1<<20, bigPayloadOff), big: true}
-	as.small <- &Op{as: as, buf: alignedAt(DefaultSmallSize, 0)}
+	as := &asyncServer{s: s, file: newAsyncMem(m), smallSz: DefaultSmallSize}
 	r := &asyncReader{as: as, fd: int(null.Fd()), rbuf: alignedAt(bigPayloadOff+1<<20, bigPayloadOff)}
+	r.q = &memQueue{m: m, stop: -1, now: true}
+	r.big = []*Op{{r: r, buf: alignedAt(bigPayloadOff+1<<20, bigPayloadOff), big: true}}
+	r.small = []*Op{{r: r, buf: alignedAt(DefaultSmallSize, 0)}}
 	r.sync = &reader{s: s, fd: r.fd, in: r.rbuf, out: alignedAt(outHeaderSize+8192, outHeaderSize)}
 	for _, tc := range []struct {
 		name   string
@@ -212,18 +230,3 @@ func TestAsyncNoAllocationPerRequest(t *testing.T) {
 		t.Errorf("stats: %d reply failures, %d errors", s.stats.ReplyFailures.Load(), s.stats.Errors.Load())
 	}
 }
-
-// syncAsync completes every op in Submit.
-type syncAsync struct{ *memFile }
-
-func (f *syncAsync) Submit(op *Op) {
-	if op.Write {
-		n, e := f.WriteAt(op.Buf, op.Off)
-		op.Complete(n, e)
-		return
-	}
-	n, e := f.ReadAt(op.Buf, op.Off)
-	op.Complete(n, e)
-}
-
-func (f *syncAsync) Flush() {}
