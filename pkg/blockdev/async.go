@@ -25,9 +25,9 @@ import (
 var _ fuseserve.AsyncFile = (*engine)(nil)
 
 // ringEntries bounds one reader's image I/Os in flight plus its two polls:
-// at least the reader's share of the FUSE server's buffers
-// (fuseserve.DefaultSmallBuffers + DefaultBigBuffers over FUSEReaders).
-const ringEntries = 64
+// at least the reader's share of the FUSE server's buffers (all of
+// fuseserve.DefaultSmallBuffers + DefaultBigBuffers, for a single reader).
+const ringEntries = 128
 
 // userData of the polls (image I/Os use their slot index).
 const (

@@ -142,11 +142,15 @@ const (
 	// DefaultSmallBuffers: as many as the kernel sends at once (the mount's
 	// max_background is 64), so small requests never wait for a buffer.
 	DefaultSmallBuffers = 64
-	// DefaultBigBuffers bounds the large requests in flight: 8 of up to
-	// 1 MiB, so the engine's buffers stay near 12 MiB with 2 readers (each
-	// holds one more) and its RSS within 32 MiB: with 12 the peak RSS under
-	// bench/fio-driver.sh was 30-37 MiB.
-	DefaultBigBuffers = 8
+	// DefaultBigBuffers bounds the large requests in flight: 6 of up to
+	// 1 MiB (3 a reader with 2 readers, each holding one more for reading),
+	// so the engine's buffers stay near 9 MiB and its RSS within 32 MiB:
+	// with 8 the peak RSS under bench/fio-driver.sh was 32.6-33.4 MiB
+	// (16 MiB anonymous, 17 MiB of the binary's pages), with 12 30-37 MiB.
+	// A reader without a free big buffer waits for its own completions and
+	// leaves new requests to the other readers, which spreads the
+	// decryption of large reads over the CPUs.
+	DefaultBigBuffers = 6
 )
 
 type asyncServer struct {

@@ -62,6 +62,8 @@ type ServeOptions struct {
 	// buffers (defaults DefaultSmallSize, DefaultSmallBuffers,
 	// DefaultBigBuffers): requests up to SmallSize bytes use a small buffer,
 	// larger ones a request-sized one; they bound the requests in flight.
+	// The counts are totals, shared out over the readers (each owns its
+	// part: at least one of each).
 	SmallSize, SmallBuffers, BigBuffers int
 }
 
