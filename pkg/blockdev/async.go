@@ -1,94 +1,64 @@
 package blockdev
 
 import (
-	"fmt"
 	"syscall"
 
 	"k8s.io/klog/v2"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/fuseserve"
+	"github.com/csi-encdisk/csi-encdisk/pkg/uring"
 )
 
 // The engine's fast path: the FUSE server hands READs and WRITEs over as
-// fuseserve.Ops (fuseserve.AsyncFile) and the engine puts them on an
-// io_uring ring on the image's O_DIRECT descriptor: a WRITE is encrypted in
-// place in the request buffer and queued; a READ is queued into the reply
-// buffer and decrypted in place when it completes. Every FUSE reader has a
-// ring of its own on its own OS thread (imageQueue): it reads requests until
-// none is left, then submits what it queued and waits, in one io_uring_enter,
-// for the first of: an image I/O completing, a new request (a one-shot poll
-// of its /dev/fuse descriptor in the same ring) or the server stopping. The
-// ring is single-issuer with deferred task work, so completions are posted
-// when that thread asks for them and wake only it: one wake-up per burst,
-// no thread per image I/O, no allocation per request.
+// fuseserve.Ops (fuseserve.AsyncFile) and the engine prepares them on the
+// io_uring ring of the server thread that read them, on the image's
+// O_DIRECT descriptor: a WRITE is encrypted in place in the request buffer
+// and queued; a READ is queued into the reply buffer and decrypted in place
+// when it completes. The server thread submits them with its next wait,
+// which also waits for new requests (fuseserve.AsyncFile says how): one
+// thread per FUSE reader does all the work of its requests, one wake-up
+// per burst, no thread per image I/O, no allocation per request.
 
 var _ fuseserve.AsyncFile = (*engine)(nil)
 
-// ringEntries bounds one reader's image I/Os in flight plus its two polls:
-// at least the reader's share of the FUSE server's buffers (all of
-// fuseserve.DefaultSmallBuffers + DefaultBigBuffers, for a single reader).
-const ringEntries = 128
-
-// userData of the polls (image I/Os use their slot index).
-const (
-	pollWatch = ringEntries + iota
-	pollStop
-)
-
-// imageQueue is one FUSE reader's ring on the image (fuseserve.Queue).
+// imageQueue is one server thread's image I/O (fuseserve.Queue).
 type imageQueue struct {
-	e      *engine
-	r      *uring
-	fd     int                        // the image's O_DIRECT descriptor
-	stop   int                        // the server's stop eventfd
-	slot   [ringEntries]*fuseserve.Op // by user_data
-	free   []uint32                   // free slots
-	polled int                        // descriptor with a poll in flight, or -1
-	// stopPolled: a poll of stop is in flight; stopped: it fired (stop is
-	// readable for good, so it is not polled again).
-	stopPolled, stopped bool
-	readable            bool // a poll fired since the last Wait returned
-	completeFn          func(uint64, int32)
+	e    *engine
+	r    *uring.Ring
+	fd   int             // the image's O_DIRECT descriptor
+	slot []*fuseserve.Op // by user data
+	free []uint32        // free slots
 }
 
-// NewQueue sets up the calling reader's ring (fuseserve.AsyncFile). The
-// reader's goroutine is locked to its thread, which the single-issuer ring
-// is bound to.
-func (e *engine) NewQueue(stop int) (fuseserve.Queue, error) {
-	r, err := newURing(ringEntries, uringSetupSingleIssuer|uringSetupDeferTaskrun, false)
-	if err != nil {
-		// Before Linux 6.1: completions then run as task work that
-		// interrupts this thread, which is also the one waiting for them.
-		if r, err = newURing(ringEntries, 0, false); err != nil {
-			return nil, err
-		}
-	}
-	q := &imageQueue{e: e, r: r, fd: e.directFD, stop: stop, polled: -1, free: make([]uint32, 0, ringEntries)}
-	for i := ringEntries - 1; i >= 0; i-- {
+// NewQueue makes the image I/O queue of a server thread on its ring
+// (fuseserve.AsyncFile).
+func (e *engine) NewQueue(r *uring.Ring) (fuseserve.Queue, error) {
+	n := r.Entries()
+	q := &imageQueue{e: e, r: r, fd: e.directFD, slot: make([]*fuseserve.Op, n), free: make([]uint32, 0, n)}
+	for i := int(n) - 1; i >= 0; i-- {
 		q.free = append(q.free, uint32(i))
 	}
-	q.completeFn = q.complete
 	return q, nil
 }
 
-// Close releases the ring (fuseserve.Queue). Polls still in flight go with it.
-func (q *imageQueue) Close() { q.r.Close() }
+// Close does nothing: the ring is the server's (fuseserve.Queue).
+func (q *imageQueue) Close() {}
 
-// Submit starts a READ or WRITE of the FUSE server (fuseserve.Queue).
+// Submit prepares a READ or WRITE of the FUSE server (fuseserve.Queue).
 func (q *imageQueue) Submit(op *fuseserve.Op) {
 	e := q.e
 	if !e.aligned(op.Off, len(op.Buf)) {
 		op.Complete(0, syscall.EINVAL)
 		return
 	}
-	code := uint8(uringOpRead)
+	prep := q.r.PrepRead
 	if op.Write {
 		if op.Off+int64(len(op.Buf)) > e.size.Load() {
 			op.Complete(0, syscall.ENOSPC)
 			return
 		}
 		e.xts.EncryptSectors(op.Buf, op.Buf, uint64(op.Off)/512)
-		code = uringOpWrite
+		prep = q.r.PrepWrite
 	} else {
 		size := e.size.Load()
 		if op.Off >= size {
@@ -98,14 +68,19 @@ func (q *imageQueue) Submit(op *fuseserve.Op) {
 		op.Buf = op.Buf[:min(int64(len(op.Buf)), size-op.Off)]
 	}
 	if len(q.free) == 0 {
-		// Cannot happen: ringEntries covers every buffer of the reader.
+		// Cannot happen: the ring has an entry for every buffer of the
+		// server thread.
 		e.ioFailed(op, syscall.EBUSY)
 		return
 	}
 	i := q.free[len(q.free)-1]
-	if err := q.queue(func() error {
-		return q.r.queueLocked(code, q.fd, op.Buf, e.dataOffset+op.Off, uint64(i))
-	}); err != nil {
+	err := prep(q.fd, op.Buf, e.dataOffset+op.Off, uint64(i))
+	if err == uring.ErrFull {
+		if err = q.r.Submit(); err == nil {
+			err = prep(q.fd, op.Buf, e.dataOffset+op.Off, uint64(i))
+		}
+	}
+	if err != nil {
 		e.ioFailed(op, err)
 		return
 	}
@@ -113,56 +88,10 @@ func (q *imageQueue) Submit(op *fuseserve.Op) {
 	q.slot[i] = op
 }
 
-// queue runs add (which writes an SQE), handing the queued SQEs to the
-// kernel first when the submission queue is full.
-func (q *imageQueue) queue(add func() error) error {
-	err := add()
-	if err == errRingFull {
-		if err = q.r.submitLocked(); err == nil {
-			err = add()
-		}
-	}
-	return err
-}
-
-// Wait submits what is queued and waits for a completion or a poll
+// Complete finishes the image I/O of slot u with result res
 // (fuseserve.Queue).
-func (q *imageQueue) Wait(watch int) (bool, error) {
-	if watch >= 0 && q.polled < 0 {
-		if err := q.queue(func() error { return q.r.queuePollLocked(watch, pollWatch) }); err != nil {
-			return false, fmt.Errorf("poll: %w", err)
-		}
-		q.polled = watch
-	}
-	if !q.stopPolled && !q.stopped {
-		if err := q.queue(func() error { return q.r.queuePollLocked(q.stop, pollStop) }); err != nil {
-			return false, fmt.Errorf("poll: %w", err)
-		}
-		q.stopPolled = true
-	}
-	q.readable = false
-	if q.r.reap(q.completeFn) == 0 {
-		if err := q.r.submitAndWait(); err != nil {
-			return false, err
-		}
-		q.r.reap(q.completeFn)
-	}
-	return q.readable || q.stopped, nil
-}
-
-// complete handles one completion: a poll, or the image I/O of a slot.
-func (q *imageQueue) complete(u uint64, res int32) {
-	switch u {
-	case pollWatch:
-		q.polled = -1
-		q.readable = true
-		return
-	case pollStop:
-		q.stopPolled = false
-		q.stopped = true
-		return
-	}
-	if u >= ringEntries {
+func (q *imageQueue) Complete(u uint64, res int32) {
+	if u >= uint64(len(q.slot)) {
 		return
 	}
 	op := q.slot[u]

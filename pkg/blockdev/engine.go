@@ -20,6 +20,7 @@ import (
 	"github.com/csi-encdisk/csi-encdisk/pkg/fuseserve"
 	"github.com/csi-encdisk/csi-encdisk/pkg/imagelock"
 	"github.com/csi-encdisk/csi-encdisk/pkg/mounts"
+	"github.com/csi-encdisk/csi-encdisk/pkg/uring"
 )
 
 // fuseRequestTimeout bounds how long a FUSE request may wait (the
@@ -270,8 +271,8 @@ func (e *engine) setupFastPath() {
 		return // a supervisor that passed no clones
 	}
 	// A ring now tells whether the kernel has io_uring (it may be disabled
-	// by sysctl or seccomp); the readers make their own.
-	r, err := newURing(ringEntries, 0, false)
+	// by sysctl or seccomp); the server's threads make their own.
+	r, err := uring.New(8, 0)
 	if err != nil {
 		klog.ErrorS(err, "No io_uring on the image; serving with pread/pwrite", "volumeID", e.spec.VolumeID)
 		return

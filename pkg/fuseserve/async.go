@@ -10,45 +10,54 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/uring"
 )
 
-// AsyncFile is a File that serves READ and WRITE without holding the reader
-// that read them: each reader has a Queue of its own, Submit starts the I/O
-// and a later Queue.Wait completes it. A reader reads requests until none is
-// left, then waits in its queue for whichever comes first: a completion or
-// a new request. One OS thread per reader does all of it (intake, I/O
-// submission, replies), so a burst of requests costs one wait, and no
-// thread sleeps for one image I/O. Serve uses it on cloned descriptors
+// AsyncFile is a File that serves READ and WRITE without holding the server
+// thread that read them: each thread has an io_uring ring and a Queue of the
+// file's on it; Submit prepares the I/O on the ring and the completion comes
+// back to Queue.Complete. A thread reads requests until none is left, then
+// submits everything prepared and waits, in one io_uring_enter, for
+// whichever comes first: a completion or a new request (a poll on its
+// descriptor in the same ring). So a burst of requests costs one wait, and
+// no thread sleeps for one I/O. Serve uses it on cloned descriptors
 // (ServeOptions.Clones); every other request still goes through the File
-// methods, in the reader.
+// methods, in the thread.
 type AsyncFile interface {
 	File
-	// NewQueue makes the queue of one reader. It is called on the reader's
-	// goroutine, which is locked to its OS thread and is the queue's only
-	// user until Close. stop is a descriptor that becomes readable when the
-	// server stops: Wait must then return.
-	NewQueue(stop int) (Queue, error)
+	// NewQueue makes the queue of one server thread, whose I/O goes on ring.
+	// It is called on that thread (its goroutine is locked to it, the ring
+	// is single-issuer where the kernel has that), the only user of the
+	// queue and of ring until Close.
+	NewQueue(ring *uring.Ring) (Queue, error)
 }
 
-// Queue is one reader's asynchronous I/O (AsyncFile.NewQueue).
+// Queue is one server thread's asynchronous I/O (AsyncFile.NewQueue).
 type Queue interface {
-	// Submit starts op: read op.Buf from op.Off, or write it there. The
-	// I/O may be held back until the next Wait. op.Complete must be called
-	// exactly once, by Submit (an error found at once) or by a later Wait.
-	// op.Buf is page-aligned, its length is whatever the kernel asked for
-	// (never beyond Size for a READ; a WRITE beyond Size is refused before
-	// Submit).
+	// Submit starts op: read op.Buf from op.Off, or write it there, by
+	// preparing I/O on the ring with user data below FileTagLimit (the
+	// server submits it). op.Complete must be called exactly once, by
+	// Submit (an error found at once) or by Complete. op.Buf is
+	// page-aligned, its length is whatever the kernel asked for (never
+	// beyond Size for a READ; a WRITE beyond Size is refused before Submit).
 	Submit(op *Op)
-	// Wait hands on what Submit held back and blocks until an I/O
-	// completed (it calls op.Complete for every completed one before it
-	// returns), or, with watch >= 0, until watch is readable, or until the
-	// stop descriptor is readable. It reports whether watch or stop was
-	// seen readable. Wait may return with nothing done; the reader then
-	// looks again.
-	Wait(watch int) (readable bool, err error)
+	// Complete is called with every completion of the ring whose user data
+	// is below FileTagLimit.
+	Complete(userData uint64, res int32)
 	// Close releases the queue; no I/O of it is in flight.
 	Close()
 }
+
+// FileTagLimit bounds the user data a Queue may give its I/O on the ring;
+// the server uses the values above.
+const FileTagLimit = 1 << 62
+
+// The server's user data on a ring.
+const (
+	tagPollDev  = FileTagLimit + iota // the thread's /dev/fuse descriptor is readable
+	tagPollStop                       // the server stops
+)
 
 // Op is a READ or WRITE in flight. The server owns it and its buffer; it is
 // valid from Submit until Complete.
@@ -58,7 +67,7 @@ type Op struct {
 	Write bool
 	Tag   uint64 // free for the File's use between Submit and Complete
 
-	r      *asyncReader // the reader that read it: its descriptor gets the reply, its pool the Op
+	r      *asyncReader // the thread that read it: its descriptor gets the reply, its pool the Op
 	unique uint64
 	buf    []byte // the whole buffer
 	big    bool   // a request-shaped buffer (payload at bigPayloadOff)
@@ -67,8 +76,8 @@ type Op struct {
 }
 
 // Complete answers op's request: n bytes read or written, or errno. It must
-// be called on the goroutine of the reader that submitted op (in Submit or
-// in its queue's Wait); op must not be used afterwards.
+// be called on the thread that submitted op (in Queue.Submit or
+// Queue.Complete); op must not be used afterwards.
 func (op *Op) Complete(n int, errno syscall.Errno) {
 	r := op.r
 	stats := r.as.s.stats
@@ -160,19 +169,39 @@ type asyncServer struct {
 	stopFD  int // an eventfd, readable once the server stops
 }
 
-// asyncReader reads one cloned descriptor (non-blocking) and owns its Ops:
-// everything about a request it read happens on its goroutine, which is
-// locked to its OS thread (the queue's I/O completes to the thread that
-// submitted it, so completions wake the thread that waits for them).
+// asyncReader reads one cloned descriptor (non-blocking) and owns its Ops
+// and its ring: everything about a request it read happens on its
+// goroutine, which is locked to its OS thread (a ring's I/O completes to the
+// thread that submitted it, so completions wake the thread that waits).
 type asyncReader struct {
 	as       *asyncServer
 	fd       int
 	rbuf     []byte // request-shaped; swapped with a big Op's for large WRITEs
 	sync     *reader
+	ring     *uring.Ring
 	q        Queue
 	big      []*Op // free Ops
 	small    []*Op
 	inflight int // Ops submitted and not completed
+	// devPolled, stopPolled: a poll of the descriptor, of the stop eventfd
+	// is in flight; stopped: the stop eventfd was seen readable.
+	devPolled, stopPolled, stopped bool
+	completeFn                     func(uint64, int32) // r.complete, bound once
+}
+
+// ringEntries: every Op of a reader (one reader takes all of them at most)
+// and the two polls.
+const ringEntries = 128
+
+// newRing sets up a reader's ring: single-issuer with deferred task work
+// where the kernel has them (Linux 6.1), so completions are posted when the
+// reader waits for them; a plain ring before that.
+func newRing() (*uring.Ring, error) {
+	r, err := uring.New(ringEntries, uring.SingleIssuer|uring.DeferTaskrun)
+	if err != nil {
+		return uring.New(ringEntries, 0)
+	}
+	return r, nil
 }
 
 // serveAsync serves file with one reader per clone.
@@ -287,20 +316,23 @@ func btoi(b bool) int {
 func (r *asyncReader) run() (err error) {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
-	q, err := r.as.file.NewQueue(r.as.stopFD)
-	if err != nil {
+	if r.ring, err = newRing(); err != nil {
+		return fmt.Errorf("fuseserve: reader ring: %w", err)
+	}
+	defer r.ring.Close()
+	if r.q, err = r.as.file.NewQueue(r.ring); err != nil {
 		return fmt.Errorf("fuseserve: reader queue: %w", err)
 	}
-	r.q = q
+	r.completeFn = r.complete
 	defer func() {
 		// Answer every request this reader read before it goes.
 		for r.inflight > 0 {
-			if _, werr := q.Wait(-1); werr != nil {
+			if werr := r.wait(false); werr != nil {
 				err = errors.Join(err, werr)
 				break
 			}
 		}
-		q.Close()
+		r.q.Close()
 	}()
 	s := r.as.s
 	for !s.stop.Load() {
@@ -308,8 +340,8 @@ func (r *asyncReader) run() (err error) {
 		switch err {
 		case nil:
 		case unix.EAGAIN:
-			if _, err := q.Wait(r.fd); err != nil {
-				return fmt.Errorf("fuseserve: reader queue: %w", err)
+			if err := r.wait(true); err != nil {
+				return err
 			}
 			continue
 		case unix.EINTR, unix.ENOENT:
@@ -324,6 +356,60 @@ func (r *asyncReader) run() (err error) {
 		}
 	}
 	return nil
+}
+
+// wait submits what the queue prepared and waits for a completion, for the
+// stop eventfd, and with dev for the descriptor to be readable.
+func (r *asyncReader) wait(dev bool) error {
+	if dev && !r.devPolled {
+		if err := r.prep(func() error { return r.ring.PrepPoll(r.fd, tagPollDev) }); err != nil {
+			return err
+		}
+		r.devPolled = true
+	}
+	if !r.stopPolled && !r.stopped {
+		if err := r.prep(func() error { return r.ring.PrepPoll(r.as.stopFD, tagPollStop) }); err != nil {
+			return err
+		}
+		r.stopPolled = true
+	}
+	if r.ring.Reap(r.completeFn) > 0 {
+		return r.ring.Submit()
+	}
+	if err := r.ring.SubmitAndWait(); err != nil {
+		return fmt.Errorf("fuseserve: reader ring: %w", err)
+	}
+	r.ring.Reap(r.completeFn)
+	return nil
+}
+
+// prep runs add (which prepares one entry), submitting first when the ring
+// is full.
+func (r *asyncReader) prep(add func() error) error {
+	err := add()
+	if err == uring.ErrFull {
+		if err = r.ring.Submit(); err == nil {
+			err = add()
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("fuseserve: reader ring: %w", err)
+	}
+	return nil
+}
+
+// complete handles one completion of the reader's ring.
+func (r *asyncReader) complete(userData uint64, res int32) {
+	switch userData {
+	case tagPollDev:
+		r.devPolled = false
+	case tagPollStop:
+		r.stopPolled, r.stopped = false, true
+	default:
+		if userData < FileTagLimit {
+			r.q.Complete(userData, res)
+		}
+	}
 }
 
 // handle starts a READ or WRITE of n bytes in r.rbuf asynchronously and
@@ -394,16 +480,16 @@ func (r *asyncReader) start(op *Op, write bool, off int64, unique uint64) {
 }
 
 // op takes a free Op (a big one for payloads above the small size); when
-// none is free it waits in the queue for completions, which free some (the
-// reader's Ops are in flight in its own queue).
+// none is free it waits for completions, which free some (the reader's Ops
+// are in flight on its own ring).
 func (r *asyncReader) op(big bool) (*Op, error) {
 	pool := &r.small
 	if big {
 		pool = &r.big
 	}
 	for len(*pool) == 0 {
-		if _, err := r.q.Wait(-1); err != nil {
-			return nil, fmt.Errorf("fuseserve: reader queue: %w", err)
+		if err := r.wait(false); err != nil {
+			return nil, err
 		}
 	}
 	p := *pool

@@ -11,35 +11,55 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/uring"
 )
 
-// asyncMem is a memFile served asynchronously: each reader's queue holds
-// what Submit gave it until the reader waits, then completes it.
+// asyncMem is a memFile served asynchronously: Submit prepares a NOP on
+// the server thread's ring and the memory I/O happens when it completes.
 type asyncMem struct {
 	*memFile
 }
 
 func newAsyncMem(m *memFile) *asyncMem { return &asyncMem{memFile: m} }
 
-func (a *asyncMem) NewQueue(stop int) (Queue, error) {
-	return &memQueue{m: a.memFile, stop: stop}, nil
+func (a *asyncMem) NewQueue(r *uring.Ring) (Queue, error) {
+	return &memQueue{m: a.memFile, r: r, ops: map[uint64]*Op{}}, nil
 }
 
-// memQueue completes queued ops in Wait, or waits for watch or stop with
-// poll(2) when none is queued.
+// memQueue: with r nil, Submit does the I/O at once.
 type memQueue struct {
-	m       *memFile
-	stop    int
-	pending []*Op
-	now     bool // complete in Submit
+	m    *memFile
+	r    *uring.Ring
+	ops  map[uint64]*Op
+	next uint64
 }
 
 func (q *memQueue) Submit(op *Op) {
-	if q.now {
+	if q.r == nil {
 		q.do(op)
 		return
 	}
-	q.pending = append(q.pending, op)
+	q.next++
+	err := q.r.PrepNop(q.next)
+	if err == uring.ErrFull {
+		if err = q.r.Submit(); err == nil {
+			err = q.r.PrepNop(q.next)
+		}
+	}
+	if err != nil {
+		op.Complete(0, unix.EIO)
+		return
+	}
+	q.ops[q.next] = op
+}
+
+func (q *memQueue) Complete(u uint64, res int32) {
+	op := q.ops[u]
+	delete(q.ops, u)
+	if op != nil {
+		q.do(op)
+	}
 }
 
 func (q *memQueue) do(op *Op) {
@@ -50,28 +70,6 @@ func (q *memQueue) do(op *Op) {
 	}
 	n, e := q.m.ReadAt(op.Buf, op.Off)
 	op.Complete(n, e)
-}
-
-func (q *memQueue) Wait(watch int) (bool, error) {
-	if len(q.pending) > 0 {
-		p := q.pending
-		q.pending = nil
-		for _, op := range p {
-			q.do(op)
-		}
-		return false, nil
-	}
-	fds := []unix.PollFd{{Fd: int32(q.stop), Events: unix.POLLIN}}
-	if watch >= 0 {
-		fds = append(fds, unix.PollFd{Fd: int32(watch), Events: unix.POLLIN})
-	}
-	for {
-		n, err := unix.Poll(fds, -1)
-		if err == unix.EINTR {
-			continue
-		}
-		return n > 0, err
-	}
 }
 
 func (q *memQueue) Close() {}
@@ -197,7 +195,7 @@ func TestAsyncNoAllocationPerRequest(t *testing.T) {
 	s := &server{fd: int(null.Fd()), sess: sess, file: m, stats: &Stats{}}
 	as := &asyncServer{s: s, file: newAsyncMem(m), smallSz: DefaultSmallSize}
 	r := &asyncReader{as: as, fd: int(null.Fd()), rbuf: alignedAt(bigPayloadOff+1<<20, bigPayloadOff)}
-	r.q = &memQueue{m: m, stop: -1, now: true}
+	r.q = &memQueue{m: m}
 	r.big = []*Op{{r: r, buf: alignedAt(bigPayloadOff+1<<20, bigPayloadOff), big: true}}
 	r.small = []*Op{{r: r, buf: alignedAt(DefaultSmallSize, 0)}}
 	r.sync = &reader{s: s, fd: r.fd, in: r.rbuf, out: alignedAt(outHeaderSize+8192, outHeaderSize)}
