@@ -67,7 +67,7 @@ type Op struct {
 	Write bool
 	Tag   uint64 // free for the File's use between Submit and Complete
 
-	r      *asyncReader // the thread that read it: its descriptor gets the reply, its pool the Op
+	owner  opOwner // answers the request and takes the Op back
 	unique uint64
 	buf    []byte // the whole buffer
 	big    bool   // a request-shaped buffer (payload at bigPayloadOff)
@@ -78,8 +78,18 @@ type Op struct {
 // Complete answers op's request: n bytes read or written, or errno. It must
 // be called on the thread that submitted op (in Queue.Submit or
 // Queue.Complete); op must not be used afterwards.
-func (op *Op) Complete(n int, errno syscall.Errno) {
-	r := op.r
+func (op *Op) Complete(n int, errno syscall.Errno) { op.owner.reply(op, n, errno) }
+
+// opOwner is the transport an Op came from: a classic reader (the reply is
+// written to its descriptor) or a FUSE-over-io_uring entry (the reply goes
+// into the entry and commits it).
+type opOwner interface {
+	reply(op *Op, n int, errno syscall.Errno)
+}
+
+// reply writes op's reply to the descriptor it was read from and puts op
+// back in the reader's pool.
+func (r *asyncReader) reply(op *Op, n int, errno syscall.Errno) {
 	stats := r.as.s.stats
 	var err syscall.Errno
 	switch {
@@ -228,6 +238,12 @@ func (s *server) serveAsync(file AsyncFile, clones []*os.File, opts ServeOptions
 		return alignedAt(max(minReadBufSize, bigPayloadOff+payload), bigPayloadOff)
 	}
 
+	if s.sess.IOURing() {
+		// The ring carries READ and WRITE; one classic reader takes what
+		// still comes through /dev/fuse (requests before the ring is live,
+		// FORGET, INTERRUPT).
+		clones = clones[:1]
+	}
 	var readers []*asyncReader
 	defer func() {
 		for _, r := range readers {
@@ -256,10 +272,10 @@ func (s *server) serveAsync(file AsyncFile, clones []*os.File, opts ServeOptions
 		r.sync = &reader{s: s, fd: dfd, in: r.rbuf, out: alignedAt(outHeaderSize+2*minReadBufSize, outHeaderSize)}
 		// This reader's share of the buffers.
 		for range max(1, share(nBig, len(clones), i)) {
-			r.big = append(r.big, &Op{r: r, buf: bigBuf(), big: true})
+			r.big = append(r.big, &Op{owner: r, buf: bigBuf(), big: true})
 		}
 		for range max(1, share(nSmall, len(clones), i)) {
-			r.small = append(r.small, &Op{r: r, buf: alignedAt(smallSz, 0)})
+			r.small = append(r.small, &Op{owner: r, buf: alignedAt(smallSz, 0)})
 		}
 	}
 
@@ -270,9 +286,22 @@ func (s *server) serveAsync(file AsyncFile, clones []*os.File, opts ServeOptions
 		failed   = make(chan struct{})
 		failOnce sync.Once
 	)
+	runners := make([]func() error, 0, len(readers))
 	for _, r := range readers {
+		runners = append(runners, r.run)
+	}
+	if s.sess.IOURing() {
+		qs, err := as.uringQueues(readers[0].fd)
+		if err != nil {
+			return err
+		}
+		for _, q := range qs {
+			runners = append(runners, q.run)
+		}
+	}
+	for _, run := range runners {
 		wg.Go(func() {
-			if err := r.run(); err != nil && !errors.Is(err, errEnded) {
+			if err := run(); err != nil && !errors.Is(err, errEnded) {
 				errMu.Lock()
 				if firstErr == nil {
 					firstErr = err

@@ -196,8 +196,8 @@ func TestAsyncNoAllocationPerRequest(t *testing.T) {
 	as := &asyncServer{s: s, file: newAsyncMem(m), smallSz: DefaultSmallSize}
 	r := &asyncReader{as: as, fd: int(null.Fd()), rbuf: alignedAt(bigPayloadOff+1<<20, bigPayloadOff)}
 	r.q = &memQueue{m: m}
-	r.big = []*Op{{r: r, buf: alignedAt(bigPayloadOff+1<<20, bigPayloadOff), big: true}}
-	r.small = []*Op{{r: r, buf: alignedAt(DefaultSmallSize, 0)}}
+	r.big = []*Op{{owner: r, buf: alignedAt(bigPayloadOff+1<<20, bigPayloadOff), big: true}}
+	r.small = []*Op{{owner: r, buf: alignedAt(DefaultSmallSize, 0)}}
 	r.sync = &reader{s: s, fd: r.fd, in: r.rbuf, out: alignedAt(outHeaderSize+8192, outHeaderSize)}
 	for _, tc := range []struct {
 		name   string

@@ -71,6 +71,7 @@ type ServeOptions struct {
 type Stats struct {
 	Requests      atomic.Uint64 // requests read, FORGET and INTERRUPT included
 	Resent        atomic.Uint64 // requests that carried FUSE_UNIQUE_RESEND
+	Ring          atomic.Uint64 // requests that came over FUSE-over-io_uring
 	Errors        atomic.Uint64 // replies with an errno from File or a bad request
 	ReplyFailures atomic.Uint64 // replies the kernel refused (other than ENOENT: interrupted)
 }
