@@ -88,6 +88,12 @@ func serveControl(ln net.Listener, e *engine, shutdown func() error, handoff fun
 						rep.Error = err.Error()
 					}
 				case "handoff":
+					if e.sess != nil && e.sess.IOURing() {
+						// Requests held in ring entries cannot be resent to
+						// a successor.
+						rep.Error = "an engine on FUSE-over-io_uring cannot hand its connection off"
+						break
+					}
 					handoff()
 				case "fuse":
 					// A supervisor adopting this engine takes a copy of the

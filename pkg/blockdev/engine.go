@@ -105,7 +105,8 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 	}
 
 	mnt := FUSEDir(spec.RunDir)
-	dev, sess, err := e.connect(ctx, mnt)
+	fast := e.fastPathImage()
+	dev, sess, err := e.connect(ctx, mnt, fast != nil && spec.FUSETransport == TransportIOURing)
 	if err != nil {
 		return err
 	}
@@ -116,7 +117,12 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 			c.Close()
 		}
 	}()
-	e.setupFastPath()
+	if err := e.setupFastPath(fast); err != nil {
+		if spec.FUSEFD == 0 {
+			_ = fuseserve.Unmount(mnt)
+		}
+		return err
+	}
 	ln, err := listenControl(ControlSocketPath(spec.RunDir))
 	if err != nil {
 		if spec.FUSEFD == 0 {
@@ -161,7 +167,7 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 	}()
 	klog.InfoS("Engine serving", "volumeID", spec.VolumeID, "image", spec.Image, "file", PlainFile(spec.RunDir),
 		"size", e.size.Load(), "sectorSize", e.sectorSize, "allowDiscards", spec.AllowDiscards, "directIO", e.img.DirectIO(),
-		"takeover", spec.FUSEFD != 0, "resend", spec.Resend, "io_uring", e.directFD >= 0, "fuseReaders", len(e.clones))
+		"takeover", spec.FUSEFD != 0, "resend", spec.Resend, "io_uring", e.directFD >= 0, "fuseReaders", len(e.clones), "fuseOverIOURing", sess.IOURing())
 	writeReport(report, &StartReport{DataOffset: e.dataOffset, SectorSize: e.sectorSize, Size: e.size.Load(), KMSCalls: calls.report()})
 
 	sig := ctx.Done()
@@ -191,9 +197,10 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 	}
 }
 
-// connect mounts the FUSE file on mnt, or takes the connection a supervisor
-// handed down (spec.FUSEFD, spec.Session).
-func (e *engine) connect(ctx context.Context, mnt string) (*os.File, *fuseserve.Session, error) {
+// connect mounts the FUSE file on mnt (asking for FUSE-over-io_uring with
+// ioURing), or takes the connection a supervisor handed down (spec.FUSEFD,
+// spec.Session).
+func (e *engine) connect(ctx context.Context, mnt string, ioURing bool) (*os.File, *fuseserve.Session, error) {
 	if e.spec.FUSEFD != 0 {
 		var sess fuseserve.Session
 		if err := json.Unmarshal([]byte(e.spec.Session), &sess); err != nil {
@@ -227,9 +234,19 @@ func (e *engine) connect(ctx context.Context, mnt string) (*os.File, *fuseserve.
 			return nil, nil, fmt.Errorf("engine: stale mount: %w", err)
 		}
 	}
-	dev, sess, err := fuseserve.Mount(ctx, mnt, MountOptions(e.spec.VolumeID))
+	opts := MountOptions(e.spec.VolumeID)
+	if ioURing {
+		opts.IOURing = true
+		// Every ring entry holds a buffer of the largest request.
+		opts.MaxWrite = ringMaxWrite
+	}
+	dev, sess, err := fuseserve.Mount(ctx, mnt, opts)
 	if err != nil {
 		return nil, nil, fmt.Errorf("engine: FUSE mount on %s: %w", mnt, err)
+	}
+	if ioURing && !sess.IOURing() {
+		klog.InfoS("The kernel did not take FUSE-over-io_uring (fuse module parameter enable_uring=N, or before Linux 6.14); serving /dev/fuse",
+			"volumeID", e.spec.VolumeID)
 	}
 	return dev, sess, nil
 }
@@ -244,41 +261,59 @@ func (e *engine) connect(ctx context.Context, mnt string) (*os.File, *fuseserve.
 // 1 MiB request buffer.
 const FUSEReaders = 2
 
-// setupFastPath chooses the fast path (readers with rings on the image's
-// O_DIRECT descriptor, set up by each reader) and, for an engine that mounted its
-// file itself, clones the connection for the readers (a supervised engine
-// got its clones from the supervisor, which keeps copies). Without a ring
-// (no io_uring, an RBD image, buffered I/O, CSI_ENCDISK_ENGINE_IO=pread) the
-// engine serves with blocking readers on the connection's descriptor.
-func (e *engine) setupFastPath() {
+// ringMaxWrite is the largest request of a connection on FUSE-over-io_uring:
+// each of its ring entries (fuseserve's total of 32) holds a buffer that
+// size, so 128 KiB keeps them at 4 MiB.
+const ringMaxWrite = 128 << 10
+
+// fastPathImage returns the image when the fast path can serve it (server
+// threads with io_uring rings on its O_DIRECT descriptor), nil when not:
+// an RBD image, buffered I/O, no io_uring (disabled by sysctl or seccomp),
+// CSI_ENCDISK_ENGINE_IO=pread. The engine then serves with blocking readers
+// on the connection's descriptor.
+func (e *engine) fastPathImage() *fileImage {
 	f, ok := e.img.(*fileImage)
 	switch {
 	case !ok || f.direct == nil:
-		return
+		return nil
 	case os.Getenv("CSI_ENCDISK_ENGINE_IO") == "pread":
 		klog.InfoS("Engine I/O through pread/pwrite (CSI_ENCDISK_ENGINE_IO=pread)", "volumeID", e.spec.VolumeID)
-		return
+		return nil
+	}
+	r, err := uring.New(8, 0)
+	if err != nil {
+		klog.ErrorS(err, "No io_uring on the image; serving with pread/pwrite", "volumeID", e.spec.VolumeID)
+		return nil
+	}
+	r.Close()
+	return f
+}
+
+// setupFastPath turns the fast path on for f (nil: off): for an engine that
+// mounted its file itself it clones the connection for the server's
+// threads (a supervised engine got its clones from the supervisor, which
+// keeps copies).
+// A connection on FUSE-over-io_uring needs it: without it the error says so.
+func (e *engine) setupFastPath(f *fileImage) error {
+	if f == nil {
+		return nil
 	}
 	if e.spec.FUSEFD == 0 {
 		cs, err := fuseserve.Clones(e.dev, FUSEReaders)
 		if err != nil {
+			if e.sess.IOURing() {
+				return fmt.Errorf("engine: FUSE-over-io_uring: %w", err)
+			}
 			klog.ErrorS(err, "Cloning the FUSE connection failed; serving with blocking readers", "volumeID", e.spec.VolumeID)
-			return
+			return nil
 		}
 		e.clones = cs
 	}
 	if len(e.clones) == 0 {
-		return // a supervisor that passed no clones
+		return nil // a supervisor that passed no clones
 	}
-	// A ring now tells whether the kernel has io_uring (it may be disabled
-	// by sysctl or seccomp); the server's threads make their own.
-	r, err := uring.New(8, 0)
-	if err != nil {
-		klog.ErrorS(err, "No io_uring on the image; serving with pread/pwrite", "volumeID", e.spec.VolumeID)
-		return
-	}
-	r.Close()
 	e.directFD = int(f.direct.Fd())
+	return nil
 }
 
 // tuneRuntime bounds the engine's threads and memory (it mlockalls: every
