@@ -409,5 +409,6 @@ func (e *engine) stats() *Stats {
 		ReadBytes: e.readBytes.Load(), WriteBytes: e.writeBytes.Load(),
 		IOErrors: e.ioErrors.Load(), Size: e.size.Load(),
 		DirectIO: e.img.DirectIO(), Resent: e.fuseStats.Resent.Load(),
+		FastPath: e.directFD >= 0, RingRequests: e.fuseStats.Ring.Load(),
 	}
 }

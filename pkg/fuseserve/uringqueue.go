@@ -79,6 +79,19 @@ type uringQueue struct {
 	completeFn          func(uint64, int32)
 }
 
+// IOURingParam is the fuse module parameter that lets servers ask for
+// FUSE-over-io_uring (off by default).
+const IOURingParam = "/sys/module/fuse/parameters/enable_uring"
+
+// EnableIOURing sets IOURingParam (root only). It changes nothing for
+// connections that do not ask for rings.
+func EnableIOURing() error {
+	if err := os.WriteFile(IOURingParam, []byte("Y"), 0o644); err != nil {
+		return fmt.Errorf("fuseserve: kernel without FUSE-over-io_uring, or not root: %w", err)
+	}
+	return nil
+}
+
 // possibleCPUs is the number of CPUs the kernel may ever bring online: the
 // number of FUSE ring queues it expects.
 func possibleCPUs() (int, error) {

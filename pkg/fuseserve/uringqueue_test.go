@@ -5,7 +5,6 @@ import (
 	"context"
 	"os"
 	"path/filepath"
-	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -13,20 +12,15 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// enableURing turns on the fuse module's enable_uring for the test (this
-// machine kind's kernel has FUSE-over-io_uring; the parameter defaults to
-// off) and restores it afterwards.
+// enableURing turns on the fuse module's enable_uring (this machine kind's
+// kernel has FUSE-over-io_uring; the parameter defaults to off). It stays
+// on: other packages' tests may run at the same time, and it only lets a
+// server ask for rings.
 func enableURing(t *testing.T) {
 	t.Helper()
-	const param = "/sys/module/fuse/parameters/enable_uring"
-	old, err := os.ReadFile(param)
-	if err != nil {
-		t.Fatalf("kernel without FUSE-over-io_uring: %v", err)
-	}
-	if err := os.WriteFile(param, []byte("Y"), 0o644); err != nil {
+	if err := EnableIOURing(); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { _ = os.WriteFile(param, []byte(strings.TrimSpace(string(old))), 0o644) })
 }
 
 // TestURingThroughTheKernel serves a memory file over FUSE-over-io_uring:
