@@ -69,7 +69,7 @@ func TestURingThroughTheKernel(t *testing.T) {
 	if n, err := f.ReadAt(r, 4096); err != nil || n != len(r) || !bytes.Equal(r, w) {
 		t.Fatalf("read back: %d %v equal=%v", n, err, bytes.Equal(r, w))
 	}
-	if !bytes.Equal(m.data[4096:4096+len(w)], w) {
+	if !bytes.Equal(m.snapshot(4096, len(w)), w) {
 		t.Fatal("the file's memory does not hold what was written")
 	}
 	var wg sync.WaitGroup
