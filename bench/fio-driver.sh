@@ -15,7 +15,9 @@
 # devices, mkfs.ext4). Env: SIZE (per volume, in csi-encdisk's size syntax: bytes, 2G, 2Gi, 2GB; default 2Gi),
 # FILESIZE (fio file, default 1G), RUNTIME (seconds per test, default 5),
 # WORKDIR (default a temp dir under /var/tmp), ORDER (which volume runs first:
-# default "plain enc").
+# default "plain enc"), FUSE_TRANSPORT (the driver's --fuse-transport:
+# classic, the default, or io_uring; io_uring turns the fuse module's
+# enable_uring on for the run and back off after).
 #
 # Usage: sudo bench/fio-driver.sh
 set -euo pipefail
@@ -25,6 +27,11 @@ size=${SIZE:-2Gi}
 filesize=${FILESIZE:-1G}
 runtime=${RUNTIME:-5}
 order=${ORDER:-plain enc}
+transport=${FUSE_TRANSPORT:-classic}
+case $transport in
+classic | io_uring) ;;
+*) echo "fio-driver.sh: FUSE_TRANSPORT must be classic or io_uring, got \"$transport\"" >&2; exit 1 ;;
+esac
 case $order in
 "plain enc" | "enc plain") ;;
 *) echo "fio-driver.sh: ORDER must be \"plain enc\" or \"enc plain\", got \"$order\"" >&2; exit 1 ;;
@@ -38,6 +45,12 @@ load=$(cut -d' ' -f1-3 /proc/loadavg)
 work=${WORKDIR:-$(mktemp -d /var/tmp/fio-driver.XXXXXX)}
 mkdir -p "$work"
 pid=
+uring_param=/sys/module/fuse/parameters/enable_uring
+uring_was=
+if [ "$transport" = io_uring ]; then
+  uring_was=$(cat "$uring_param")
+  echo Y >"$uring_param"
+fi
 # cleanup: closing fiodriver's stdin makes it unpublish, unstage and delete
 # both volumes and stop the driver (it does the same on SIGTERM, and when
 # this script dies the pipe closes on its own).
@@ -52,6 +65,7 @@ cleanup() {
       fi
     fi
   fi
+  if [ -n "$uring_was" ]; then echo "$uring_was" >"$uring_param"; fi
   if findmnt -rn -o TARGET | grep -q "^$work/"; then
     echo "fio-driver.sh: mounts left under $work; keeping it" >&2
   else
@@ -63,7 +77,7 @@ trap cleanup EXIT
 go build -o "$work/csi-encdisk" ./cmd/csi-encdisk
 go build -o "$work/fiodriver" ./bench/fiodriver
 mkfifo "$work/ctl"
-"$work/fiodriver" -bin "$work/csi-encdisk" -dir "$work/drv" -size "$size" \
+"$work/fiodriver" -bin "$work/csi-encdisk" -dir "$work/drv" -size "$size" -fuse-transport "$transport" \
   <"$work/ctl" >"$work/mounts" 2>"$work/fiodriver.log" &
 pid=$!
 exec 3>"$work/ctl"
@@ -125,7 +139,7 @@ fi
 echo "CPU:     $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//') ($(nproc) cores)"
 echo "Date:    $(date -u +%Y-%m-%dT%H:%MZ); kernel $(uname -r); $(fio --version)"
 echo "Load:    $load (1/5/15-minute load average before the run; the machine is shared)"
-echo "Command: SIZE=$size FILESIZE=$filesize RUNTIME=$runtime ORDER=\"$order\" bench/fio-driver.sh (CSI volumes, ext4, libaio, direct=1, iodepth 16)"
+echo "Command: SIZE=$size FILESIZE=$filesize RUNTIME=$runtime ORDER=\"$order\" FUSE_TRANSPORT=$transport bench/fio-driver.sh (CSI volumes, ext4, libaio, direct=1, iodepth 16)"
 python3 - "$work" <<'PY'
 import json, sys
 work = sys.argv[1]

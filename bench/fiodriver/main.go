@@ -40,6 +40,7 @@ func main() {
 	bin := flag.String("bin", "", "path of a built csi-encdisk binary (required)")
 	dir := flag.String("dir", "", "working directory for the driver's socket, data, state and mounts (required)")
 	size := bytesize.Flag(flag.CommandLine, "size", 2<<30, "size of each volume")
+	transport := flag.String("fuse-transport", "classic", "the driver's --fuse-transport (classic or io_uring)")
 	flag.Parse()
 	if *bin == "" || *dir == "" || flag.NArg() > 0 {
 		fmt.Fprintln(os.Stderr, "usage: fiodriver -bin PATH/csi-encdisk -dir DIR [-size SIZE]")
@@ -51,7 +52,7 @@ func main() {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	if err := run(ctx, *bin, *dir, *size); err != nil {
+	if err := run(ctx, *bin, *dir, *size, *transport); err != nil {
 		fmt.Fprintf(os.Stderr, "fiodriver: %v\n", err)
 		os.Exit(1)
 	}
@@ -67,14 +68,14 @@ type bench struct {
 	vols   []string
 }
 
-func run(ctx context.Context, bin, dir string, size int64) (err error) {
+func run(ctx context.Context, bin, dir string, size int64, transport string) (err error) {
 	b := &bench{dir: dir}
 	defer func() {
 		if terr := b.teardown(); terr != nil {
 			err = errors.Join(err, terr)
 		}
 	}()
-	if err := b.start(ctx, bin); err != nil {
+	if err := b.start(ctx, bin, transport); err != nil {
 		return err
 	}
 	for _, v := range []struct {
@@ -114,7 +115,7 @@ func run(ctx context.Context, bin, dir string, size int64) (err error) {
 }
 
 // start runs the driver and connects to it.
-func (b *bench) start(ctx context.Context, bin string) error {
+func (b *bench) start(ctx context.Context, bin, transport string) error {
 	if err := os.MkdirAll(b.dir, 0o750); err != nil {
 		return fmt.Errorf("make %s: %w", b.dir, err)
 	}
@@ -126,7 +127,7 @@ func (b *bench) start(ctx context.Context, bin string) error {
 	sock := filepath.Join(b.dir, "csi.sock")
 	cmd := exec.Command(bin, "driver", "--mode", "all", "--endpoint", "unix://"+sock,
 		"--data-dir", filepath.Join(b.dir, "data"), "--state-dir", filepath.Join(b.dir, "state"),
-		"--node-id", "bench", "--region", region)
+		"--node-id", "bench", "--region", region, "--fuse-transport", transport)
 	cmd.Stdout = logFile
 	cmd.Stderr = logFile
 	// Own process group: a Ctrl-C reaches fiodriver, which then tears down in

@@ -7,6 +7,7 @@ import (
 
 	"k8s.io/klog/v2"
 
+	"github.com/csi-encdisk/csi-encdisk/pkg/blockdev"
 	"github.com/csi-encdisk/csi-encdisk/pkg/driver"
 	"github.com/csi-encdisk/csi-encdisk/pkg/unixsock"
 )
@@ -33,6 +34,7 @@ func runDriver(ctx context.Context, args []string) error {
 	metricsAddr := fs.String("metrics-address", "", "serve Prometheus metrics on this host:port (/metrics)")
 	maxVolumes := fs.Int64("max-volumes", 0, "volumes per node reported to the CO (0: no limit)")
 	engineHost := fs.String("engine-host", "", "unix:// socket of the node's engine host (csi-encdisk engine-host); empty: the node plugin starts engines itself")
+	fuseTransport := fs.String("fuse-transport", blockdev.TransportClassic, "how engines the node plugin starts get FUSE requests: classic, or io_uring (FUSE-over-io_uring: fewer system calls, but a dead engine strands its requests; needs the fuse module's enable_uring=Y; not with --engine-host)")
 	klog.InitFlags(fs)
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -48,6 +50,12 @@ func runDriver(ctx context.Context, args []string) error {
 		return fmt.Errorf("--mode: %w", err)
 	}
 	defer klog.Flush()
+	switch {
+	case *fuseTransport != blockdev.TransportClassic && *fuseTransport != blockdev.TransportIOURing:
+		return fmt.Errorf("--fuse-transport %q: must be %s or %s", *fuseTransport, blockdev.TransportClassic, blockdev.TransportIOURing)
+	case *fuseTransport == blockdev.TransportIOURing && *engineHost != "":
+		return errors.New("--fuse-transport io_uring cannot go with --engine-host: an engine host replaces dead engines by resending their requests, which rings cannot do")
+	}
 	hostSocket := ""
 	if *engineHost != "" {
 		if hostSocket, err = unixsock.ParseEndpoint(*engineHost); err != nil {
@@ -70,6 +78,7 @@ func runDriver(ctx context.Context, args []string) error {
 		MetricsAddress:    *metricsAddr,
 		MaxVolumes:        *maxVolumes,
 		EngineHost:        hostSocket,
+		FUSETransport:     *fuseTransport,
 	})
 	if err != nil {
 		return err

@@ -1,80 +1,64 @@
 package blockdev
 
 import (
-	"fmt"
-	"sync"
 	"syscall"
 
 	"k8s.io/klog/v2"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/fuseserve"
+	"github.com/csi-encdisk/csi-encdisk/pkg/uring"
 )
 
 // The engine's fast path: the FUSE server hands READs and WRITEs over as
-// fuseserve.Ops (fuseserve.AsyncFile) and the engine puts them on an
-// io_uring ring on the image's O_DIRECT descriptor: a WRITE is encrypted in
-// place in the request buffer and queued; a READ is queued into the reply
-// buffer and decrypted in place when it completes. The reader that read the
-// request goes on reading; what it read in a burst is submitted in one
-// io_uring_enter (Flush). One goroutine reaps completions, woken through an
-// eventfd by the Go netpoller, and answers the requests. No OS thread waits
-// for an image I/O, and no allocation happens per request.
+// fuseserve.Ops (fuseserve.AsyncFile) and the engine prepares them on the
+// io_uring ring of the server thread that read them, on the image's
+// O_DIRECT descriptor: a WRITE is encrypted in place in the request buffer
+// and queued; a READ is queued into the reply buffer and decrypted in place
+// when it completes. The server thread submits them with its next wait,
+// which also waits for new requests (fuseserve.AsyncFile says how): one
+// thread per FUSE reader does all the work of its requests, one wake-up
+// per burst, no thread per image I/O, no allocation per request.
 
 var _ fuseserve.AsyncFile = (*engine)(nil)
 
-// ringEntries bounds the image I/Os in flight: at least every buffer the
-// FUSE server has (fuseserve.DefaultSmallBuffers + DefaultBigBuffers).
-const ringEntries = 128
-
-// imageRing is the engine's ring on its image.
-type imageRing struct {
-	r    *uring
-	fd   int                        // the image's O_DIRECT descriptor
-	slot [ringEntries]*fuseserve.Op // by user_data; guarded by r.mu
-	free []uint32                   // free slots; guarded by r.mu
-	done sync.WaitGroup             // the reaper
+// imageQueue is one server thread's image I/O (fuseserve.Queue).
+type imageQueue struct {
+	e    *engine
+	r    *uring.Ring
+	fd   int             // the image's O_DIRECT descriptor
+	slot []*fuseserve.Op // by user data
+	free []uint32        // free slots
 }
 
-// startRing sets up the ring on f's O_DIRECT descriptor and its reaper.
-func (e *engine) startRing(f *fileImage) error {
-	if f.direct == nil {
-		return fmt.Errorf("image not opened with O_DIRECT")
+// NewQueue makes the image I/O queue of a server thread on its ring
+// (fuseserve.AsyncFile).
+func (e *engine) NewQueue(r *uring.Ring) (fuseserve.Queue, error) {
+	n := r.Entries()
+	q := &imageQueue{e: e, r: r, fd: e.directFD, slot: make([]*fuseserve.Op, n), free: make([]uint32, 0, n)}
+	for i := int(n) - 1; i >= 0; i-- {
+		q.free = append(q.free, uint32(i))
 	}
-	r, err := newURing(ringEntries, true)
-	if err != nil {
-		return err
-	}
-	ir := &imageRing{r: r, fd: int(f.direct.Fd()), free: make([]uint32, 0, ringEntries)}
-	for i := ringEntries - 1; i >= 0; i-- {
-		ir.free = append(ir.free, uint32(i))
-	}
-	e.ring = ir
-	ir.done.Go(e.reap)
-	return nil
+	return q, nil
 }
 
-// stopRing ends the reaper; no I/O may be in flight (Serve returned).
-func (e *engine) stopRing() {
-	if e.ring == nil {
-		return
-	}
-	e.ring.r.ev.Close() // wakes the reaper with os.ErrClosed
-	e.ring.done.Wait()
-	e.ring.r.Close()
-}
+// Close does nothing: the ring is the server's (fuseserve.Queue).
+func (q *imageQueue) Close() {}
 
-// Submit starts a READ or WRITE of the FUSE server (fuseserve.AsyncFile).
-func (e *engine) Submit(op *fuseserve.Op) {
+// Submit prepares a READ or WRITE of the FUSE server (fuseserve.Queue).
+func (q *imageQueue) Submit(op *fuseserve.Op) {
+	e := q.e
 	if !e.aligned(op.Off, len(op.Buf)) {
 		op.Complete(0, syscall.EINVAL)
 		return
 	}
+	prep := q.r.PrepRead
 	if op.Write {
 		if op.Off+int64(len(op.Buf)) > e.size.Load() {
 			op.Complete(0, syscall.ENOSPC)
 			return
 		}
 		e.xts.EncryptSectors(op.Buf, op.Buf, uint64(op.Off)/512)
+		prep = q.r.PrepWrite
 	} else {
 		size := e.size.Load()
 		if op.Off >= size {
@@ -83,69 +67,43 @@ func (e *engine) Submit(op *fuseserve.Op) {
 		}
 		op.Buf = op.Buf[:min(int64(len(op.Buf)), size-op.Off)]
 	}
-	ir := e.ring
-	code := uint8(uringOpRead)
-	if op.Write {
-		code = uringOpWrite
-	}
-	ir.r.mu.Lock()
-	if len(ir.free) == 0 {
-		// Cannot happen: ringEntries covers every buffer of the server.
-		ir.r.mu.Unlock()
+	if len(q.free) == 0 {
+		// Cannot happen: the ring has an entry for every buffer of the
+		// server thread.
 		e.ioFailed(op, syscall.EBUSY)
 		return
 	}
-	i := ir.free[len(ir.free)-1]
-	err := ir.r.queueLocked(code, ir.fd, op.Buf, e.dataOffset+op.Off, uint64(i))
-	if err == errRingFull {
-		// Queued SQEs the kernel has not consumed yet: hand them on.
-		if err = ir.r.submitLocked(); err == nil {
-			err = ir.r.queueLocked(code, ir.fd, op.Buf, e.dataOffset+op.Off, uint64(i))
+	i := q.free[len(q.free)-1]
+	err := prep(q.fd, op.Buf, e.dataOffset+op.Off, uint64(i))
+	if err == uring.ErrFull {
+		if err = q.r.Submit(); err == nil {
+			err = prep(q.fd, op.Buf, e.dataOffset+op.Off, uint64(i))
 		}
 	}
 	if err != nil {
-		ir.r.mu.Unlock()
 		e.ioFailed(op, err)
 		return
 	}
-	ir.free = ir.free[:len(ir.free)-1]
-	ir.slot[i] = op
-	ir.r.mu.Unlock()
+	q.free = q.free[:len(q.free)-1]
+	q.slot[i] = op
 }
 
-// Flush submits what Submit queued (fuseserve.AsyncFile).
-func (e *engine) Flush() {
-	ir := e.ring
-	ir.r.mu.Lock()
-	err := ir.r.submitLocked()
-	ir.r.mu.Unlock()
-	if err != nil {
-		klog.ErrorS(err, "io_uring submission failed", "volumeID", e.spec.VolumeID)
-	}
-}
-
-// reap answers completed image I/Os until the ring's eventfd is closed.
-func (e *engine) reap() {
-	ir := e.ring
-	for {
-		if err := ir.r.waitEvent(); err != nil {
-			return
-		}
-		ir.r.reap(e.completeFn)
-	}
-}
-
-// complete finishes the image I/O of slot u with result res.
-func (e *engine) complete(u uint64, res int32) {
-	ir := e.ring
-	ir.r.mu.Lock()
-	op := ir.slot[u]
-	ir.slot[u] = nil
-	ir.free = append(ir.free, uint32(u))
-	ir.r.mu.Unlock()
-	if op == nil {
+// Complete finishes the image I/O of slot u with result res
+// (fuseserve.Queue).
+func (q *imageQueue) Complete(u uint64, res int32) {
+	if u >= uint64(len(q.slot)) {
 		return
 	}
+	op := q.slot[u]
+	q.slot[u] = nil
+	q.free = append(q.free, uint32(u))
+	if op != nil {
+		q.e.finish(op, res)
+	}
+}
+
+// finish completes op, whose image I/O ended with res.
+func (e *engine) finish(op *fuseserve.Op, res int32) {
 	if res < 0 || int(res) != len(op.Buf) {
 		// O_DIRECT refused (EINVAL), a short transfer, or an error: the
 		// descriptor-level path decides (buffered fallback, EIO, the errno).

@@ -24,6 +24,11 @@ type Stats struct {
 	Size       int64  `json:"size"`     // bytes served (the data segment)
 	DirectIO   bool   `json:"directIO"` // the image is read and written with O_DIRECT
 	Resent     uint64 `json:"resent"`   // requests the kernel delivered again after a takeover
+	// FastPath: READs and WRITEs go to the image on the FUSE server
+	// threads' io_uring rings (false: blocking pread/pwrite per request).
+	FastPath bool `json:"fastPath"`
+	// RingRequests came over FUSE-over-io_uring (--fuse-transport io_uring).
+	RingRequests uint64 `json:"ringRequests"`
 }
 
 // The control protocol: one JSON request and one JSON reply per connection
@@ -88,6 +93,12 @@ func serveControl(ln net.Listener, e *engine, shutdown func() error, handoff fun
 						rep.Error = err.Error()
 					}
 				case "handoff":
+					if e.sess != nil && e.sess.IOURing() {
+						// Requests held in ring entries cannot be resent to
+						// a successor.
+						rep.Error = "an engine on FUSE-over-io_uring cannot hand its connection off"
+						break
+					}
 					handoff()
 				case "fuse":
 					// A supervisor adopting this engine takes a copy of the

@@ -19,6 +19,7 @@ import (
 	"github.com/csi-encdisk/csi-encdisk/pkg/fuseserve"
 	"github.com/csi-encdisk/csi-encdisk/pkg/imagelock"
 	"github.com/csi-encdisk/csi-encdisk/pkg/mounts"
+	"github.com/csi-encdisk/csi-encdisk/pkg/uring"
 )
 
 // fuseRequestTimeout bounds how long a FUSE request may wait (the
@@ -45,8 +46,7 @@ type engine struct {
 	clones     []*os.File // clones of dev the fast path reads (the supervisor holds copies)
 	sess       *fuseserve.Session
 	fuseStats  fuseserve.Stats
-	ring       *imageRing          // the fast path's io_uring on the image (nil: pread/pwrite)
-	completeFn func(uint64, int32) // e.complete, bound once (no allocation per reap)
+	directFD   int // the image's O_DIRECT descriptor the fast path's rings use (-1: pread/pwrite)
 
 	readOps, writeOps, readBytes, writeBytes, ioErrors atomic.Uint64
 }
@@ -83,7 +83,7 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 	harden()
 	tuneRuntime()
 	e := &engine{spec: spec}
-	e.completeFn = e.complete
+	e.directFD = -1
 	if e.img, err = openImageIO(ctx, spec); err != nil {
 		return err
 	}
@@ -119,7 +119,8 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 	}
 
 	mnt := FUSEDir(spec.RunDir)
-	dev, sess, err := e.connect(ctx, mnt)
+	fast := e.fastPathImage()
+	dev, sess, err := e.connect(ctx, mnt, fast != nil && spec.FUSETransport == TransportIOURing)
 	if err != nil {
 		return err
 	}
@@ -130,8 +131,12 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 			c.Close()
 		}
 	}()
-	e.setupFastPath()
-	defer e.stopRing()
+	if err := e.setupFastPath(fast); err != nil {
+		if spec.FUSEFD == 0 {
+			_ = fuseserve.Unmount(mnt)
+		}
+		return err
+	}
 	ln, err := listenControl(ControlSocketPath(spec.RunDir))
 	if err != nil {
 		if spec.FUSEFD == 0 {
@@ -169,14 +174,14 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 	served := make(chan error, 1)
 	go func() {
 		opts := fuseserve.ServeOptions{Resend: spec.Resend, Stats: &e.fuseStats}
-		if e.ring != nil {
+		if e.directFD >= 0 {
 			opts.Clones = e.clones
 		}
 		served <- fuseserve.Serve(serveCtx, dev, sess, e, opts)
 	}()
 	klog.InfoS("Engine serving", "volumeID", spec.VolumeID, "image", spec.Image, "file", PlainFile(spec.RunDir),
 		"size", e.size.Load(), "sectorSize", e.sectorSize, "plaintext", spec.Plaintext, "allowDiscards", spec.AllowDiscards, "directIO", e.img.DirectIO(),
-		"takeover", spec.FUSEFD != 0, "resend", spec.Resend, "io_uring", e.ring != nil, "fuseReaders", len(e.clones))
+		"takeover", spec.FUSEFD != 0, "resend", spec.Resend, "io_uring", e.directFD >= 0, "fuseReaders", len(e.clones), "fuseOverIOURing", sess.IOURing())
 	writeReport(report, &StartReport{Plaintext: spec.Plaintext, DataOffset: e.dataOffset, SectorSize: e.sectorSize, Size: e.size.Load(), KMSCalls: calls.report()})
 
 	sig := ctx.Done()
@@ -206,9 +211,10 @@ func RunEngine(ctx context.Context, spec EngineSpec, report io.WriteCloser) (err
 	}
 }
 
-// connect mounts the FUSE file on mnt, or takes the connection a supervisor
-// handed down (spec.FUSEFD, spec.Session).
-func (e *engine) connect(ctx context.Context, mnt string) (*os.File, *fuseserve.Session, error) {
+// connect mounts the FUSE file on mnt (asking for FUSE-over-io_uring with
+// ioURing), or takes the connection a supervisor handed down (spec.FUSEFD,
+// spec.Session).
+func (e *engine) connect(ctx context.Context, mnt string, ioURing bool) (*os.File, *fuseserve.Session, error) {
 	if e.spec.FUSEFD != 0 {
 		var sess fuseserve.Session
 		if err := json.Unmarshal([]byte(e.spec.Session), &sess); err != nil {
@@ -242,58 +248,92 @@ func (e *engine) connect(ctx context.Context, mnt string) (*os.File, *fuseserve.
 			return nil, nil, fmt.Errorf("engine: stale mount: %w", err)
 		}
 	}
-	dev, sess, err := fuseserve.Mount(ctx, mnt, MountOptions(e.spec.VolumeID))
+	opts := MountOptions(e.spec.VolumeID)
+	if ioURing {
+		opts.IOURing = true
+		// Every ring entry holds a buffer of the largest request.
+		opts.MaxWrite = ringMaxWrite
+	}
+	dev, sess, err := fuseserve.Mount(ctx, mnt, opts)
 	if err != nil {
 		return nil, nil, fmt.Errorf("engine: FUSE mount on %s: %w", mnt, err)
+	}
+	if ioURing && !sess.IOURing() {
+		klog.InfoS("The kernel did not take FUSE-over-io_uring (fuse module parameter enable_uring=N, or before Linux 6.14); serving /dev/fuse",
+			"volumeID", e.spec.VolumeID)
 	}
 	return dev, sess, nil
 }
 
 // FUSEReaders is how many cloned /dev/fuse descriptors a supervisor makes
 // for an engine, and so how many readers the engine's fast path runs (one
-// per clone). Each reader reads through the netpoller, starts every READ
-// and WRITE on the image's ring and reads on, so it is not a bound on the
-// requests in flight (the server's buffers are); two let request intake and
-// the write encryption done in it use the two CPUs of the machine this was
-// measured on. Other counts were not measured yet (bench/RESULTS.md); each
-// reader costs a 1 MiB request buffer.
+// per clone, each an OS thread with its own ring). A reader starts every
+// READ and WRITE on its ring and reads on, so it is not a bound on the
+// requests in flight (the server's buffers are); two let the work of
+// requests (intake, encryption, decryption, replies) use the two CPUs of the
+// machine this was measured on (bench/RESULTS.md); each reader costs a
+// 1 MiB request buffer.
 const FUSEReaders = 2
 
-// setupFastPath starts the image ring and, for an engine that mounted its
-// file itself, clones the connection for the readers (a supervised engine
-// got its clones from the supervisor, which keeps copies). Without a ring
-// (no io_uring, an RBD image, buffered I/O, CSI_ENCDISK_ENGINE_IO=pread) the
-// engine serves with blocking readers on the connection's descriptor.
-func (e *engine) setupFastPath() {
+// ringMaxWrite is the largest request of a connection on FUSE-over-io_uring:
+// each of its ring entries (fuseserve's total of 32) holds a buffer that
+// size, so 128 KiB keeps them at 4 MiB.
+const ringMaxWrite = 128 << 10
+
+// fastPathImage returns the image when the fast path can serve it (server
+// threads with io_uring rings on its O_DIRECT descriptor), nil when not:
+// an RBD image, buffered I/O, no io_uring (disabled by sysctl or seccomp),
+// CSI_ENCDISK_ENGINE_IO=pread. The engine then serves with blocking readers
+// on the connection's descriptor.
+func (e *engine) fastPathImage() *fileImage {
 	f, ok := e.img.(*fileImage)
 	switch {
 	case !ok || f.direct == nil:
-		return
+		return nil
 	case os.Getenv("CSI_ENCDISK_ENGINE_IO") == "pread":
 		klog.InfoS("Engine I/O through pread/pwrite (CSI_ENCDISK_ENGINE_IO=pread)", "volumeID", e.spec.VolumeID)
-		return
+		return nil
+	}
+	r, err := uring.New(8, 0)
+	if err != nil {
+		klog.ErrorS(err, "No io_uring on the image; serving with pread/pwrite", "volumeID", e.spec.VolumeID)
+		return nil
+	}
+	r.Close()
+	return f
+}
+
+// setupFastPath turns the fast path on for f (nil: off): for an engine that
+// mounted its file itself it clones the connection for the server's
+// threads (a supervised engine got its clones from the supervisor, which
+// keeps copies).
+// A connection on FUSE-over-io_uring needs it: without it the error says so.
+func (e *engine) setupFastPath(f *fileImage) error {
+	if f == nil {
+		return nil
 	}
 	if e.spec.FUSEFD == 0 {
 		cs, err := fuseserve.Clones(e.dev, FUSEReaders)
 		if err != nil {
+			if e.sess.IOURing() {
+				return fmt.Errorf("engine: FUSE-over-io_uring: %w", err)
+			}
 			klog.ErrorS(err, "Cloning the FUSE connection failed; serving with blocking readers", "volumeID", e.spec.VolumeID)
-			return
+			return nil
 		}
 		e.clones = cs
 	}
 	if len(e.clones) == 0 {
-		return // a supervisor that passed no clones
+		return nil // a supervisor that passed no clones
 	}
-	if err := e.startRing(f); err != nil {
-		klog.ErrorS(err, "No io_uring on the image; serving with pread/pwrite", "volumeID", e.spec.VolumeID)
-		e.ring = nil
-	}
+	e.directFD = int(f.direct.Fd())
+	return nil
 }
 
 // tuneRuntime bounds the engine's threads and memory (it mlockalls: every
 // resident page is locked). GOMAXPROCS is the fast path's parallel work: its
-// readers (request intake, write encryption) and the reaper (read
-// decryption, replies), at most the CPUs; more Ps only add idle threads. The
+// readers (each does all the work of its requests) and one for the control
+// socket and the runtime, at most the CPUs; more Ps only add idle threads. The
 // Go heap holds the server's buffers (about 16 MiB, allocated once) and
 // little else: a limit of 24 MiB makes the collector work before the
 // process grows past the 32 MiB the engine is meant to stay within.
@@ -383,5 +423,6 @@ func (e *engine) stats() *Stats {
 		ReadBytes: e.readBytes.Load(), WriteBytes: e.writeBytes.Load(),
 		IOErrors: e.ioErrors.Load(), Size: e.size.Load(),
 		DirectIO: e.img.DirectIO(), Resent: e.fuseStats.Resent.Load(),
+		FastPath: e.directFD >= 0, RingRequests: e.fuseStats.Ring.Load(),
 	}
 }

@@ -21,6 +21,7 @@ import (
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
 	"github.com/csi-encdisk/csi-encdisk/pkg/filesystem"
+	"github.com/csi-encdisk/csi-encdisk/pkg/fuseserve"
 	"github.com/csi-encdisk/csi-encdisk/pkg/imagelock"
 	"github.com/csi-encdisk/csi-encdisk/pkg/loopdev"
 	"github.com/csi-encdisk/csi-encdisk/pkg/mounts"
@@ -781,12 +782,24 @@ func TestOnlineGrow(t *testing.T) {
 // TestFioVerify writes random blocks of mixed sizes through the loop device
 // at queue depth 16 (requests served concurrently by the engine) and
 // verifies every block on read back.
+// TestFioVerify writes and verifies random blocks of mixed sizes through
+// the engine's fast path, with both FUSE transports; an engine on rings
+// refuses to hand its connection off.
 func TestFioVerify(t *testing.T) {
 	requireRoot(t, "fio")
-	for _, ss := range []int{4096, 512} {
-		t.Run(fmt.Sprint(ss), func(t *testing.T) {
+	if err := fuseserve.EnableIOURing(); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		ss        int
+		transport string
+	}{{4096, TransportClassic}, {512, TransportClassic}, {4096, TransportIOURing}} {
+		ss := tc.ss
+		t.Run(fmt.Sprint(ss, tc.transport), func(t *testing.T) {
 			v := newTestVolume(t, 64<<20, ss, false)
-			eng := v.start(t, v.spec(false))
+			spec := v.spec(false)
+			spec.FUSETransport = tc.transport
+			eng := v.start(t, spec)
 			dev := attach(t, eng.File, ss)
 			bs := "4k-256k"
 			if ss == 512 {
@@ -801,8 +814,16 @@ func TestFioVerify(t *testing.T) {
 				t.Fatalf("fio verify: %v\n%s", err, out)
 			}
 			s, err := DialControl(eng.ControlSocket).Stats(context.Background())
-			if err != nil || s.WriteOps < 100 || s.ReadOps < 100 || s.IOErrors != 0 {
+			if err != nil || s.WriteOps < 100 || s.ReadOps < 100 || s.IOErrors != 0 || !s.FastPath {
 				t.Fatalf("stats %+v, %v", s, err)
+			}
+			if onRings := s.RingRequests > s.WriteOps; onRings != (tc.transport == TransportIOURing) {
+				t.Fatalf("%d requests over FUSE-over-io_uring, %d writes", s.RingRequests, s.WriteOps)
+			}
+			if tc.transport == TransportIOURing {
+				if err := DialControl(eng.ControlSocket).Handoff(context.Background()); err == nil || !strings.Contains(err.Error(), "cannot hand") {
+					t.Fatalf("handoff of an engine on rings: %v", err)
+				}
 			}
 		})
 	}

@@ -59,7 +59,20 @@ type EngineSpec struct {
 	// connection (fuseserve.Clone) that the supervisor holds copies of too;
 	// the engine's fast path reads them, one reader each.
 	FUSEClones int
+	// FUSETransport is how the engine it mounts itself gets FUSE requests:
+	// "classic" (read and write on /dev/fuse; the default, and the only one
+	// a supervisor can take over after a crash) or "io_uring"
+	// (FUSE-over-io_uring: fewer system calls per request, but a crashed
+	// engine strands the requests it held; needs the fuse module's
+	// enable_uring=Y, else the engine serves classic and logs why).
+	FUSETransport string
 }
+
+// FUSE transports (EngineSpec.FUSETransport).
+const (
+	TransportClassic = "classic"
+	TransportIOURing = "io_uring"
+)
 
 // RegisterFlags defines the engine's flags on fs, bound to s.
 func (s *EngineSpec) RegisterFlags(fs *flag.FlagSet) {
@@ -79,6 +92,7 @@ func (s *EngineSpec) RegisterFlags(fs *flag.FlagSet) {
 	fs.StringVar(&s.Session, "session", "", "the --fuse-fd connection's negotiated parameters, JSON (set by the engine host)")
 	fs.IntVar(&s.FUSEClones, "fuse-clones", 0, "descriptors after --fuse-fd that are clones of its connection (set by the engine host)")
 	fs.BoolVar(&s.Resend, "resend", false, "ask the kernel to resend what a dead predecessor had read (set by the engine host)")
+	fs.StringVar(&s.FUSETransport, "fuse-transport", "", "classic (default: survives through a supervisor) or io_uring (faster, no takeover; not with --fuse-fd)")
 }
 
 // Args is the argv (after the binary) that runs the engine for s: the
@@ -140,6 +154,10 @@ func (s EngineSpec) Validate() error {
 		return fmt.Errorf("engine spec: --sector-size %d is for plaintext volumes only (an encrypted volume's comes from its header)", s.SectorSize)
 	case !s.Plaintext && (s.KMSEndpoint == "") == (s.PassphraseFile == ""):
 		return errors.New("engine spec: give exactly one of a KMS endpoint and a passphrase file")
+	case s.FUSETransport != "" && s.FUSETransport != TransportClassic && s.FUSETransport != TransportIOURing:
+		return fmt.Errorf("engine spec: FUSE transport %q must be %q or %q", s.FUSETransport, TransportClassic, TransportIOURing)
+	case s.FUSETransport == TransportIOURing && s.FUSEFD != 0:
+		return errors.New("engine spec: the io_uring FUSE transport cannot serve a supervisor's connection (no takeover on rings)")
 	case s.FUSEFD < 0 || s.FUSEFD == 1 || s.FUSEFD == 2 || s.FUSEFD == ReportFD:
 		return fmt.Errorf("engine spec: --fuse-fd %d is not a descriptor an engine can be given", s.FUSEFD)
 	case s.FUSEClones < 0 || s.FUSEClones > 64 || s.FUSEClones > 0 && s.FUSEFD == 0:

@@ -83,6 +83,9 @@ type Config struct {
 	// EngineHost is the unix socket path of the node's engine host ("":
 	// the node starts engines itself).
 	EngineHost string
+	// FUSETransport is how engines the node starts itself get FUSE
+	// requests (blockdev.EngineSpec.FUSETransport; "" is classic).
+	FUSETransport string
 	// MaxVolumes is the node's volume limit (0: none).
 	MaxVolumes int64
 	// PoolOptions tune the file pool (tests inject faults through it).
@@ -149,16 +152,17 @@ func New(ctx context.Context, cfg Config) (*Driver, error) {
 	}
 	if cfg.Mode.node() {
 		d.node, err = NewNodeServer(NodeConfig{
-			NodeID:       cfg.NodeID,
-			Region:       cfg.Region,
-			StateDir:     cfg.StateDir,
-			ImagePath:    d.pools.ImagePath,
-			Reserved:     []string{cfg.DataDir},
-			KMS:          d.kms.registry,
-			EngineBinary: cfg.EngineBinary,
-			EngineHost:   cfg.EngineHost,
-			MaxVolumes:   cfg.MaxVolumes,
-			Metrics:      d.registry,
+			NodeID:        cfg.NodeID,
+			Region:        cfg.Region,
+			StateDir:      cfg.StateDir,
+			ImagePath:     d.pools.ImagePath,
+			Reserved:      []string{cfg.DataDir},
+			KMS:           d.kms.registry,
+			EngineBinary:  cfg.EngineBinary,
+			EngineHost:    cfg.EngineHost,
+			FUSETransport: cfg.FUSETransport,
+			MaxVolumes:    cfg.MaxVolumes,
+			Metrics:       d.registry,
 		})
 		if err != nil {
 			d.kms.close()

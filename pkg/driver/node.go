@@ -57,6 +57,11 @@ type NodeConfig struct {
 	// engines as children of the node plugin (they then die with its
 	// container, and a dead engine is not replaced).
 	EngineHost string
+	// FUSETransport is how engines the node starts itself get FUSE
+	// requests (blockdev.EngineSpec.FUSETransport; "" is classic). An
+	// engine host's engines are always classic: only they can be taken
+	// over after a crash.
+	FUSETransport string
 	// MaxVolumes is reported by NodeGetInfo (0: no limit).
 	MaxVolumes int64
 	// Reserved directories (the driver's pool, state and KMS directories)
@@ -94,12 +99,17 @@ func NewNodeServer(cfg NodeConfig) (*NodeServer, error) {
 		return nil, errors.New("node: EngineBinary must be set")
 	case cfg.MaxVolumes < 0:
 		return nil, fmt.Errorf("node: MaxVolumes must be >= 0, got %d", cfg.MaxVolumes)
+	case cfg.FUSETransport != "" && cfg.FUSETransport != blockdev.TransportClassic && cfg.FUSETransport != blockdev.TransportIOURing:
+		return nil, fmt.Errorf("node: FUSE transport %q must be %q or %q", cfg.FUSETransport, blockdev.TransportClassic, blockdev.TransportIOURing)
+	case cfg.FUSETransport == blockdev.TransportIOURing && cfg.EngineHost != "":
+		return nil, errors.New("node: the io_uring FUSE transport needs engines the node starts itself, not an engine host's (requests on rings cannot be resent to a replacement engine)")
 	}
 	st, err := nodestate.Open(cfg.StateDir)
 	if err != nil {
 		return nil, fmt.Errorf("node: %w", err)
 	}
-	scfg := staging.Config{Store: st, EngineBinary: cfg.EngineBinary, Reserved: append([]string{cfg.StateDir}, cfg.Reserved...)}
+	scfg := staging.Config{Store: st, EngineBinary: cfg.EngineBinary, FUSETransport: cfg.FUSETransport,
+		Reserved: append([]string{cfg.StateDir}, cfg.Reserved...)}
 	if cfg.KMS != nil {
 		scfg.KMS = nodeKMS{cfg.KMS}
 	}

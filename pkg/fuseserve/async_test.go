@@ -11,52 +11,68 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/uring"
 )
 
-// asyncMem is a memFile served asynchronously: Submit queues, Flush hands
-// the queued ops to a worker goroutine, which completes them.
+// asyncMem is a memFile served asynchronously: Submit prepares a NOP on
+// the server thread's ring and the memory I/O happens when it completes.
 type asyncMem struct {
 	*memFile
-	mu      sync.Mutex
-	queued  []*Op
-	work    chan *Op
-	flushes int
 }
 
-func newAsyncMem(m *memFile) *asyncMem {
-	a := &asyncMem{memFile: m, work: make(chan *Op, 1024)}
-	go func() {
-		for op := range a.work {
-			if op.Write {
-				n, e := m.WriteAt(op.Buf, op.Off)
-				op.Complete(n, e)
-			} else {
-				n, e := m.ReadAt(op.Buf, op.Off)
-				op.Complete(n, e)
-			}
+func newAsyncMem(m *memFile) *asyncMem { return &asyncMem{memFile: m} }
+
+func (a *asyncMem) NewQueue(r *uring.Ring) (Queue, error) {
+	return &memQueue{m: a.memFile, r: r, ops: map[uint64]*Op{}}, nil
+}
+
+// memQueue: with r nil, Submit does the I/O at once.
+type memQueue struct {
+	m    *memFile
+	r    *uring.Ring
+	ops  map[uint64]*Op
+	next uint64
+}
+
+func (q *memQueue) Submit(op *Op) {
+	if q.r == nil {
+		q.do(op)
+		return
+	}
+	q.next++
+	err := q.r.PrepNop(q.next)
+	if err == uring.ErrFull {
+		if err = q.r.Submit(); err == nil {
+			err = q.r.PrepNop(q.next)
 		}
-	}()
-	return a
+	}
+	if err != nil {
+		op.Complete(0, unix.EIO)
+		return
+	}
+	q.ops[q.next] = op
 }
 
-func (a *asyncMem) Submit(op *Op) {
-	a.mu.Lock()
-	a.queued = append(a.queued, op)
-	a.mu.Unlock()
+func (q *memQueue) Complete(u uint64, res int32) {
+	op := q.ops[u]
+	delete(q.ops, u)
+	if op != nil {
+		q.do(op)
+	}
 }
 
-func (a *asyncMem) Flush() {
-	a.mu.Lock()
-	q := a.queued
-	a.queued = nil
-	if len(q) > 0 {
-		a.flushes++
+func (q *memQueue) do(op *Op) {
+	if op.Write {
+		n, e := q.m.WriteAt(op.Buf, op.Off)
+		op.Complete(n, e)
+		return
 	}
-	a.mu.Unlock()
-	for _, op := range q {
-		a.work <- op
-	}
+	n, e := q.m.ReadAt(op.Buf, op.Off)
+	op.Complete(n, e)
 }
+
+func (q *memQueue) Close() {}
 
 // TestAsyncThroughTheKernel serves a memory file on two clones of the
 // connection through the asynchronous path: large and small, concurrent
@@ -175,13 +191,13 @@ func TestAsyncNoAllocationPerRequest(t *testing.T) {
 	defer null.Close()
 	m := &memFile{data: make([]byte, 4<<20)}
 	m.size.Store(4 << 20)
-	sf := &syncAsync{m}
 	sess := &Session{Major: 7, Minor: 45, MaxWrite: 1 << 20, MaxPages: 256}
 	s := &server{fd: int(null.Fd()), sess: sess, file: m, stats: &Stats{}}
-	as := &asyncServer{s: s, file: sf, big: make(chan *Op, 1), small: make(chan *Op, 1), smallSz: DefaultSmallSize}
-	as.big <- &Op{as: as, buf: alignedAt(bigPayloadOff+1<<20, bigPayloadOff), big: true}
-	as.small <- &Op{as: as, buf: alignedAt(DefaultSmallSize, 0)}
+	as := &asyncServer{s: s, file: newAsyncMem(m), smallSz: DefaultSmallSize}
 	r := &asyncReader{as: as, fd: int(null.Fd()), rbuf: alignedAt(bigPayloadOff+1<<20, bigPayloadOff)}
+	r.q = &memQueue{m: m}
+	r.big = []*Op{{owner: r, buf: alignedAt(bigPayloadOff+1<<20, bigPayloadOff), big: true}}
+	r.small = []*Op{{owner: r, buf: alignedAt(DefaultSmallSize, 0)}}
 	r.sync = &reader{s: s, fd: r.fd, in: r.rbuf, out: alignedAt(outHeaderSize+8192, outHeaderSize)}
 	for _, tc := range []struct {
 		name   string
@@ -212,18 +228,3 @@ func TestAsyncNoAllocationPerRequest(t *testing.T) {
 		t.Errorf("stats: %d reply failures, %d errors", s.stats.ReplyFailures.Load(), s.stats.Errors.Load())
 	}
 }
-
-// syncAsync completes every op in Submit.
-type syncAsync struct{ *memFile }
-
-func (f *syncAsync) Submit(op *Op) {
-	if op.Write {
-		n, e := f.WriteAt(op.Buf, op.Off)
-		op.Complete(n, e)
-		return
-	}
-	n, e := f.ReadAt(op.Buf, op.Off)
-	op.Complete(n, e)
-}
-
-func (f *syncAsync) Flush() {}

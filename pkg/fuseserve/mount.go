@@ -31,6 +31,13 @@ type MountOptions struct {
 	// longest gap a supervisor may leave between a server's death and its
 	// replacement's resend. 0 keeps the kernel's default.
 	RequestTimeout time.Duration
+	// IOURing asks for FUSE-over-io_uring (Linux 6.14 with the fuse
+	// module's enable_uring=Y; Session.IOURing says whether the kernel
+	// agreed). Requests then come on rings, one queue per possible CPU, and
+	// cannot be resent to another server: a server that dies strands the
+	// requests it held (see the package documentation). Each ring entry
+	// holds a MaxWrite buffer: keep MaxWrite small (128 KiB, say).
+	IOURing bool
 }
 
 // Mount opens /dev/fuse, mounts a FUSE filesystem on dir with mount(2) (no
@@ -88,7 +95,7 @@ func Mount(ctx context.Context, dir string, opts MountOptions) (dev *os.File, se
 			dev, sess = nil, nil
 		}
 	}()
-	sess, err = answerInit(ctx, fd, maxWrite, maxBG, uint16(timeout))
+	sess, err = answerInit(ctx, fd, maxWrite, maxBG, uint16(timeout), opts.IOURing)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -97,7 +104,7 @@ func Mount(ctx context.Context, dir string, opts MountOptions) (dev *os.File, se
 }
 
 // answerInit reads the FUSE_INIT that mount(2) queued and replies to it.
-func answerInit(ctx context.Context, fd, maxWrite, maxBG int, timeout uint16) (*Session, error) {
+func answerInit(ctx context.Context, fd, maxWrite, maxBG int, timeout uint16, ioURing bool) (*Session, error) {
 	// The read buffer must hold the largest request the kernel could send
 	// before INIT settles max_write.
 	buf := make([]byte, max(minReadBufSize, inHeaderSize+writeInSize+maxWrite))
@@ -145,6 +152,9 @@ func answerInit(ctx context.Context, fd, maxWrite, maxBG int, timeout uint16) (*
 	want := uint64(initAsyncRead | initBigWrites | initAsyncDIO | initMaxPages | initInitExt)
 	if timeout > 0 {
 		want |= initRequestTimeout
+	}
+	if ioURing {
+		want |= initOverIOURing
 	}
 	s.Flags = kflags & want
 	if s.Flags&initRequestTimeout != 0 {

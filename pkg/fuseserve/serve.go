@@ -62,6 +62,8 @@ type ServeOptions struct {
 	// buffers (defaults DefaultSmallSize, DefaultSmallBuffers,
 	// DefaultBigBuffers): requests up to SmallSize bytes use a small buffer,
 	// larger ones a request-sized one; they bound the requests in flight.
+	// The counts are totals, shared out over the readers (each owns its
+	// part: at least one of each).
 	SmallSize, SmallBuffers, BigBuffers int
 }
 
@@ -69,6 +71,7 @@ type ServeOptions struct {
 type Stats struct {
 	Requests      atomic.Uint64 // requests read, FORGET and INTERRUPT included
 	Resent        atomic.Uint64 // requests that carried FUSE_UNIQUE_RESEND
+	Ring          atomic.Uint64 // requests that came over FUSE-over-io_uring
 	Errors        atomic.Uint64 // replies with an errno from File or a bad request
 	ReplyFailures atomic.Uint64 // replies the kernel refused (other than ENOENT: interrupted)
 }

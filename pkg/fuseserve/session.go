@@ -35,6 +35,10 @@ type Session struct {
 // (protocol 7.40, Linux 6.9).
 func (s *Session) HasResend() bool { return s.KernelFlags&initHasResend != 0 }
 
+// IOURing reports whether the connection carries requests over
+// FUSE-over-io_uring (MountOptions.IOURing, and the kernel agreed).
+func (s *Session) IOURing() bool { return s.Flags&initOverIOURing != 0 }
+
 // maxPayload is the largest READ or WRITE payload of the connection.
 func (s *Session) maxPayload() int {
 	return max(int(s.MaxWrite), int(s.MaxPages)*4096)

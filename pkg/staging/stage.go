@@ -258,6 +258,7 @@ func (m *Manager) startEngine(ctx context.Context, v *nodestate.Volume, req Requ
 		ReadOnly:        v.ReadOnly,
 		AllowDiscards:   req.AllowDiscards,
 		BufferedBacking: m.cfg.BufferedBacking,
+		FUSETransport:   m.cfg.FUSETransport,
 	}
 	switch {
 	case !v.Encrypted:

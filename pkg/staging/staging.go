@@ -99,6 +99,9 @@ type Config struct {
 	Reserved []string
 	// BufferedBacking makes engines open images without O_DIRECT (measurements).
 	BufferedBacking bool
+	// FUSETransport is blockdev.EngineSpec.FUSETransport of the engines
+	// started ("" is classic).
+	FUSETransport string
 }
 
 // Manager runs the life of the volumes staged through it.
