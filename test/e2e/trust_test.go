@@ -20,6 +20,7 @@ import (
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
 	"github.com/csi-encdisk/csi-encdisk/pkg/kmsclient"
+	"github.com/csi-encdisk/csi-encdisk/test/hosttest"
 )
 
 // These tests hold the node to what it promises: secrets live only in the
@@ -319,7 +320,7 @@ func TestUnstageAfterEngineDeath(t *testing.T) {
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	for deadline := time.Now().Add(10 * time.Second); processAlive(pid); {
+	for deadline := time.Now().Add(10 * time.Second); hosttest.ProcessAlive(pid); {
 		if time.Now().After(deadline) {
 			t.Fatal("engine did not die")
 		}
