@@ -1,0 +1,190 @@
+//go:build ceph
+
+package rbd_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/blockdev"
+	"github.com/csi-encdisk/csi-encdisk/pkg/enginehost"
+	"github.com/csi-encdisk/csi-encdisk/pkg/nodestate"
+	"github.com/csi-encdisk/csi-encdisk/test/fiotest"
+	"github.com/csi-encdisk/csi-encdisk/test/hosttest"
+)
+
+// runDir is the engine run directory of a staged volume.
+func (e *csiEnv) runDir(volumeID string) string {
+	e.t.Helper()
+	st, err := nodestate.Open(e.stateDir())
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	v, err := st.Load(volumeID)
+	if err != nil {
+		e.t.Fatalf("node state of %s: %v", volumeID, err)
+	}
+	if v.RunDir == "" {
+		e.t.Fatalf("node state of %s names no run dir", volumeID)
+	}
+	return v.RunDir
+}
+
+// restartDriverHard kills the node plugin with SIGKILL (a crash, or a rollout
+// that does not wait) and starts it again on the same state directory.
+func (e *csiEnv) restartDriverHard() {
+	e.t.Helper()
+	_ = e.driver.Process.Signal(syscall.SIGKILL)
+	_ = e.driver.Wait()
+	e.startDriver()
+	ctx, cancel := ctxT()
+	defer cancel()
+	if err := e.cli.WaitReady(ctx, false); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
+// noKeyIn fails the test if the cephx key appears in the command line or
+// the environment of process pid (what names it, in the message).
+func (e *csiEnv) noKeyIn(what string, pid int) {
+	e.t.Helper()
+	for _, f := range []string{"cmdline", "environ"} {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/%s", pid, f))
+		if err != nil {
+			e.t.Fatalf("%s (pid %d): %v", what, pid, err)
+		}
+		if len(b) == 0 && f == "cmdline" {
+			e.t.Fatalf("%s (pid %d): empty %s (process gone?)", what, pid, f)
+		}
+		if bytes.Contains(b, e.c.Creds.Key) {
+			e.t.Errorf("the cephx key appears in the %s of the %s (pid %d)", f, what, pid)
+		}
+	}
+}
+
+// noKeyInFiles fails the test if the cephx key appears in any regular file
+// under the test's directory: the logs of the driver (-v=10), the engine
+// host (-v=4) and the engines, the host's records, the node's state.
+func (e *csiEnv) noKeyInFiles() (checked int) {
+	e.t.Helper()
+	_ = filepath.WalkDir(e.dir, func(path string, d os.DirEntry, err error) error {
+		if err != nil || !d.Type().IsRegular() {
+			return nil
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return nil
+		}
+		checked++
+		if bytes.Contains(b, e.c.Creds.Key) {
+			e.t.Errorf("the cephx key appears in %s", path)
+		}
+		return nil
+	})
+	return checked
+}
+
+// TestRBDEngineHostSurvival: with the node plugin on an engine host (as the
+// chart deploys it), an RBD volume is staged through CSI and fio writes and
+// verifies through its ext4 the whole time while: its engine is killed
+// (SIGKILL) and the host starts a replacement with the credentials it keeps;
+// the node plugin is killed and started again; the host is killed, a new
+// one adopts the engine (and takes its credentials from it), and the engine
+// is killed again and replaced by the new host. fio sees no error, its
+// verify holds, a file written before reads back, and the cephx key is in
+// no argv, environment, log, record or state file of the host, the node
+// plugin or the engines. Unstage then leaves no engine.
+func TestRBDEngineHostSurvival(t *testing.T) {
+	e := newCSIEnvWithHost(t)
+	v := e.create(fmt.Sprintf("survive-%d", time.Now().UnixNano()), 128*mib, nil)
+	id := v.GetVolumeId()
+	p := e.stage(v, "survive")
+	data := marker(4 * mib)
+	writeFile(t, filepath.Join(p.StagingPath, "data"), data)
+	runDir := e.runDir(id)
+	first := hosttest.EnginePIDNow(t, runDir)
+	ctx := context.Background()
+	if st, err := e.host.Client().Status(ctx, id); err != nil || st.PID != first {
+		t.Fatalf("host status %+v, %v: the host does not supervise the RBD engine %d", st, err, first)
+	}
+
+	t0 := time.Now()
+	fio := fiotest.Start(t, e.dir, p.StagingPath, 40*time.Second)
+	time.Sleep(4 * time.Second) // fio in full swing
+
+	// 1. The engine crashes: the host replaces it.
+	r1 := hosttest.KillEngine(t, runDir, e.host, 0)
+	t.Logf("%5.1fs engine %d killed, the host replaced it with %d", time.Since(t0).Seconds(), first, r1)
+	time.Sleep(3 * time.Second)
+
+	// 2. The node plugin crashes and comes back: nothing to do for the volume.
+	e.restartDriverHard()
+	t.Logf("%5.1fs node plugin killed and started again", time.Since(t0).Seconds())
+	time.Sleep(2 * time.Second)
+
+	// 3. The host crashes; the engine goes on; a new host adopts it.
+	e.host.Kill(t)
+	time.Sleep(2 * time.Second)
+	if !hosttest.ProcessAlive(r1) {
+		t.Fatal("the engine died with its host")
+	}
+	e.host = hosttest.Start(t, e.dir, binary)
+	hosttest.WaitFor(t, 30*time.Second, "the new host to adopt the engine", func() bool {
+		st, err := e.host.Client().Status(ctx, id)
+		return err == nil && st.PID == r1
+	})
+	t.Logf("%5.1fs host killed, a new one adopted engine %d", time.Since(t0).Seconds(), r1)
+	time.Sleep(2 * time.Second)
+
+	// 4. The adopted engine crashes: the new host replaces it (with the
+	// credentials the engine handed over at adoption).
+	r2 := hosttest.KillEngine(t, runDir, e.host, 0)
+	t.Logf("%5.1fs adopted engine %d killed, the new host replaced it with %d", time.Since(t0).Seconds(), r1, r2)
+
+	// The key is in no argv or environment of the node's processes.
+	e.noKeyIn("engine host", e.host.PID())
+	e.noKeyIn("node plugin", e.driver.Process.Pid)
+	e.noKeyIn("engine", r2)
+
+	fio.Wait(t, 3*time.Minute)
+	readBack(t, filepath.Join(p.StagingPath, "data"), data)
+	st, err := e.host.Client().Status(ctx, id)
+	if err != nil || st.Failed != "" || st.PID != r2 {
+		t.Fatalf("host status %+v, %v; want engine %d serving", st, err, r2)
+	}
+	hosttest.WaitFor(t, 20*time.Second, "a healthy volume", func() bool {
+		resp, err := e.cli.Node.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: id, StagingTargetPath: p.StagingPath})
+		if err != nil {
+			t.Fatalf("NodeGetVolumeHealth: %v", err)
+		}
+		return len(resp.GetVolumeHealth().GetHealthStatuses()) == 0
+	})
+
+	// The key is in no file: logs (driver -v=10, host -v=4, engines),
+	// the host's records, the node's state (run dirs still there).
+	n := e.noKeyInFiles()
+	t.Logf("no cephx key in %d files (logs, host records, node state), nor in the argv or environment of the host, node plugin or engine", n)
+
+	e.unstage(p)
+	if _, err := e.host.Client().Status(ctx, id); !errors.Is(err, enginehost.ErrUnknownVolume) {
+		t.Fatalf("after unstage the host still knows the volume: %v", err)
+	}
+	if pid := blockdev.FindEngine(runDir); pid != 0 {
+		t.Fatalf("engine %d still runs after unstage", pid)
+	}
+	e.deleteVolume(id)
+	e.noKeyInFiles()
+	if b, err := os.ReadFile(e.host.Log); err != nil || !strings.Contains(string(b), "adopted engine") {
+		t.Errorf("the second host's log does not show the adoption (%v)", err)
+	}
+}
