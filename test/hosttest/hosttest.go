@@ -7,6 +7,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/blockdev"
 	"github.com/csi-encdisk/csi-encdisk/pkg/enginehost"
@@ -64,11 +67,36 @@ func Start(t *testing.T, dir, bin string) *Host {
 			_ = h.Cmd.Process.Kill()
 		}
 	})
-	WaitFor(t, 30*time.Second, "the engine host's socket", func() bool {
+	// Until this host took the socket over, a previous one answers there.
+	WaitFor(t, 30*time.Second, "the engine host to serve its socket", func() bool {
+		if servedBy(h.Socket) != h.PID() {
+			return false
+		}
 		_, err := h.Client().Status(context.Background(), "probe")
 		return errors.Is(err, enginehost.ErrUnknownVolume)
 	})
 	return h
+}
+
+// servedBy is the pid of the process that accepts connections on the unix
+// socket (SO_PEERCRED), 0 if none does.
+func servedBy(socket string) int {
+	c, err := net.DialTimeout("unix", socket, time.Second)
+	if err != nil {
+		return 0
+	}
+	defer c.Close()
+	raw, err := c.(*net.UnixConn).SyscallConn()
+	if err != nil {
+		return 0
+	}
+	pid := 0
+	_ = raw.Control(func(fd uintptr) {
+		if cred, err := unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED); err == nil {
+			pid = int(cred.Pid)
+		}
+	})
+	return pid
 }
 
 // Client is a client of the host.

@@ -5,9 +5,11 @@ package rbd_test
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -54,6 +56,16 @@ func (e *csiEnv) restartDriverHard() {
 	}
 }
 
+// keyNeedles are the forms the cephx key could leak in: as given, and as
+// encoding/json writes its bytes (base64 of the key's text: the host's API
+// and the engine's control reply carry it so).
+func (e *csiEnv) keyNeedles() map[string][]byte {
+	return map[string][]byte{
+		"key":         e.c.Creds.Key,
+		"key as JSON": []byte(base64.StdEncoding.EncodeToString(e.c.Creds.Key)),
+	}
+}
+
 // noKeyIn fails the test if the cephx key appears in the command line or
 // the environment of process pid (what names it, in the message).
 func (e *csiEnv) noKeyIn(what string, pid int) {
@@ -66,8 +78,10 @@ func (e *csiEnv) noKeyIn(what string, pid int) {
 		if len(b) == 0 && f == "cmdline" {
 			e.t.Fatalf("%s (pid %d): empty %s (process gone?)", what, pid, f)
 		}
-		if bytes.Contains(b, e.c.Creds.Key) {
-			e.t.Errorf("the cephx key appears in the %s of the %s (pid %d)", f, what, pid)
+		for form, needle := range e.keyNeedles() {
+			if bytes.Contains(b, needle) {
+				e.t.Errorf("the cephx %s appears in the %s of the %s (pid %d)", form, f, what, pid)
+			}
 		}
 	}
 }
@@ -86,8 +100,10 @@ func (e *csiEnv) noKeyInFiles() (checked int) {
 			return nil
 		}
 		checked++
-		if bytes.Contains(b, e.c.Creds.Key) {
-			e.t.Errorf("the cephx key appears in %s", path)
+		for form, needle := range e.keyNeedles() {
+			if bytes.Contains(b, needle) {
+				e.t.Errorf("the cephx %s appears in %s", form, path)
+			}
 		}
 		return nil
 	})
@@ -100,7 +116,9 @@ func (e *csiEnv) noKeyInFiles() (checked int) {
 // (SIGKILL) and the host starts a replacement with the credentials it keeps;
 // the node plugin is killed and started again; the host is killed, a new
 // one adopts the engine (and takes its credentials from it), and the engine
-// is killed again and replaced by the new host. fio sees no error, its
+// is killed again and replaced by the new host; a host of another binary
+// takes over (an upgrade) and replaces the engine by one of its binary. fio
+// sees no error, its
 // verify holds, a file written before reads back, and the cephx key is in
 // no argv, environment, log, record or state file of the host, the node
 // plugin or the engines. Unstage then leaves no engine.
@@ -119,7 +137,7 @@ func TestRBDEngineHostSurvival(t *testing.T) {
 	}
 
 	t0 := time.Now()
-	fio := fiotest.Start(t, e.dir, p.StagingPath, 40*time.Second)
+	fio := fiotest.Start(t, e.dir, p.StagingPath, 45*time.Second)
 	time.Sleep(4 * time.Second) // fio in full swing
 
 	// 1. The engine crashes: the host replaces it.
@@ -151,16 +169,44 @@ func TestRBDEngineHostSurvival(t *testing.T) {
 	r2 := hosttest.KillEngine(t, runDir, e.host, 0)
 	t.Logf("%5.1fs adopted engine %d killed, the new host replaced it with %d", time.Since(t0).Seconds(), r1, r2)
 
+	time.Sleep(2 * time.Second)
+
+	// 5. An upgrade: a host of another binary (the same program as another
+	// file) takes over and replaces the engine by one of its binary (with
+	// the credentials the previous host took from the engine).
+	newBin := filepath.Join(e.dir, "csi-encdisk-new")
+	if out, err := exec.Command("cp", binary, newBin).CombinedOutput(); err != nil {
+		t.Fatalf("cp: %v\n%s", err, out)
+	}
+	old := e.host
+	e.host = hosttest.Start(t, e.dir, newBin)
+	hosttest.WaitFor(t, 60*time.Second, "the new host to be ready (engine replaced)", func() bool {
+		return e.host.Client().Ready(ctx) == nil
+	})
+	_ = old.Cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-old.Done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the old host did not stop")
+	}
+	var r3 int
+	hosttest.WaitFor(t, 30*time.Second, "the engine on the new binary", func() bool {
+		r3 = blockdev.FindEngine(runDir)
+		exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", r3))
+		return r3 > 0 && err == nil && exe == newBin
+	})
+	t.Logf("%5.1fs host upgraded: engine %d replaced by %d of the new binary", time.Since(t0).Seconds(), r2, r3)
+
 	// The key is in no argv or environment of the node's processes.
 	e.noKeyIn("engine host", e.host.PID())
 	e.noKeyIn("node plugin", e.driver.Process.Pid)
-	e.noKeyIn("engine", r2)
+	e.noKeyIn("engine", r3)
 
 	fio.Wait(t, 3*time.Minute)
 	readBack(t, filepath.Join(p.StagingPath, "data"), data)
 	st, err := e.host.Client().Status(ctx, id)
-	if err != nil || st.Failed != "" || st.PID != r2 {
-		t.Fatalf("host status %+v, %v; want engine %d serving", st, err, r2)
+	if err != nil || st.Failed != "" || st.PID != r3 {
+		t.Fatalf("host status %+v, %v; want engine %d serving", st, err, r3)
 	}
 	hosttest.WaitFor(t, 20*time.Second, "a healthy volume", func() bool {
 		resp, err := e.cli.Node.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: id, StagingTargetPath: p.StagingPath})
@@ -187,4 +233,50 @@ func TestRBDEngineHostSurvival(t *testing.T) {
 	if b, err := os.ReadFile(e.host.Log); err != nil || !strings.Contains(string(b), "adopted engine") {
 		t.Errorf("the second host's log does not show the adoption (%v)", err)
 	}
+}
+
+// TestRBDDirectEngineThenHost: a node plugin rollout that turns the engine
+// host on (or upgrades from a version that started RBD engines itself)
+// finds an RBD volume whose engine it started directly: the volume stays
+// healthy, and unstage stops that engine even though the host never knew it.
+// Then the volume is staged again, now through the host.
+func TestRBDDirectEngineThenHost(t *testing.T) {
+	e := newCSIEnv(t)
+	v := e.create(fmt.Sprintf("direct-%d", time.Now().UnixNano()), 64*mib, nil)
+	id := v.GetVolumeId()
+	p := e.stage(v, "direct")
+	data := marker(mib)
+	writeFile(t, filepath.Join(p.StagingPath, "data"), data)
+	runDir := e.runDir(id)
+	direct := hosttest.EnginePIDNow(t, runDir)
+
+	e.host = hosttest.Start(t, e.dir, binary)
+	stopProcess(e.driver)
+	e.startDriver()
+	ctx, cancel := ctxT()
+	defer cancel()
+	if err := e.cli.WaitReady(ctx, false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.host.Client().Status(ctx, id); !errors.Is(err, enginehost.ErrUnknownVolume) {
+		t.Fatalf("the host knows a volume it did not start: %v", err)
+	}
+	resp, err := e.cli.Node.NodeGetVolumeHealth(ctx, &csi.NodeGetVolumeHealthRequest{VolumeId: id, StagingTargetPath: p.StagingPath})
+	if err != nil || len(resp.GetVolumeHealth().GetHealthStatuses()) != 0 {
+		t.Fatalf("health of the directly served volume under a node plugin with a host: %v, %v", resp.GetVolumeHealth(), err)
+	}
+	readBack(t, filepath.Join(p.StagingPath, "data"), data)
+	e.unstage(p)
+	if hosttest.ProcessAlive(direct) {
+		t.Fatalf("the direct engine %d still runs after unstage", direct)
+	}
+
+	p = e.stage(v, "direct")
+	readBack(t, filepath.Join(p.StagingPath, "data"), data)
+	st, err := e.host.Client().Status(ctx, id)
+	if err != nil || st.PID != hosttest.EnginePIDNow(t, runDir) {
+		t.Fatalf("host status %+v, %v: the host does not serve the restaged volume", st, err)
+	}
+	e.unstage(p)
+	e.deleteVolume(id)
 }
