@@ -347,7 +347,7 @@ func (h *Host) noteDeathLocked(v *volume) bool {
 // it: I/O fails now instead of waiting for the request timeout, and unstage
 // can detach and unmount.
 func (h *Host) leaveDown(v *volume) {
-	klog.ErrorS(nil, "Engine host: engine keeps dying, left down", "volumeID", v.spec.VolumeID, "reason", v.failed)
+	klog.ErrorS(nil, "Engine host: volume left down: no engine will serve it", "volumeID", v.spec.VolumeID, "reason", v.failed)
 	v.closeConn()
 	h.mu.Lock()
 	v.dropCredsLocked()
