@@ -215,7 +215,7 @@ func (c Client) call(ctx context.Context, req *request) (*reply, error) {
 	if err != nil {
 		return nil, fmt.Errorf("engine host %s: %s: marshal the request failed", c.Socket, req.Op)
 	}
-	_, err = conn.Write(append(b, '\n'))
+	_, err = conn.Write(b)
 	clear(b)
 	if err != nil {
 		return nil, fmt.Errorf("engine host %s: %s: %w", c.Socket, req.Op, err)
