@@ -286,12 +286,15 @@ func (c *Control) Credentials(ctx context.Context) (*rbd.Credentials, error) {
 	if err := json.NewEncoder(conn).Encode(&controlRequest{Op: "credentials"}); err != nil {
 		return nil, fmt.Errorf("engine control %s: credentials: %w", c.socket, err)
 	}
-	// The engine closes the connection after its reply.
-	b, err := io.ReadAll(io.LimitReader(conn, 1<<16))
+	// The engine closes the connection after its reply. One buffer, wiped
+	// (io.ReadAll would leave the key in the buffers it outgrew).
+	b := make([]byte, 1<<16)
 	defer clear(b)
-	if err != nil {
+	n, err := io.ReadFull(conn, b)
+	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
 		return nil, fmt.Errorf("engine control %s: credentials: reading reply: %w", c.socket, err)
 	}
+	b = b[:n]
 	var rep controlReply
 	if err := json.Unmarshal(b, &rep); err != nil {
 		rep.Credentials.Wipe()

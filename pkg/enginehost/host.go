@@ -490,7 +490,7 @@ func (h *Host) Adopt(ctx context.Context) (int, error) {
 			_ = os.Remove(path)
 			continue
 		}
-		dev, clones, sess, err := blockdev.DialControl(blockdev.ControlSocketPath(rec.Spec.RunDir)).FUSE(ctx)
+		dev, clones, sess, err := takeConn(ctx, pid, rec.Spec.RunDir)
 		if err != nil {
 			klog.ErrorS(err, "Engine host: engine did not hand over its connection", "volumeID", rec.Spec.VolumeID, "pid", pid)
 			continue
@@ -514,6 +514,27 @@ func (h *Host) Adopt(ctx context.Context) (int, error) {
 		klog.InfoS("Engine host: adopted engine", "volumeID", rec.Spec.VolumeID, "pid", pid)
 	}
 	return n, nil
+}
+
+// takeConn asks the engine pid of runDir for a copy of its connection. An
+// engine that a dead host was starting (a replacement) may not listen on
+// its control socket yet: it is asked again while it runs, up to
+// blockdev.StartTimeout (it serves on, its report to the dead host lost).
+func takeConn(ctx context.Context, pid int, runDir string) (*os.File, []*os.File, *fuseserve.Session, error) {
+	ctx, cancel := context.WithTimeout(ctx, blockdev.StartTimeout)
+	defer cancel()
+	ctl := blockdev.DialControl(blockdev.ControlSocketPath(runDir))
+	for {
+		dev, clones, sess, err := ctl.FUSE(ctx)
+		if err == nil || !blockdev.IsEngine(pid, runDir) {
+			return dev, clones, sess, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, nil, nil, err
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }
 
 // Upgrade replaces, one at a time, every engine that does not run this

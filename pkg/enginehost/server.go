@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"time"
 
@@ -99,7 +100,7 @@ func (h *Host) serve(ctx context.Context, ln net.Listener) error {
 		}
 		var req request
 		_ = c.SetDeadline(time.Now().Add(requestTimeout))
-		if err := json.NewDecoder(c).Decode(&req); err != nil {
+		if err := readRequest(c, &req); err != nil {
 			req.Credentials.Wipe()
 			_ = json.NewEncoder(c).Encode(&reply{Error: fmt.Sprintf("bad request: %v", err)})
 			c.Close()
@@ -127,6 +128,42 @@ func (h *Host) serve(ctx context.Context, ln net.Listener) error {
 			defer cancel()
 			_ = json.NewEncoder(c).Encode(h.handle(rctx, &req))
 		}()
+	}
+}
+
+// maxRequest bounds one API request (a start request is about 1 KiB).
+const maxRequest = 64 << 10
+
+// readRequest reads one JSON request from r into req. It reads into one
+// buffer of its own, wiped afterwards, instead of a json.Decoder's growing
+// (and unwipeable) ones: a start request may carry Ceph credentials. The
+// error quotes nothing of the request.
+func readRequest(r io.Reader, req *request) error {
+	buf := make([]byte, maxRequest)
+	defer clear(buf)
+	n := 0
+	for {
+		m, err := r.Read(buf[n:])
+		n += m
+		if m > 0 {
+			uerr := json.Unmarshal(buf[:n], req)
+			if uerr == nil {
+				return nil
+			}
+			// A request cut short fails at its end: read on.
+			var se *json.SyntaxError
+			if !errors.As(uerr, &se) || se.Offset != int64(n) {
+				return errors.New("not a JSON request")
+			}
+		}
+		switch {
+		case errors.Is(err, io.EOF):
+			return errors.New("the request ended early")
+		case err != nil:
+			return fmt.Errorf("reading the request: %w", err)
+		case n == len(buf):
+			return fmt.Errorf("request longer than %d bytes", maxRequest)
+		}
 	}
 }
 

@@ -23,6 +23,7 @@ import (
 	"github.com/csi-encdisk/csi-encdisk/pkg/nodestate"
 	"github.com/csi-encdisk/csi-encdisk/test/fiotest"
 	"github.com/csi-encdisk/csi-encdisk/test/hosttest"
+	"github.com/csi-encdisk/csi-encdisk/test/procmem"
 )
 
 // runDir is the engine run directory of a staged volume.
@@ -228,7 +229,7 @@ func TestRBDEngineHostSurvival(t *testing.T) {
 	if pid := blockdev.FindEngine(runDir); pid != 0 {
 		t.Fatalf("engine %d still runs after unstage", pid)
 	}
-	e.deleteVolume(id)
+	e.deleteVolumeAfterKills(id)
 	e.noKeyInFiles()
 	if b, err := os.ReadFile(e.host.Log); err != nil || !strings.Contains(string(b), "adopted engine") {
 		t.Errorf("the second host's log does not show the adoption (%v)", err)
@@ -279,4 +280,76 @@ func TestRBDDirectEngineThenHost(t *testing.T) {
 	}
 	e.unstage(p)
 	e.deleteVolume(id)
+}
+
+// TestRBDEngineHostSecrets: where the cephx key lives on a node with an
+// engine host. An RBD volume is staged, its engine killed (the host starts a
+// replacement), the host killed and a new one adopts the engine (taking the
+// credentials from it), and the engine killed again. Then the host holds the
+// key in memory (for replacements) and so does the engine (librados); it is
+// in no argv, environment, log, host record or node state file of the host,
+// the node plugin or the engine. After unstage the host's memory holds it in
+// no form: the copy it kept is wiped, and no buffer of its API, of the
+// engine's control reply or of the pipe to the engines kept one.
+func TestRBDEngineHostSecrets(t *testing.T) {
+	e := newCSIEnvWithHost(t)
+	v := e.create(fmt.Sprintf("secrets-%d", time.Now().UnixNano()), 64*mib, nil)
+	p := e.stage(v, "secrets")
+	runDir := e.runDir(v.GetVolumeId())
+	hosttest.KillEngine(t, runDir, e.host, 0)
+	e.host.Kill(t)
+	e.host = hosttest.Start(t, e.dir, binary)
+	hosttest.WaitFor(t, 30*time.Second, "the new host to adopt the engine", func() bool {
+		st, err := e.host.Client().Status(context.Background(), v.GetVolumeId())
+		return err == nil && st.PID == blockdev.FindEngine(runDir)
+	})
+	engine := hosttest.KillEngine(t, runDir, e.host, 0)
+	needles := e.keyNeedles()
+
+	hostHits := procmem.Hits(t, e.host.PID(), needles)
+	engineHits := procmem.Hits(t, engine, needles)
+	t.Logf("staged: key in the host's memory %v, in the engine's %v", hostHits, engineHits)
+	if hostHits["key"] == 0 {
+		t.Errorf("the host's memory does not hold the key while it serves the volume (the scan's positive control)")
+	}
+	if engineHits["key"] == 0 {
+		t.Errorf("the engine's memory does not hold the key")
+	}
+	e.noKeyIn("engine host", e.host.PID())
+	e.noKeyIn("node plugin", e.driver.Process.Pid)
+	e.noKeyIn("engine", engine)
+	n := e.noKeyInFiles()
+
+	e.unstage(p)
+	after := procmem.Hits(t, e.host.PID(), needles)
+	t.Logf("unstaged: key in the host's memory %v", after)
+	for form, hits := range after {
+		if hits != 0 {
+			t.Errorf("the host's memory still holds the cephx %s %d times after unstage", form, hits)
+		}
+	}
+	e.noKeyInFiles()
+	t.Logf("no cephx key in %d files, nor in the argv or environment of the host, node plugin or engine", n)
+	e.deleteVolumeAfterKills(v.GetVolumeId())
+}
+
+// deleteVolumeAfterKills deletes a volume whose engines were killed lately:
+// RADOS keeps a dead client's watch on the image until it times out
+// (osd_client_watch_timeout, 30 s), and until then the image cannot be
+// removed ("device or resource busy"; Kubernetes retries DeleteVolume).
+func (e *csiEnv) deleteVolumeAfterKills(id string) {
+	e.t.Helper()
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		ctx, cancel := ctxT()
+		_, err := e.cli.Controller.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: id})
+		cancel()
+		if err == nil {
+			return
+		}
+		if !strings.Contains(err.Error(), "busy") || time.Now().After(deadline) {
+			e.t.Fatal(err)
+		}
+		time.Sleep(2 * time.Second)
+	}
 }
