@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 
+	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/enginehost"
@@ -21,9 +22,11 @@ func runEngineHost(ctx context.Context, args []string) error {
 			"without I/O errors (a volume whose engine dies 5 times a minute is left down). A new host\n"+
 			"takes over from a running one on the same socket (an upgrade) and replaces every engine by one\n"+
 			"of its own binary. Stopping the host leaves the engines serving. The node plugin uses it with\n"+
-			"'driver --engine-host'. Holds no secret: engines unwrap their keys through the KMS.")
+			"'driver --engine-host'. Engines unwrap their keys through the KMS; the host holds no volume key.\n"+
+			"For a volume in Ceph RBD it keeps the cephx credentials in (locked) memory only, to start\n"+
+			"replacement engines; after a restart it gets them back from the running engines.")
 	socket := fs.String("socket", "unix:///run/csi-encdisk/engine-host.sock", "unix socket to serve the node plugin on")
-	stateDir := fs.String("state-dir", "/var/lib/csi-encdisk/engine-host", "where the host keeps its records of the engines (no secrets)")
+	stateDir := fs.String("state-dir", "/var/lib/csi-encdisk/engine-host", "where the host keeps its records of the engines (no secrets: Ceph credentials stay in memory)")
 	klog.InitFlags(fs)
 	if err := parseFlags(fs, args); err != nil {
 		return err
@@ -35,6 +38,11 @@ func runEngineHost(ctx context.Context, args []string) error {
 	path, err := unixsock.ParseEndpoint(*socket)
 	if err != nil {
 		return fmt.Errorf("--socket: %w", err)
+	}
+	// It may hold Ceph credentials (RBD volumes): keep its memory out of
+	// swap, as the engines do.
+	if err := unix.Mlockall(unix.MCL_CURRENT | unix.MCL_FUTURE | unix.MCL_ONFAULT); err != nil {
+		klog.ErrorS(err, "mlockall failed; the Ceph credentials the host keeps could be swapped out")
 	}
 	bin, err := os.Executable()
 	if err != nil {

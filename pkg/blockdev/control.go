@@ -5,13 +5,17 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/csi-encdisk/csi-encdisk/pkg/fuseserve"
+	"io"
 	"net"
 	"os"
 	"sync"
 	"time"
 
+	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
+
+	"github.com/csi-encdisk/csi-encdisk/pkg/fuseserve"
+	"github.com/csi-encdisk/csi-encdisk/pkg/rbd"
 )
 
 // Stats are an engine's counters since it started.
@@ -34,13 +38,22 @@ type Stats struct {
 // The control protocol: one JSON request and one JSON reply per connection
 // on a unix socket that only root can reach (mode 0600).
 type controlRequest struct {
-	Op   string `json:"op"` // health | stats | resize | shutdown | handoff
+	Op   string `json:"op"` // health | stats | resize | shutdown | handoff | fuse | credentials
 	Size int64  `json:"size,omitempty"`
 }
 
 type controlReply struct {
 	Error string `json:"error,omitempty"`
 	Stats *Stats `json:"stats,omitempty"`
+	// Credentials answer "credentials" (an RBD engine's cephx user, key
+	// and monitors), to a peer of the engine's own user or root only.
+	Credentials *rbd.Credentials `json:"credentials,omitempty"`
+}
+
+// credentialsHolder is an image that keeps the credentials it was opened
+// with (an RBD image: imageio_rbd.go).
+type credentialsHolder interface {
+	Credentials() *rbd.Credentials
 }
 
 const controlTimeout = 10 * time.Second
@@ -114,13 +127,61 @@ func serveControl(ln net.Listener, e *engine, shutdown func() error, handoff fun
 						return
 					}
 					rep.Error = "no FUSE connection to hand over"
+				case "credentials":
+					// A supervisor adopting this engine takes its Ceph
+					// credentials, to start a replacement after a crash.
+					if err := sendCredentials(c, e); err != nil {
+						klog.ErrorS(err, "Credentials request refused", "volumeID", e.spec.VolumeID)
+						rep.Error = err.Error()
+						break
+					}
+					return
 				default:
-					rep.Error = fmt.Sprintf("unknown op %q (health, stats, resize, shutdown, handoff, fuse)", req.Op)
+					rep.Error = fmt.Sprintf("unknown op %q (health, stats, resize, shutdown, handoff, fuse, credentials)", req.Op)
 				}
 			}
 			json.NewEncoder(c).Encode(&rep)
 		}()
 	}
+}
+
+// sendCredentials answers "credentials" with the image's credentials, to a
+// peer that runs as root or as this engine's user (the socket's mode allows
+// no other; this checks again, on the connection itself). The reply is
+// marshalled by hand so that its buffer can be wiped.
+func sendCredentials(c net.Conn, e *engine) error {
+	h, ok := e.img.(credentialsHolder)
+	if !ok || h.Credentials() == nil {
+		return errors.New("this engine holds no Ceph credentials")
+	}
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return errors.New("not a unix connection")
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("peer credentials: %w", err)
+	}
+	var cred *unix.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, cerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil || cerr != nil {
+		return fmt.Errorf("peer credentials: %w", errors.Join(err, cerr))
+	}
+	if cred.Uid != 0 && int(cred.Uid) != os.Geteuid() {
+		return fmt.Errorf("peer uid %d (pid %d) may not read the credentials", cred.Uid, cred.Pid)
+	}
+	b, err := json.Marshal(&controlReply{Credentials: h.Credentials()})
+	if err != nil {
+		return errors.New("marshal the credentials failed")
+	}
+	defer clear(b)
+	if _, err := c.Write(b); err != nil {
+		return fmt.Errorf("send the credentials: %w", err)
+	}
+	klog.InfoS("Handed the Ceph credentials to a supervisor", "volumeID", e.spec.VolumeID, "peerPID", cred.Pid)
+	return nil
 }
 
 // Control is a client of an engine's control socket.
@@ -215,4 +276,51 @@ func (c *Control) FUSE(ctx context.Context) (*os.File, []*os.File, *fuseserve.Se
 		return nil, nil, nil, fmt.Errorf("engine control %s: fuse: %w", c.socket, err)
 	}
 	return files[0], files[1:], sess, nil
+}
+
+// Credentials asks an RBD engine for the Ceph credentials it serves its
+// image with (a supervisor adopting an engine it did not start needs them
+// to start a replacement). The caller owns them and wipes them (Wipe). The
+// error never holds the key.
+func (c *Control) Credentials(ctx context.Context) (*rbd.Credentials, error) {
+	ctx, cancel := context.WithTimeout(ctx, controlTimeout)
+	defer cancel()
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", c.socket)
+	if err != nil {
+		return nil, fmt.Errorf("engine control %s: %w", c.socket, err)
+	}
+	defer conn.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		_ = conn.SetDeadline(dl)
+	}
+	if err := json.NewEncoder(conn).Encode(&controlRequest{Op: "credentials"}); err != nil {
+		return nil, fmt.Errorf("engine control %s: credentials: %w", c.socket, err)
+	}
+	// The engine closes the connection after its reply. One buffer, wiped
+	// (io.ReadAll would leave the key in the buffers it outgrew).
+	b := make([]byte, 1<<16)
+	defer clear(b)
+	n, err := io.ReadFull(conn, b)
+	if err != nil && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("engine control %s: credentials: reading reply: %w", c.socket, err)
+	}
+	b = b[:n]
+	var rep controlReply
+	if err := json.Unmarshal(b, &rep); err != nil {
+		rep.Credentials.Wipe()
+		return nil, fmt.Errorf("engine control %s: credentials: the reply is no JSON reply", c.socket)
+	}
+	if rep.Error != "" {
+		rep.Credentials.Wipe()
+		return nil, fmt.Errorf("engine control %s: credentials: %s", c.socket, rep.Error)
+	}
+	if rep.Credentials == nil {
+		return nil, fmt.Errorf("engine control %s: credentials: empty reply", c.socket)
+	}
+	if err := rep.Credentials.Validate(); err != nil {
+		rep.Credentials.Wipe()
+		return nil, fmt.Errorf("engine control %s: credentials: %w", c.socket, err)
+	}
+	return rep.Credentials, nil
 }

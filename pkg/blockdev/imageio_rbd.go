@@ -13,8 +13,14 @@ import (
 // rbdImage is an RBD image served through librbd (rbd_cache off: a write is
 // acknowledged once RADOS has it, as O_DIRECT promises). librbd serves
 // concurrent synchronous calls on one handle, so the FUSE server's parallel
-// requests are the I/O in flight.
-type rbdImage struct{ *rbd.Image }
+// requests are the I/O in flight. It keeps the credentials it was opened
+// with (librados holds the key anyway) for a supervisor that adopts the
+// engine and must be able to start its replacement (control op
+// "credentials"); Close wipes them.
+type rbdImage struct {
+	*rbd.Image
+	creds *rbd.Credentials
+}
 
 // DirectIO: no cache of this node holds the data (rbd_cache is off).
 func (rbdImage) DirectIO() bool { return true }
@@ -33,17 +39,26 @@ func (i rbdImage) RecordedEncrypted() (encrypted, recorded bool, err error) {
 	return m.Encrypted, true, nil
 }
 
+// Credentials are the credentials the image was opened with.
+func (i rbdImage) Credentials() *rbd.Credentials { return i.creds }
+
+// Close closes the image and wipes the credentials.
+func (i rbdImage) Close() error {
+	defer i.creds.Wipe()
+	return i.Image.Close()
+}
+
 func openRBDImage(ctx context.Context, ref rbd.Ref) (imageIO, error) {
 	c, err := rbd.ReadCredentials()
 	if err != nil {
 		return nil, err
 	}
-	defer c.Wipe()
 	img, err := rbd.OpenEngineImage(ctx, ref, c)
 	if err != nil {
+		c.Wipe()
 		return nil, err
 	}
-	return rbdImage{img}, nil
+	return rbdImage{Image: img, creds: c}, nil
 }
 
 // RBDSupported reports whether this build serves RBD images.

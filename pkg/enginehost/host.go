@@ -17,8 +17,18 @@
 //     each one whose binary is not its own by one on its binary (the old one
 //     stops serving without unmounting, the new one resends).
 //
-// The host holds no secret: each engine unwraps its own key through the KMS
-// plugin named in its spec.
+// Secrets: each engine unwraps its own volume key through the KMS plugin
+// named in its spec; the host never holds a passphrase or a volume key. A
+// volume whose image is in Ceph RBD is the exception for one secret: its
+// engine needs the cephx user, key and monitors to reach RADOS, and the
+// host must give them to every replacement it starts. The host gets them
+// with the start request (its socket is root-only) and keeps them in memory
+// only: never in its records, a log, an error text, argv or the
+// environment; each engine gets them on an inherited pipe (rbd.SecretFD),
+// as a directly started one does. They are wiped when the volume is
+// stopped or left down, and when the host closes. A new host (after a crash
+// or for an upgrade) asks each adopted RBD engine for them over its
+// control socket (root-only): the engine keeps them anyway, for librados.
 package enginehost
 
 import (
@@ -40,6 +50,7 @@ import (
 	"github.com/csi-encdisk/csi-encdisk/pkg/atomicfile"
 	"github.com/csi-encdisk/csi-encdisk/pkg/blockdev"
 	"github.com/csi-encdisk/csi-encdisk/pkg/fuseserve"
+	"github.com/csi-encdisk/csi-encdisk/pkg/rbd"
 )
 
 // Defaults of Config.
@@ -95,6 +106,30 @@ type volume struct {
 	stopping bool // Stop is tearing it down: a death is not a crash
 	handoff  bool // an upgrade is replacing it: a death is expected
 	exited   chan struct{}
+	// creds reach the Ceph cluster of an image in RBD (nil for an image
+	// file, or when an adopted engine did not hand them over). Memory only;
+	// read and wiped under Host.mu.
+	creds *rbd.Credentials
+}
+
+// isRBD reports whether v's image is in Ceph RBD.
+func (v *volume) isRBD() bool {
+	_, ok := rbd.ParseRef(v.spec.Image)
+	return ok
+}
+
+// dropCredsLocked wipes v's credentials: it will start no engine again.
+func (v *volume) dropCredsLocked() {
+	v.creds.Wipe()
+	v.creds = nil
+}
+
+// cloneCreds copies c (nil for nil), so that the copy can be wiped apart.
+func cloneCreds(c *rbd.Credentials) *rbd.Credentials {
+	if c == nil {
+		return nil
+	}
+	return &rbd.Credentials{Monitors: c.Monitors, User: c.User, Key: append([]byte(nil), c.Key...)}
 }
 
 // record is what StateDir keeps per volume.
@@ -122,8 +157,9 @@ func New(cfg Config) (*Host, error) {
 }
 
 // Close stops supervising (the engines go on serving, each holding its
-// connection) and closes the host's descriptor copies. A host that is
-// handing over to a successor calls it last.
+// connection), closes the host's descriptor copies and wipes the Ceph
+// credentials it kept. A host that is handing over to a successor calls it
+// last.
 func (h *Host) Close() {
 	h.stop()
 	h.wg.Wait()
@@ -131,6 +167,7 @@ func (h *Host) Close() {
 	defer h.mu.Unlock()
 	for _, v := range h.vols {
 		v.closeConn()
+		v.dropCredsLocked()
 	}
 	h.vols = map[string]*volume{}
 }
@@ -149,12 +186,24 @@ func (h *Host) save(v *volume) error {
 }
 
 // Start mounts the volume's FUSE file, keeps a copy of the connection and
-// starts the volume's engine on it. A volume whose engine the host already
-// runs is answered with that engine.
-func (h *Host) Start(ctx context.Context, spec blockdev.EngineSpec) (*blockdev.Engine, *blockdev.StartReport, error) {
+// starts the volume's engine on it. creds are the Ceph credentials of an
+// image in RBD (nil for an image file): the host keeps a copy in memory for
+// the engines it starts for the volume (the caller keeps and wipes creds).
+// A volume whose engine the host already runs is answered with that engine.
+func (h *Host) Start(ctx context.Context, spec blockdev.EngineSpec, creds *rbd.Credentials) (*blockdev.Engine, *blockdev.StartReport, error) {
 	spec.FUSEFD, spec.Session, spec.Resend = 0, "", false
 	if err := spec.Validate(); err != nil {
 		return nil, nil, err
+	}
+	if _, isRBD := rbd.ParseRef(spec.Image); isRBD && creds == nil {
+		return nil, nil, fmt.Errorf("engine host: volume %s: %w (node-stage-secret)", spec.VolumeID, rbd.ErrNoCredentials)
+	} else if !isRBD && creds != nil {
+		return nil, nil, fmt.Errorf("engine host: volume %s: Ceph credentials are only for an image in RBD, not %s", spec.VolumeID, spec.Image)
+	}
+	if creds != nil {
+		if err := creds.Validate(); err != nil {
+			return nil, nil, fmt.Errorf("engine host: volume %s: %w", spec.VolumeID, err)
+		}
 	}
 	h.mu.Lock()
 	if v, ok := h.vols[spec.VolumeID]; ok {
@@ -181,11 +230,14 @@ func (h *Host) Start(ctx context.Context, spec blockdev.EngineSpec) (*blockdev.E
 	if err != nil {
 		klog.ErrorS(err, "Engine host: cloning the FUSE connection failed; the engine serves it with blocking readers", "volumeID", spec.VolumeID)
 	}
-	v := &volume{spec: spec, dev: dev, clones: clones, sess: sess}
+	v := &volume{spec: spec, dev: dev, clones: clones, sess: sess, creds: cloneCreds(creds)}
 	eng, rep, err := h.startEngine(ctx, v, false)
 	if err != nil {
 		_ = fuseserve.Unmount(mnt)
 		v.closeConn()
+		h.mu.Lock()
+		v.dropCredsLocked()
+		h.mu.Unlock()
 		return nil, rep, err
 	}
 	if err := h.save(v); err != nil {
@@ -206,7 +258,15 @@ func (h *Host) startEngine(ctx context.Context, v *volume, resend bool) (*blockd
 	}
 	spec := v.spec
 	spec.Session, spec.Resend = string(js), resend
-	eng, rep, err := blockdev.StartEngineOn(ctx, h.cfg.Binary, spec, v.dev, nil, v.clones...)
+	// A copy: Stop may wipe v's while this engine starts.
+	h.mu.Lock()
+	creds := cloneCreds(v.creds)
+	h.mu.Unlock()
+	defer creds.Wipe()
+	if v.isRBD() && creds == nil {
+		return nil, nil, errNoCredentials
+	}
+	eng, rep, err := blockdev.StartEngineOn(ctx, h.cfg.Binary, spec, v.dev, creds, v.clones...)
 	if err != nil {
 		return nil, rep, err
 	}
@@ -214,6 +274,11 @@ func (h *Host) startEngine(ctx context.Context, v *volume, resend bool) (*blockd
 	v.exited = make(chan struct{})
 	return eng, rep, nil
 }
+
+// errNoCredentials: the host cannot start an engine of an RBD volume
+// because it has no credentials for it (its engine was adopted and did not
+// hand them over, or they were wiped).
+var errNoCredentials = errors.New("the engine host holds no Ceph credentials for this RBD volume (its adopted engine did not hand them over); stage the volume again")
 
 // closeConn closes the host's copies of v's connection.
 func (v *volume) closeConn() {
@@ -282,8 +347,11 @@ func (h *Host) noteDeathLocked(v *volume) bool {
 // it: I/O fails now instead of waiting for the request timeout, and unstage
 // can detach and unmount.
 func (h *Host) leaveDown(v *volume) {
-	klog.ErrorS(nil, "Engine host: engine keeps dying, left down", "volumeID", v.spec.VolumeID, "reason", v.failed)
+	klog.ErrorS(nil, "Engine host: volume left down: no engine will serve it", "volumeID", v.spec.VolumeID, "reason", v.failed)
 	v.closeConn()
+	h.mu.Lock()
+	v.dropCredsLocked()
+	h.mu.Unlock()
 }
 
 // restart starts a replacement engine that resends, retrying with backoff
@@ -291,6 +359,15 @@ func (h *Host) leaveDown(v *volume) {
 // as deaths: an engine that cannot start is left down like one that keeps
 // dying.
 func (h *Host) restart(v *volume) {
+	h.mu.Lock()
+	if v.isRBD() && v.creds == nil {
+		// No retry can help: only a new stage brings credentials.
+		v.failed = errNoCredentials.Error()
+		h.mu.Unlock()
+		h.leaveDown(v)
+		return
+	}
+	h.mu.Unlock()
 	backoff := 100 * time.Millisecond
 	for {
 		ctx, cancel := context.WithTimeout(h.ctx, blockdev.StartTimeout)
@@ -359,6 +436,7 @@ func (h *Host) Stop(ctx context.Context, volumeID string) error {
 	}
 	h.mu.Lock()
 	delete(h.vols, volumeID)
+	v.dropCredsLocked()
 	h.mu.Unlock()
 	v.closeConn()
 	if err := os.Remove(h.recordPath(volumeID)); err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -412,12 +490,19 @@ func (h *Host) Adopt(ctx context.Context) (int, error) {
 			_ = os.Remove(path)
 			continue
 		}
-		dev, clones, sess, err := blockdev.DialControl(blockdev.ControlSocketPath(rec.Spec.RunDir)).FUSE(ctx)
+		dev, clones, sess, err := takeConn(ctx, pid, rec.Spec.RunDir)
 		if err != nil {
 			klog.ErrorS(err, "Engine host: engine did not hand over its connection", "volumeID", rec.Spec.VolumeID, "pid", pid)
 			continue
 		}
 		v := &volume{spec: rec.Spec, dev: dev, clones: clones, sess: sess, pid: pid, exited: make(chan struct{})}
+		if v.isRBD() {
+			// This host has no credentials yet: the engine hands over
+			// those it serves with, so that a replacement can start.
+			if v.creds, err = blockdev.DialControl(blockdev.ControlSocketPath(rec.Spec.RunDir)).Credentials(ctx); err != nil {
+				klog.ErrorS(err, "Engine host: adopted RBD engine did not hand over its Ceph credentials; if it dies it is left down", "volumeID", rec.Spec.VolumeID, "pid", pid)
+			}
+		}
 		h.mu.Lock()
 		h.vols[rec.Spec.VolumeID] = v
 		h.mu.Unlock()
@@ -429,6 +514,27 @@ func (h *Host) Adopt(ctx context.Context) (int, error) {
 		klog.InfoS("Engine host: adopted engine", "volumeID", rec.Spec.VolumeID, "pid", pid)
 	}
 	return n, nil
+}
+
+// takeConn asks the engine pid of runDir for a copy of its connection. An
+// engine that a dead host was starting (a replacement) may not listen on
+// its control socket yet: it is asked again while it runs, up to
+// blockdev.StartTimeout (it serves on, its report to the dead host lost).
+func takeConn(ctx context.Context, pid int, runDir string) (*os.File, []*os.File, *fuseserve.Session, error) {
+	ctx, cancel := context.WithTimeout(ctx, blockdev.StartTimeout)
+	defer cancel()
+	ctl := blockdev.DialControl(blockdev.ControlSocketPath(runDir))
+	for {
+		dev, clones, sess, err := ctl.FUSE(ctx)
+		if err == nil || !blockdev.IsEngine(pid, runDir) {
+			return dev, clones, sess, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, nil, nil, err
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }
 
 // Upgrade replaces, one at a time, every engine that does not run this
@@ -444,6 +550,11 @@ func (h *Host) Upgrade(ctx context.Context) (int, error) {
 	var todo []*volume
 	for _, v := range h.vols {
 		if id, err := binaryID(fmt.Sprintf("/proc/%d/exe", v.pid)); err == nil && id != self && v.failed == "" {
+			if v.isRBD() && v.creds == nil {
+				// Its replacement could not start: keep the old engine.
+				klog.ErrorS(errNoCredentials, "Engine host: RBD engine left on its old binary", "volumeID", v.spec.VolumeID, "pid", v.pid)
+				continue
+			}
 			todo = append(todo, v)
 		}
 	}

@@ -5,21 +5,27 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"time"
 
 	"k8s.io/klog/v2"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/blockdev"
+	"github.com/csi-encdisk/csi-encdisk/pkg/rbd"
 	"github.com/csi-encdisk/csi-encdisk/pkg/unixsock"
 )
 
 // The host's API: one JSON request and one JSON reply per connection on a
-// unix socket only root can reach (mode 0600). No secret crosses it.
+// unix socket only root can reach (mode 0600). The one secret that crosses
+// it is an RBD volume's Ceph credentials, in a start request; no reply
+// carries them.
 type request struct {
 	Op       string               `json:"op"` // start | stop | status | ready | handover
 	Spec     *blockdev.EngineSpec `json:"spec,omitempty"`
 	VolumeID string               `json:"volumeID,omitempty"`
+	// Credentials of an image in Ceph RBD (start only).
+	Credentials *rbd.Credentials `json:"credentials,omitempty"`
 }
 
 type reply struct {
@@ -94,10 +100,15 @@ func (h *Host) serve(ctx context.Context, ln net.Listener) error {
 		}
 		var req request
 		_ = c.SetDeadline(time.Now().Add(requestTimeout))
-		if err := json.NewDecoder(c).Decode(&req); err != nil {
+		if err := readRequest(c, &req); err != nil {
+			req.Credentials.Wipe()
 			_ = json.NewEncoder(c).Encode(&reply{Error: fmt.Sprintf("bad request: %v", err)})
 			c.Close()
 			continue
+		}
+		if req.Op != "start" {
+			req.Credentials.Wipe()
+			req.Credentials = nil
 		}
 		if req.Op == "handover" {
 			// Answer only once this host let go of everything.
@@ -112,10 +123,47 @@ func (h *Host) serve(ctx context.Context, ln net.Listener) error {
 		}
 		go func() {
 			defer c.Close()
+			defer req.Credentials.Wipe() // the host keeps its own copy
 			rctx, cancel := context.WithTimeout(ctx, requestTimeout)
 			defer cancel()
 			_ = json.NewEncoder(c).Encode(h.handle(rctx, &req))
 		}()
+	}
+}
+
+// maxRequest bounds one API request (a start request is about 1 KiB).
+const maxRequest = 64 << 10
+
+// readRequest reads one JSON request from r into req. It reads into one
+// buffer of its own, wiped afterwards, instead of a json.Decoder's growing
+// (and unwipeable) ones: a start request may carry Ceph credentials. The
+// error quotes nothing of the request.
+func readRequest(r io.Reader, req *request) error {
+	buf := make([]byte, maxRequest)
+	defer clear(buf)
+	n := 0
+	for {
+		m, err := r.Read(buf[n:])
+		n += m
+		if m > 0 {
+			uerr := json.Unmarshal(buf[:n], req)
+			if uerr == nil {
+				return nil
+			}
+			// A request cut short fails at its end: read on.
+			var se *json.SyntaxError
+			if !errors.As(uerr, &se) || se.Offset != int64(n) {
+				return errors.New("not a JSON request")
+			}
+		}
+		switch {
+		case errors.Is(err, io.EOF):
+			return errors.New("the request ended early")
+		case err != nil:
+			return fmt.Errorf("reading the request: %w", err)
+		case n == len(buf):
+			return fmt.Errorf("request longer than %d bytes", maxRequest)
+		}
 	}
 }
 
@@ -128,7 +176,7 @@ func (h *Host) handle(ctx context.Context, req *request) *reply {
 			err = errors.New("start: no spec")
 			break
 		}
-		rep.Engine, rep.Report, err = h.Start(ctx, *req.Spec)
+		rep.Engine, rep.Report, err = h.Start(ctx, *req.Spec, req.Credentials)
 	case "stop":
 		err = h.Stop(ctx, req.VolumeID)
 	case "status":
@@ -198,7 +246,15 @@ func (c Client) call(ctx context.Context, req *request) (*reply, error) {
 	if dl, ok := ctx.Deadline(); ok {
 		_ = conn.SetDeadline(dl)
 	}
-	if err := json.NewEncoder(conn).Encode(req); err != nil {
+	// Marshalled here so that the buffer, which may hold Ceph credentials,
+	// can be wiped.
+	b, err := json.Marshal(req)
+	if err != nil {
+		return nil, fmt.Errorf("engine host %s: %s: marshal the request failed", c.Socket, req.Op)
+	}
+	_, err = conn.Write(b)
+	clear(b)
+	if err != nil {
 		return nil, fmt.Errorf("engine host %s: %s: %w", c.Socket, req.Op, err)
 	}
 	var rep reply
@@ -209,10 +265,13 @@ func (c Client) call(ctx context.Context, req *request) (*reply, error) {
 }
 
 // Start asks the host to mount the volume's FUSE file and start its engine.
-// A failed start's error wraps the engine's reason (blockdev.ErrBadHeader,
-// ErrKMSUnavailable, ...) when it gave one.
-func (c Client) Start(ctx context.Context, spec blockdev.EngineSpec) (*blockdev.Engine, *blockdev.StartReport, error) {
-	rep, err := c.call(ctx, &request{Op: "start", Spec: &spec})
+// creds are the Ceph credentials of an image in RBD (nil for an image
+// file); the host keeps a copy for the engines it starts for the volume,
+// the caller still owns (and wipes) creds. A failed start's error wraps the
+// engine's reason (blockdev.ErrBadHeader, ErrKMSUnavailable, ...) when it
+// gave one.
+func (c Client) Start(ctx context.Context, spec blockdev.EngineSpec, creds *rbd.Credentials) (*blockdev.Engine, *blockdev.StartReport, error) {
+	rep, err := c.call(ctx, &request{Op: "start", Spec: &spec, Credentials: creds})
 	if err != nil {
 		return nil, nil, err
 	}

@@ -121,10 +121,22 @@ func (c *Credentials) Wipe() {
 	}
 }
 
-// WriteTo writes c for ReadCredentials (JSON) and closes w.
+// WriteTo writes c for ReadCredentials (JSON) and closes w. The JSON is
+// built in one buffer of exact size, wiped afterwards (json.Marshal would
+// leave the key in its pooled buffers, in a long-lived process such as the
+// engine host).
 func (c *Credentials) WriteTo(w io.WriteCloser) error {
-	b, err := json.Marshal(c)
+	mon, err := json.Marshal(c.Monitors)
+	var user []byte
 	if err == nil {
+		user, err = json.Marshal(c.User)
+	}
+	var b []byte
+	if err == nil {
+		const head, mid, keyOpen, tail = `{"monitors":`, `,"userID":`, `,"userKey":"`, `"}`
+		b = make([]byte, 0, len(head)+len(mon)+len(mid)+len(user)+len(keyOpen)+base64.StdEncoding.EncodedLen(len(c.Key))+len(tail))
+		b = append(append(append(append(b, head...), mon...), mid...), user...)
+		b = append(base64.StdEncoding.AppendEncode(append(b, keyOpen...), c.Key), tail...)
 		_, err = w.Write(b)
 	}
 	clear(b)

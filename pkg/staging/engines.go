@@ -37,33 +37,28 @@ type DirectEngines struct{ Binary string }
 // the NodeStageVolume secrets) on an inherited pipe.
 func (d DirectEngines) Start(ctx context.Context, spec blockdev.EngineSpec) (*blockdev.Engine, *blockdev.StartReport, error) {
 	if isRBD(spec.Image) {
-		c := rbd.CredentialsFrom(ctx)
-		if c == nil {
-			return nil, nil, fmt.Errorf("volume %s: %w (node-stage-secret)", spec.VolumeID, rbd.ErrNoCredentials)
+		c, err := stageCredentials(ctx, spec)
+		if err != nil {
+			return nil, nil, err
 		}
 		return blockdev.StartEngineWithCredentials(ctx, d.Binary, spec, c)
 	}
 	return blockdev.StartEngine(ctx, d.Binary, spec)
 }
 
+// stageCredentials are the Ceph credentials ctx carries for an RBD image.
+func stageCredentials(ctx context.Context, spec blockdev.EngineSpec) (*rbd.Credentials, error) {
+	c := rbd.CredentialsFrom(ctx)
+	if c == nil {
+		return nil, fmt.Errorf("volume %s: %w (node-stage-secret)", spec.VolumeID, rbd.ErrNoCredentials)
+	}
+	return c, nil
+}
+
 // isRBD reports whether image is in Ceph RBD ("rbd:POOL/IMAGE").
 func isRBD(image string) bool {
 	_, ok := rbd.ParseRef(image)
 	return ok
-}
-
-// engines is who starts and stops the engine of image. An image in Ceph RBD
-// always gets a direct engine, with an engine host too: the host replaces
-// dead engines on its own, so it would have to keep the Ceph key for the
-// volume's whole life in another process, and its API would have to carry
-// it; a direct engine reads the key once from its pipe at start, and the
-// key lives nowhere else on the node. (Such an engine is not replaced when
-// it dies: the volume reports abnormal until it is staged again.)
-func (m *Manager) engines(image string) Engines {
-	if isRBD(image) {
-		return DirectEngines{Binary: m.cfg.EngineBinary}
-	}
-	return m.cfg.Engines
 }
 
 // Stop stops the engine and unmounts its FUSE file.
@@ -77,9 +72,19 @@ func (DirectEngines) Supervision(context.Context, string) Supervision { return S
 // HostEngines runs engines through an engine host.
 type HostEngines struct{ Client enginehost.Client }
 
-// Start asks the host to mount the FUSE file and start the engine.
+// Start asks the host to mount the FUSE file and start the engine. An
+// engine of an image in Ceph RBD needs the credentials that ctx carries (the
+// NodeStageVolume secrets): the request carries them, and the host keeps
+// them in memory to start the volume's replacement engines.
 func (h HostEngines) Start(ctx context.Context, spec blockdev.EngineSpec) (*blockdev.Engine, *blockdev.StartReport, error) {
-	return h.Client.Start(ctx, spec)
+	var c *rbd.Credentials
+	if isRBD(spec.Image) {
+		var err error
+		if c, err = stageCredentials(ctx, spec); err != nil {
+			return nil, nil, err
+		}
+	}
+	return h.Client.Start(ctx, spec, c)
 }
 
 // Stop asks the host to end the engine; an engine the host does not know

@@ -51,7 +51,7 @@ func joinProblems(ps []Problem) string {
 func (m *Manager) Health(ctx context.Context, v *nodestate.Volume) []Problem {
 	var out []Problem
 	if servedByEngine(v) {
-		if why := m.engines(v.Image).Supervision(ctx, v.VolumeID).Failed; why != "" {
+		if why := m.cfg.Engines.Supervision(ctx, v.VolumeID).Failed; why != "" {
 			out = append(out, problem(Inaccessible, "EngineFailed", "%s", why))
 		} else if p, ok := engineHealth(ctx, v); !ok {
 			out = append(out, p)
@@ -140,5 +140,5 @@ func (m *Manager) Supervision(ctx context.Context, v *nodestate.Volume) Supervis
 	if !servedByEngine(v) {
 		return Supervision{}
 	}
-	return m.engines(v.Image).Supervision(ctx, v.VolumeID)
+	return m.cfg.Engines.Supervision(ctx, v.VolumeID)
 }

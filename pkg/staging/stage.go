@@ -279,7 +279,7 @@ func (m *Manager) startEngine(ctx context.Context, v *nodestate.Volume, req Requ
 	if err := os.MkdirAll(v.RunDir, 0o700); err != nil {
 		return nil, fmt.Errorf("create run dir: %w", err)
 	}
-	eng, rep, err := m.engines(v.Image).Start(ctx, spec)
+	eng, rep, err := m.cfg.Engines.Start(ctx, spec)
 	if rep != nil && m.cfg.KMS != nil && v.Encrypted {
 		m.cfg.KMS.CountCalls(kmsID, rep.KMSCalls)
 	}

@@ -98,7 +98,7 @@ func (m *Manager) Teardown(ctx context.Context, v *nodestate.Volume) error {
 		if v.Engine != nil {
 			pid = v.Engine.PID
 		}
-		if err := m.engines(v.Image).Stop(ctx, v.VolumeID, pid, v.RunDir); err != nil {
+		if err := m.cfg.Engines.Stop(ctx, v.VolumeID, pid, v.RunDir); err != nil {
 			return err
 		}
 	}

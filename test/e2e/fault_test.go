@@ -7,7 +7,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -19,6 +18,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/blockdev"
+	"github.com/csi-encdisk/csi-encdisk/test/hosttest"
 )
 
 // engineSocket is the control socket of a staged encrypted volume's engine.
@@ -67,15 +67,6 @@ func (d *driver) health(t *testing.T, v *volume) []*csi.VolumeHealth_VolumeHealt
 	return resp.GetVolumeHealth().GetHealthStatuses()
 }
 
-func processAlive(pid int) bool {
-	stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return false
-	}
-	i := bytes.LastIndexByte(stat, ')')
-	return i < 0 || i+2 >= len(stat) || stat[i+2] != 'Z'
-}
-
 // TestKillNodePluginDuringIO kills the driver with SIGKILL while fio writes
 // with verification through a published encrypted volume: fio goes on and
 // verifies, the restarted driver re-adopts the engine, and the volume then
@@ -118,7 +109,7 @@ func TestKillNodePluginDuringIO(t *testing.T) {
 	t.Log("driver killed with SIGKILL while fio runs")
 	before := waitEngineWrites(t, socket, 0, 1, fioDone)
 	waitEngineWrites(t, socket, before, 256, fioDone)
-	if !processAlive(enginePID) {
+	if !hosttest.ProcessAlive(enginePID) {
 		t.Fatalf("the engine (pid %d) died with the driver", enginePID)
 	}
 	d.restart()
@@ -154,10 +145,10 @@ func TestKillNodePluginDuringIO(t *testing.T) {
 	d.unpublish(t, v)
 	d.unstage(t, v)
 	deadline := time.Now().Add(10 * time.Second)
-	for processAlive(enginePID) && time.Now().Before(deadline) {
+	for hosttest.ProcessAlive(enginePID) && time.Now().Before(deadline) {
 		time.Sleep(50 * time.Millisecond)
 	}
-	if processAlive(enginePID) {
+	if hosttest.ProcessAlive(enginePID) {
 		t.Fatalf("engine %d still runs after unstage", enginePID)
 	}
 	if m := mountsUnder(dir); len(m) != 0 {
@@ -187,7 +178,7 @@ func TestKillEngine(t *testing.T) {
 		t.Fatalf("kill engine: %v", err)
 	}
 	deadline := time.Now().Add(10 * time.Second)
-	for processAlive(pid) && time.Now().Before(deadline) {
+	for hosttest.ProcessAlive(pid) && time.Now().Before(deadline) {
 		time.Sleep(50 * time.Millisecond)
 	}
 
@@ -285,7 +276,7 @@ func TestRecoverCleansDeadStage(t *testing.T) {
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 		t.Fatalf("kill engine: %v", err)
 	}
-	for deadline := time.Now().Add(10 * time.Second); processAlive(pid) && time.Now().Before(deadline); {
+	for deadline := time.Now().Add(10 * time.Second); hosttest.ProcessAlive(pid) && time.Now().Before(deadline); {
 		time.Sleep(50 * time.Millisecond)
 	}
 	run(t, "umount", v.StagingPath)

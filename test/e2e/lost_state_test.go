@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/csi-encdisk/csi-encdisk/test/hosttest"
 )
 
 // TestUnstageWithLostState: if a staged volume's state file is lost, unstage
@@ -49,7 +51,7 @@ func TestUnstageWithLostState(t *testing.T) {
 				t.Fatalf("loop devices left after unstage without state: %v", l)
 			}
 			if pid > 0 {
-				for deadline := time.Now().Add(10 * time.Second); processAlive(pid); {
+				for deadline := time.Now().Add(10 * time.Second); hosttest.ProcessAlive(pid); {
 					if time.Now().After(deadline) {
 						t.Fatalf("engine %d still running after unstage without state", pid)
 					}

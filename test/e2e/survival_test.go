@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -14,6 +13,7 @@ import (
 	"github.com/csi-encdisk/csi-encdisk/pkg/blockdev"
 	"github.com/csi-encdisk/csi-encdisk/pkg/enginehost"
 	"github.com/csi-encdisk/csi-encdisk/test/fiotest"
+	"github.com/csi-encdisk/csi-encdisk/test/hosttest"
 )
 
 // These tests run the node plugin with an engine host (as the chart does)
@@ -21,63 +21,6 @@ import (
 // ext4 on an encrypted volume the whole time, engines are killed, the host
 // is killed, and the host is upgraded to another binary, and fio sees no
 // error and its verify holds.
-
-// engineHost is one running `csi-encdisk engine-host`.
-type engineHost struct {
-	t      *testing.T
-	cmd    *exec.Cmd
-	done   chan struct{}
-	socket string
-}
-
-func startEngineHost(t *testing.T, dir, bin string) *engineHost {
-	t.Helper()
-	h := &engineHost{t: t, socket: filepath.Join(dir, "host.sock"), done: make(chan struct{})}
-	logf, err := os.OpenFile(filepath.Join(dir, "engine-host.log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer logf.Close()
-	h.cmd = exec.Command(bin, "engine-host", "--socket", "unix://"+h.socket, "--state-dir", filepath.Join(dir, "host-state"), "-v", "4")
-	h.cmd.Stdout, h.cmd.Stderr = logf, logf
-	h.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := h.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = h.cmd.Wait(); close(h.done) }()
-	t.Cleanup(func() {
-		if t.Failed() {
-			b, _ := os.ReadFile(filepath.Join(dir, "engine-host.log"))
-			if len(b) > 6000 {
-				b = b[len(b)-6000:]
-			}
-			t.Logf("engine host log:\n%s", b)
-		}
-		_ = h.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-h.done:
-		case <-time.After(10 * time.Second):
-			_ = h.cmd.Process.Kill()
-		}
-	})
-	waitFor(t, 30*time.Second, "the engine host's socket", func() bool {
-		_, err := (enginehost.Client{Socket: h.socket}).Status(context.Background(), "probe")
-		return err == enginehost.ErrUnknownVolume
-	})
-	return h
-}
-
-// waitFor polls cond until it holds or the limit passes.
-func waitFor(t *testing.T, limit time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(limit)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("waited %s for %s", limit, what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
 
 // runDirOf returns the run directory of a staged volume.
 func (d *driver) runDirOf(t *testing.T, volumeID string) string {
@@ -89,47 +32,10 @@ func (d *driver) runDirOf(t *testing.T, volumeID string) string {
 	return rd
 }
 
-// enginePIDNow finds the live engine of a run dir (an engine host may have
-// replaced the one the stage started).
-func enginePIDNow(t *testing.T, runDir string) int {
-	t.Helper()
-	var pid int
-	waitFor(t, 30*time.Second, "a live engine for "+runDir, func() bool {
-		pid = blockdev.FindEngine(runDir)
-		return pid > 0
-	})
-	return pid
-}
-
-// killEngine kills the engine of runDir and waits until another serves.
-// With a gap, the host is held still (SIGSTOP) from before the kill until
-// gap after the engine died, so the volume has no engine for that long.
-func killEngine(t *testing.T, runDir string, h *engineHost, gap time.Duration) int {
-	t.Helper()
-	old := enginePIDNow(t, runDir)
-	if gap > 0 {
-		_ = syscall.Kill(h.cmd.Process.Pid, syscall.SIGSTOP)
-	}
-	if err := syscall.Kill(old, syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	waitFor(t, 10*time.Second, "the killed engine to die", func() bool { return !processAlive(old) })
-	if gap > 0 {
-		time.Sleep(gap)
-		_ = syscall.Kill(h.cmd.Process.Pid, syscall.SIGCONT)
-	}
-	var pid int
-	waitFor(t, 60*time.Second, "a replacement engine", func() bool {
-		pid = blockdev.FindEngine(runDir)
-		return pid > 0 && pid != old
-	})
-	return pid
-}
-
 // startWithHost starts an engine host and a driver that uses it.
-func startWithHost(t *testing.T, dir string, extra ...string) (*driver, *engineHost) {
-	h := startEngineHost(t, dir, binary)
-	d := startDriverMode(t, dir, "csi", "all", append([]string{"--engine-host", "unix://" + h.socket}, extra...)...)
+func startWithHost(t *testing.T, dir string, extra ...string) (*driver, *hosttest.Host) {
+	h := hosttest.Start(t, dir, binary)
+	d := startDriverMode(t, dir, "csi", "all", append([]string{"--engine-host", "unix://" + h.Socket}, extra...)...)
 	return d, h
 }
 
@@ -146,17 +52,17 @@ func TestEngineKilledTwice(t *testing.T) {
 	fio := fiotest.Start(t, dir, v.TargetPath, 14*time.Second)
 
 	time.Sleep(3 * time.Second) // fio in full swing
-	first := killEngine(t, runDir, h, 0)
+	first := hosttest.KillEngine(t, runDir, h, 0)
 	t.Logf("engine killed, replaced by pid %d", first)
 	time.Sleep(2 * time.Second)
-	second := killEngine(t, runDir, h, 2*time.Second)
+	second := hosttest.KillEngine(t, runDir, h, 2*time.Second)
 	t.Logf("engine killed again with a 2 s gap, replaced by pid %d", second)
 	worst := fio.Wait(t, 2*time.Minute)
 	if worst < 2*time.Second {
 		t.Errorf("worst latency %s: the 2 s gap did not hold any request (was I/O running?)", worst)
 	}
-	waitFor(t, 20*time.Second, "a healthy volume", func() bool { return len(d.health(t, v)) == 0 })
-	st, err := (enginehost.Client{Socket: h.socket}).Status(context.Background(), v.id())
+	hosttest.WaitFor(t, 20*time.Second, "a healthy volume", func() bool { return len(d.health(t, v)) == 0 })
+	st, err := h.Client().Status(context.Background(), v.id())
 	if err != nil || st.Restarts != 2 || st.Failed != "" {
 		t.Fatalf("host status %+v, %v; want 2 restarts", st, err)
 	}
@@ -178,19 +84,18 @@ func TestEngineHostKilled(t *testing.T) {
 	runDir := d.runDirOf(t, v.id())
 	fio := fiotest.Start(t, dir, v.TargetPath, 12*time.Second)
 	time.Sleep(2 * time.Second)
-	engine := enginePIDNow(t, runDir)
-	_ = h.cmd.Process.Kill()
-	<-h.done
+	engine := hosttest.EnginePIDNow(t, runDir)
+	h.Kill(t)
 	time.Sleep(2 * time.Second)
-	if !processAlive(engine) {
+	if !hosttest.ProcessAlive(engine) {
 		t.Fatal("the engine died with its host")
 	}
-	h2 := startEngineHost(t, dir, binary)
-	waitFor(t, 10*time.Second, "the new host to adopt the engine", func() bool {
-		st, err := (enginehost.Client{Socket: h2.socket}).Status(context.Background(), v.id())
+	h2 := hosttest.Start(t, dir, binary)
+	hosttest.WaitFor(t, 10*time.Second, "the new host to adopt the engine", func() bool {
+		st, err := h2.Client().Status(context.Background(), v.id())
 		return err == nil && st.PID == engine
 	})
-	replacement := killEngine(t, runDir, h2, 0)
+	replacement := hosttest.KillEngine(t, runDir, h2, 0)
 	t.Logf("adopted engine %d killed, the new host replaced it with %d", engine, replacement)
 	fio.Wait(t, 2*time.Minute)
 	d.unpublish(t, v)
@@ -214,21 +119,21 @@ func TestEngineHostUpgrade(t *testing.T) {
 	// The "new version": the same program as another file (another inode).
 	newBin := filepath.Join(dir, "csi-encdisk-new")
 	run(t, "cp", binary, newBin)
-	h2 := startEngineHost(t, dir, newBin)
-	waitFor(t, 60*time.Second, "the new host to be ready (engines replaced)", func() bool {
-		return (enginehost.Client{Socket: h2.socket}).Ready(context.Background()) == nil
+	h2 := hosttest.Start(t, dir, newBin)
+	hosttest.WaitFor(t, 60*time.Second, "the new host to be ready (engines replaced)", func() bool {
+		return h2.Client().Ready(context.Background()) == nil
 	})
 	// The old host let go and idles (in a pod it waits for its removal);
 	// stopping it now leaves every engine serving.
-	_ = h.cmd.Process.Signal(syscall.SIGTERM)
+	_ = h.Cmd.Process.Signal(syscall.SIGTERM)
 	select {
-	case <-h.done:
+	case <-h.Done:
 	case <-time.After(30 * time.Second):
 		t.Fatal("the old host did not stop")
 	}
 	for _, v := range []*volume{a, b} {
 		rd := d.runDirOf(t, v.id())
-		waitFor(t, 60*time.Second, "volume "+v.id()+"'s engine on the new binary", func() bool {
+		hosttest.WaitFor(t, 60*time.Second, "volume "+v.id()+"'s engine on the new binary", func() bool {
 			pid := blockdev.FindEngine(rd)
 			exe, err := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid))
 			return pid > 0 && err == nil && strings.TrimSuffix(exe, " (deleted)") == newBin
@@ -251,15 +156,15 @@ func TestEngineCrashLoopLeftDown(t *testing.T) {
 	d.stage(t, v)
 	runDir := d.runDirOf(t, v.id())
 	for range enginehost.DefaultMaxRestarts {
-		killEngine(t, runDir, h, 0)
+		hosttest.KillEngine(t, runDir, h, 0)
 	}
-	last := enginePIDNow(t, runDir)
+	last := hosttest.EnginePIDNow(t, runDir)
 	if err := syscall.Kill(last, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	client := enginehost.Client{Socket: h.socket}
+	client := h.Client()
 	var st enginehost.Status
-	waitFor(t, 30*time.Second, "the host to give up", func() bool {
+	hosttest.WaitFor(t, 30*time.Second, "the host to give up", func() bool {
 		var err error
 		st, err = client.Status(context.Background(), v.id())
 		return err == nil && st.Failed != ""

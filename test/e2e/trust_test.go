@@ -1,14 +1,11 @@
 package e2e
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -20,6 +17,8 @@ import (
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/crypt"
 	"github.com/csi-encdisk/csi-encdisk/pkg/kmsclient"
+	"github.com/csi-encdisk/csi-encdisk/test/hosttest"
+	"github.com/csi-encdisk/csi-encdisk/test/procmem"
 )
 
 // These tests hold the node to what it promises: secrets live only in the
@@ -90,45 +89,6 @@ func volumeSecrets(t *testing.T, kmsEndpoint, image string) (pass, vk []byte) {
 	return pass, vk
 }
 
-// memoryHits counts, for each needle, its occurrences in the readable
-// memory of process pid (/proc/PID/maps and /proc/PID/mem).
-func memoryHits(t *testing.T, pid int, needles map[string][]byte) map[string]int {
-	t.Helper()
-	maps, err := os.ReadFile(fmt.Sprintf("/proc/%d/maps", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	mem, err := os.Open(fmt.Sprintf("/proc/%d/mem", pid))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer mem.Close()
-	hits := map[string]int{}
-	sc := bufio.NewScanner(bytes.NewReader(maps))
-	for sc.Scan() {
-		f := strings.Fields(sc.Text())
-		if len(f) < 2 || f[1][0] != 'r' {
-			continue
-		}
-		if len(f) >= 6 && (f[5] == "[vvar]" || f[5] == "[vsyscall]" || f[5] == "[vvar_vclock]") {
-			continue
-		}
-		lo, hi, ok := strings.Cut(f[0], "-")
-		if !ok {
-			continue
-		}
-		start, _ := strconv.ParseUint(lo, 16, 64)
-		end, _ := strconv.ParseUint(hi, 16, 64)
-		buf := make([]byte, end-start)
-		n, _ := mem.ReadAt(buf, int64(start))
-		buf = buf[:n]
-		for name, needle := range needles {
-			hits[name] += bytes.Count(buf, needle)
-		}
-	}
-	return hits
-}
-
 // secretNeedles are the passphrase and each 16-byte quarter of the volume
 // key (an AES key schedule holds the key's halves as round keys, so the
 // quarters show where a key lives in any form the engine keeps).
@@ -156,7 +116,7 @@ func TestSecretsOnlyInEngine(t *testing.T) {
 
 	check := func(when string) {
 		t.Helper()
-		for name, n := range memoryHits(t, node.pid(), mergeNeedles(passN, keyN)) {
+		for name, n := range procmem.Hits(t, node.pid(), mergeNeedles(passN, keyN)) {
 			if n != 0 {
 				t.Errorf("%s: the node plugin's memory holds the %s (%d times)", when, name, n)
 			}
@@ -164,11 +124,11 @@ func TestSecretsOnlyInEngine(t *testing.T) {
 	}
 	check("after stage")
 	engine := node.enginePID(t, v.id())
-	if n := memoryHits(t, engine, passN)["passphrase"]; n != 0 {
+	if n := procmem.Hits(t, engine, passN)["passphrase"]; n != 0 {
 		t.Errorf("the engine still holds the passphrase (%d times)", n)
 	}
 	found := 0
-	for _, n := range memoryHits(t, engine, keyN) {
+	for _, n := range procmem.Hits(t, engine, keyN) {
 		found += n
 	}
 	if found == 0 {
@@ -319,7 +279,7 @@ func TestUnstageAfterEngineDeath(t *testing.T) {
 	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
-	for deadline := time.Now().Add(10 * time.Second); processAlive(pid); {
+	for deadline := time.Now().Add(10 * time.Second); hosttest.ProcessAlive(pid); {
 		if time.Now().After(deadline) {
 			t.Fatal("engine did not die")
 		}

@@ -25,6 +25,7 @@ import (
 	"github.com/csi-encdisk/csi-encdisk/pkg/csiclient"
 	"github.com/csi-encdisk/csi-encdisk/pkg/rbd"
 	"github.com/csi-encdisk/csi-encdisk/pkg/sweep"
+	"github.com/csi-encdisk/csi-encdisk/test/hosttest"
 	"github.com/csi-encdisk/csi-encdisk/test/rbd/rbdtest"
 )
 
@@ -43,11 +44,13 @@ type csiEnv struct {
 	kms     *exec.Cmd
 	kmsSock string
 	params  map[string]string
+	// host is the node's engine host (newCSIEnvWithHost), nil without one.
+	host *hosttest.Host
 }
 
 func startProcess(t *testing.T, logPath string, args ...string) *exec.Cmd {
 	t.Helper()
-	logf, err := os.Create(logPath)
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -88,7 +91,13 @@ func stopProcess(cmd *exec.Cmd) {
 	}
 }
 
-func newCSIEnv(t *testing.T) *csiEnv {
+func newCSIEnv(t *testing.T) *csiEnv { return newCSIEnvWith(t, false) }
+
+// newCSIEnvWithHost is newCSIEnv whose node plugin runs with an engine
+// host (`driver --engine-host`), as the chart deploys it.
+func newCSIEnvWithHost(t *testing.T) *csiEnv { return newCSIEnvWith(t, true) }
+
+func newCSIEnvWith(t *testing.T, withHost bool) *csiEnv {
 	c := rbd.NewTestCluster(t)
 	dir, err := os.MkdirTemp("", "rbdcsi")
 	if err != nil {
@@ -110,12 +119,11 @@ func newCSIEnv(t *testing.T) *csiEnv {
 	})
 	e.kmsSock = filepath.Join(dir, "kms.sock")
 	e.startKMS()
-	sock := filepath.Join(dir, "csi.sock")
-	e.driver = startProcess(t, filepath.Join(dir, "driver.log"), "driver", "--mode", "all",
-		"--endpoint", "unix://"+sock, "--data-dir", filepath.Join(dir, "data"), "--state-dir", filepath.Join(dir, "state"),
-		"--node-id", "rbd-node", "--region", "rbd-region", "--kms-endpoint", "unix://"+e.kmsSock, "--kms-timeout", "3s", "-v", "10")
-	waitFor(t, sock)
-	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()),
+	if withHost {
+		e.host = hosttest.Start(t, dir, binary)
+	}
+	e.startDriver()
+	conn, err := grpc.NewClient("unix://"+e.csiSocket(), grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithChainUnaryInterceptor(rbdtest.SecretsInterceptor(c.Secrets())))
 	if err != nil {
 		t.Fatal(err)
@@ -129,6 +137,26 @@ func newCSIEnv(t *testing.T) *csiEnv {
 	}
 	return e
 }
+
+func (e *csiEnv) csiSocket() string { return filepath.Join(e.dir, "csi.sock") }
+
+// startDriver starts the driver (again: a node plugin restart keeps its
+// state directory and log) and waits for its socket.
+func (e *csiEnv) startDriver() {
+	sock := e.csiSocket()
+	_ = os.Remove(sock)
+	args := []string{"driver", "--mode", "all",
+		"--endpoint", "unix://" + sock, "--data-dir", filepath.Join(e.dir, "data"), "--state-dir", e.stateDir(),
+		"--node-id", "rbd-node", "--region", "rbd-region", "--kms-endpoint", "unix://" + e.kmsSock, "--kms-timeout", "3s", "-v", "10"}
+	if e.host != nil {
+		args = append(args, "--engine-host", "unix://"+e.host.Socket)
+	}
+	e.driver = startProcess(e.t, filepath.Join(e.dir, "driver.log"), args...)
+	waitFor(e.t, sock)
+}
+
+// stateDir is the node plugin's state directory.
+func (e *csiEnv) stateDir() string { return filepath.Join(e.dir, "state") }
 
 func (e *csiEnv) startKMS() {
 	keys := filepath.Join(e.dir, "keys")
