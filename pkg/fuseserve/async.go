@@ -415,14 +415,20 @@ func (r *asyncReader) wait(dev bool) error {
 // prep runs add (which prepares one entry), submitting first when the ring
 // is full.
 func (r *asyncReader) prep(add func() error) error {
+	return prepare(r.ring, "reader ring", add)
+}
+
+// prepare runs add (which prepares one entry on ring), submitting what is
+// queued first when the ring is full; errors name the ring as what.
+func prepare(ring *uring.Ring, what string, add func() error) error {
 	err := add()
 	if err == uring.ErrFull {
-		if err = r.ring.Submit(); err == nil {
+		if err = ring.Submit(); err == nil {
 			err = add()
 		}
 	}
 	if err != nil {
-		return fmt.Errorf("fuseserve: reader ring: %w", err)
+		return fmt.Errorf("fuseserve: %s: %w", what, err)
 	}
 	return nil
 }

@@ -111,51 +111,7 @@ func TestAsyncThroughTheKernel(t *testing.T) {
 	// Not os.OpenFile: it would register the FUSE file with the process's
 	// epoll, whose poll call (FUSE_POLL) waits for this process's readers,
 	// which wait in that epoll. (An engine never opens its own file.)
-	fd, err := unix.Open(path, unix.O_RDWR|unix.O_DIRECT|unix.O_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f := os.NewFile(uintptr(fd), path)
-	w := aligned(3 << 20)
-	for i := range w {
-		w[i] = byte(i*13 + i>>12)
-	}
-	if n, err := f.WriteAt(w, 4096); err != nil || n != len(w) {
-		t.Fatalf("write: %d %v", n, err)
-	}
-	r := aligned(len(w))
-	if n, err := f.ReadAt(r, 4096); err != nil || n != len(r) || !bytes.Equal(r, w) {
-		t.Fatalf("read back: %d %v equal=%v", n, err, bytes.Equal(r, w))
-	}
-	// Concurrent 4 KiB I/O, more than the buffers: they bound, not fail.
-	var wg sync.WaitGroup
-	for g := range 16 {
-		wg.Go(func() {
-			b := aligned(4096)
-			for i := range 50 {
-				off := int64((g*50+i)%1024) * 4096
-				for j := range b {
-					b[j] = byte(g + i + j)
-				}
-				if _, err := f.WriteAt(b, 8<<20+off); err != nil {
-					t.Error(err)
-					return
-				}
-				c := aligned(4096)
-				if _, err := f.ReadAt(c, 8<<20+off); err != nil {
-					t.Error(err)
-					return
-				}
-			}
-		})
-	}
-	wg.Wait()
-	if _, err := f.WriteAt(r[:4096], size); err == nil {
-		t.Error("write beyond the size succeeded")
-	}
-	if err := f.Sync(); err != nil || m.syncs.Load() == 0 {
-		t.Errorf("fsync: %v, %d syncs", err, m.syncs.Load())
-	}
+	f, w := exerciseFile(t, path, m, size, 16, 50)
 	if _, err := os.Stat(path); err != nil {
 		t.Error(err)
 	}
@@ -227,4 +183,62 @@ func TestAsyncNoAllocationPerRequest(t *testing.T) {
 	if s.stats.ReplyFailures.Load() != 0 || s.stats.Errors.Load() != 0 {
 		t.Errorf("stats: %d reply failures, %d errors", s.stats.ReplyFailures.Load(), s.stats.Errors.Load())
 	}
+}
+
+// exerciseFile opens the served file at path (O_DIRECT, not os.OpenFile:
+// that would register it with the process's epoll, whose FUSE_POLL would
+// wait for this process's own server) and checks it against m, a memFile
+// of size bytes: 3 MiB written at 4096 and read back, then g goroutines of
+// n 4 KiB writes and reads each (more than the buffers: they bound, not
+// fail), a write beyond the size refused, fsync reaching m. It returns the
+// open file and what was written at 4096.
+func exerciseFile(t *testing.T, path string, m *memFile, size int64, g, n int) (*os.File, []byte) {
+	t.Helper()
+	fd, err := unix.Open(path, unix.O_RDWR|unix.O_DIRECT|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := os.NewFile(uintptr(fd), path)
+	w := aligned(3 << 20)
+	for i := range w {
+		w[i] = byte(i*13 + i>>12)
+	}
+	if n, err := f.WriteAt(w, 4096); err != nil || n != len(w) {
+		t.Fatalf("write: %d %v", n, err)
+	}
+	r := aligned(len(w))
+	if n, err := f.ReadAt(r, 4096); err != nil || n != len(r) || !bytes.Equal(r, w) {
+		t.Fatalf("read back: %d %v equal=%v", n, err, bytes.Equal(r, w))
+	}
+	if !bytes.Equal(m.snapshot(4096, len(w)), w) {
+		t.Fatal("the file's memory does not hold what was written")
+	}
+	var wg sync.WaitGroup
+	for gi := range g {
+		wg.Go(func() {
+			b, c := aligned(4096), aligned(4096)
+			for i := range n {
+				off := int64((gi*n+i)%1024) * 4096
+				for j := range b {
+					b[j] = byte(gi + i + j)
+				}
+				if _, err := f.WriteAt(b, 8<<20+off); err != nil {
+					t.Error(err)
+					return
+				}
+				if _, err := f.ReadAt(c, 8<<20+off); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	if _, err := f.WriteAt(r[:4096], size); err == nil {
+		t.Error("write beyond the size succeeded")
+	}
+	if err := f.Sync(); err != nil || m.syncs.Load() == 0 {
+		t.Errorf("fsync: %v, %d syncs", err, m.syncs.Load())
+	}
+	return f, w
 }

@@ -67,8 +67,9 @@ type ringEnt struct {
 type uringQueue struct {
 	as   *asyncServer
 	qid  uint16
-	cpu  int // pinned to it when allowed
-	fd   int // a /dev/fuse descriptor of the connection
+	name string // "queue N", for errors
+	cpu  int    // pinned to it when allowed
+	fd   int    // a /dev/fuse descriptor of the connection
 	ring *uring.Ring
 	q    Queue
 	ents []*ringEnt
@@ -128,7 +129,7 @@ func (as *asyncServer) uringQueues(fd int) ([]*uringQueue, error) {
 	payload := max(minReadBufSize, as.s.sess.maxPayload())
 	var qs []*uringQueue
 	for qid := range nq {
-		q := &uringQueue{as: as, qid: uint16(qid), cpu: qid, fd: fd}
+		q := &uringQueue{as: as, qid: uint16(qid), name: fmt.Sprintf("queue %d", qid), cpu: qid, fd: fd}
 		q.sync = &reader{s: as.s, fd: fd, out: alignedAt(outHeaderSize+2*minReadBufSize, outHeaderSize)}
 		for i := range depth {
 			e := &ringEnt{q: q, idx: i, hdr: alignedAt(ringHdrSize, 0), pay: alignedAt(payload, 0)}
@@ -189,16 +190,7 @@ func (q *uringQueue) run() (err error) {
 // prep runs add (which prepares one entry), submitting first when the ring
 // is full.
 func (q *uringQueue) prep(add func() error) error {
-	err := add()
-	if err == uring.ErrFull {
-		if err = q.ring.Submit(); err == nil {
-			err = add()
-		}
-	}
-	if err != nil {
-		return fmt.Errorf("fuseserve: queue %d: %w", q.qid, err)
-	}
-	return nil
+	return prepare(q.ring, q.name, add)
 }
 
 // command prepares REGISTER or COMMIT_AND_FETCH of entry e.

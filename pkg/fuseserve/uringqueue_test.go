@@ -1,11 +1,9 @@
 package fuseserve
 
 import (
-	"bytes"
 	"context"
 	"os"
 	"path/filepath"
-	"sync"
 	"testing"
 	"time"
 
@@ -53,52 +51,7 @@ func TestURingThroughTheKernel(t *testing.T) {
 	served := serveInProcess(ctx, dev, sess, newAsyncMem(m), ServeOptions{Clones: clones, Stats: &stats})
 
 	path := filepath.Join(dir, FileName)
-	fd, err := unix.Open(path, unix.O_RDWR|unix.O_DIRECT|unix.O_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	f := os.NewFile(uintptr(fd), path)
-	w := aligned(3 << 20)
-	for i := range w {
-		w[i] = byte(i*13 + i>>12)
-	}
-	if n, err := f.WriteAt(w, 4096); err != nil || n != len(w) {
-		t.Fatalf("write: %d %v", n, err)
-	}
-	r := aligned(len(w))
-	if n, err := f.ReadAt(r, 4096); err != nil || n != len(r) || !bytes.Equal(r, w) {
-		t.Fatalf("read back: %d %v equal=%v", n, err, bytes.Equal(r, w))
-	}
-	if !bytes.Equal(m.snapshot(4096, len(w)), w) {
-		t.Fatal("the file's memory does not hold what was written")
-	}
-	var wg sync.WaitGroup
-	for g := range 16 {
-		wg.Go(func() {
-			b, c := aligned(4096), aligned(4096)
-			for i := range 100 {
-				off := int64((g*100+i)%1024) * 4096
-				for j := range b {
-					b[j] = byte(g + i + j)
-				}
-				if _, err := f.WriteAt(b, 8<<20+off); err != nil {
-					t.Error(err)
-					return
-				}
-				if _, err := f.ReadAt(c, 8<<20+off); err != nil {
-					t.Error(err)
-					return
-				}
-			}
-		})
-	}
-	wg.Wait()
-	if _, err := f.WriteAt(r[:4096], size); err == nil {
-		t.Error("write beyond the size succeeded")
-	}
-	if err := f.Sync(); err != nil || m.syncs.Load() == 0 {
-		t.Errorf("fsync: %v, %d syncs", err, m.syncs.Load())
-	}
+	f, _ := exerciseFile(t, path, m, size, 16, 100)
 	if st, err := os.Stat(path); err != nil || st.Size() != size {
 		t.Errorf("stat: %v %v", st, err)
 	}
