@@ -368,6 +368,13 @@ func (p *Pool) Delete(ctx context.Context, kind backend.Kind, id string, shred b
 	if err != nil {
 		return fmt.Errorf("rbd: open %s: %w", id, mapErr(err))
 	}
+	// Never shred what a node still serves: an engine holds a watch on the
+	// image's header for as long as it has the image open (as does a client
+	// that died, until its session times out, about 30 s).
+	if err := p.refuseWatched(img, id); err != nil {
+		img.Close()
+		return err
+	}
 	h := &Image{img: img, name: p.pool + "/" + id}
 	if shred != nil {
 		if err := shred(ctx, h); err != nil {
@@ -404,6 +411,37 @@ func (p *Pool) Delete(ctx context.Context, kind backend.Kind, id string, shred b
 		p.release(ctx, io, parent.Image.ImageID, snapPrefix+id)
 	}
 	return nil
+}
+
+// refuseWatched fails with backend.ErrInUse when a client other than this
+// controller watches img (ours registers a watch too, by opening it).
+func (p *Pool) refuseWatched(img *librbd.Image, id string) error {
+	ws, err := img.ListWatchers()
+	if err != nil {
+		return fmt.Errorf("rbd: watchers of %s: %w", id, mapErr(err))
+	}
+	self := p.instanceID()
+	var others []string
+	for _, w := range ws {
+		if uint64(w.Id) != self {
+			others = append(others, fmt.Sprintf("client.%d at %s", w.Id, w.Addr))
+		}
+	}
+	if len(others) > 0 {
+		return fmt.Errorf("rbd: %s/%s: %w: watched by %s (a node serves it, or a client that died less than about 30 s ago)",
+			p.pool, id, backend.ErrInUse, strings.Join(others, ", "))
+	}
+	return nil
+}
+
+// instanceID is the global ID of this pool's cluster connection (0: none).
+func (p *Pool) instanceID() uint64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.conn == nil {
+		return 0
+	}
+	return p.conn.GetInstanceID()
 }
 
 // dropFreeSnapshots removes the snapshots of img without clones; it reports

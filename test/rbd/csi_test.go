@@ -369,6 +369,23 @@ func TestRBDThroughCSI(t *testing.T) {
 		t.Fatalf("after expand: node says %d bytes, the filesystem has %d", resp.GetCapacityBytes(), int64(st.Blocks)*st.Bsize)
 	}
 	readBack(t, filepath.Join(p.StagingPath, "data"), data)
+
+	// DeleteVolume of a staged volume: FailedPrecondition naming the watch,
+	// nothing shredded (the header still unlocks: the clone below is staged
+	// after it, and the source is restaged at the end).
+	if _, err := e.cli.Controller.DeleteVolume(ctx, &csi.DeleteVolumeRequest{VolumeId: src.GetVolumeId()}); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "watched by") {
+		t.Fatalf("DeleteVolume of a staged volume: %v, want FailedPrecondition (watched)", err)
+	}
+	readBack(t, filepath.Join(p.StagingPath, "data"), data)
+	e.unstage(p)
+
+	// A staged clone does not hold its parent: the parent's delete goes on
+	// (to the trash, below, as it has clones) while the clone is staged.
+	clone2 := e.create(name("clone2"), 256*mib, csiclient.VolumeSource(src.GetVolumeId()))
+	c2 := e.stage(clone2, "clone2")
+	readBack(t, filepath.Join(c2.StagingPath, "data"), data)
+	p = e.stage(src, "src-again")
+	readBack(t, filepath.Join(p.StagingPath, "data"), data)
 	e.unstage(p)
 
 	// A clone of 4 GiB (with data spread over it) costs what one of 64 MiB
@@ -441,7 +458,10 @@ func TestRBDThroughCSI(t *testing.T) {
 		iid, pre := e.rbdInfo(v.GetVolumeId())
 		all = append(all, obj{v.GetVolumeId(), iid, pre})
 	}
-	e.deleteVolume(src.GetVolumeId()) // parent of the clone and the snapshot: to the trash
+	e.deleteVolume(src.GetVolumeId()) // parent of the clones and the snapshot, one clone staged: to the trash
+	readBack(t, filepath.Join(c2.StagingPath, "data"), data)
+	e.unstage(c2)
+	e.deleteVolume(clone2.GetVolumeId())
 	e.deleteSnapshot(snap)
 	for _, o := range all[1:] {
 		e.deleteVolume(o.id)

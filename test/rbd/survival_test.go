@@ -17,6 +17,8 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/blockdev"
 	"github.com/csi-encdisk/csi-encdisk/pkg/enginehost"
@@ -335,8 +337,9 @@ func TestRBDEngineHostSecrets(t *testing.T) {
 
 // deleteVolumeAfterKills deletes a volume whose engines were killed lately:
 // RADOS keeps a dead client's watch on the image until it times out
-// (osd_client_watch_timeout, 30 s), and until then the image cannot be
-// removed ("device or resource busy"; Kubernetes retries DeleteVolume).
+// (osd_client_watch_timeout, 30 s), and until then DeleteVolume refuses it
+// as in use (FailedPrecondition "watched by", nothing shredded; Kubernetes
+// retries DeleteVolume).
 func (e *csiEnv) deleteVolumeAfterKills(id string) {
 	e.t.Helper()
 	deadline := time.Now().Add(90 * time.Second)
@@ -347,7 +350,7 @@ func (e *csiEnv) deleteVolumeAfterKills(id string) {
 		if err == nil {
 			return
 		}
-		if !strings.Contains(err.Error(), "busy") || time.Now().After(deadline) {
+		if status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "watched by") || time.Now().After(deadline) {
 			e.t.Fatal(err)
 		}
 		time.Sleep(2 * time.Second)
