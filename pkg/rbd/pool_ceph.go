@@ -4,6 +4,8 @@ package rbd
 
 import (
 	"context"
+	"crypto/sha256"
+	"crypto/subtle"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -51,7 +53,7 @@ type Pool struct {
 	mu       sync.Mutex
 	conn     *rados.Conn
 	connUser string // user and monitors of conn
-	connKey  string // its key, compared in memory only
+	connKey  [sha256.Size]byte // SHA-256 of its key: the key itself is not kept (it cannot be wiped from a string)
 }
 
 var _ backend.Pool = (*Pool)(nil)
@@ -85,7 +87,8 @@ func (p *Pool) ioctx(ctx context.Context) (*rados.IOContext, error) {
 	defer p.mu.Unlock()
 	if c != nil {
 		id := c.User + "\x00" + c.Monitors
-		if p.conn == nil || p.connUser != id || p.connKey != string(c.Key) {
+		sum := sha256.Sum256(c.Key)
+		if p.conn == nil || p.connUser != id || subtle.ConstantTimeCompare(p.connKey[:], sum[:]) != 1 {
 			conn, err := Connect(ctx, c, true)
 			if err != nil {
 				return nil, err
@@ -93,7 +96,7 @@ func (p *Pool) ioctx(ctx context.Context) (*rados.IOContext, error) {
 			if p.conn != nil {
 				p.conn.Shutdown()
 			}
-			p.conn, p.connUser, p.connKey = conn, id, string(c.Key)
+			p.conn, p.connUser, p.connKey = conn, id, sum
 		}
 	}
 	if p.conn == nil {
