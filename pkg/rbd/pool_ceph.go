@@ -52,7 +52,7 @@ type Pool struct {
 	locks    *keyedlock.Locks
 	mu       sync.Mutex
 	conn     *rados.Conn
-	connUser string // user and monitors of conn
+	connUser string            // user and monitors of conn
 	connKey  [sha256.Size]byte // SHA-256 of its key: the key itself is not kept (it cannot be wiped from a string)
 }
 
