@@ -38,7 +38,7 @@ type Stats struct {
 // The control protocol: one JSON request and one JSON reply per connection
 // on a unix socket that only root can reach (mode 0600).
 type controlRequest struct {
-	Op   string `json:"op"` // health | stats | resize | shutdown | handoff | fuse | credentials
+	Op   string `json:"op"` // health | stats | resize | shutdown | handoff | fuse | credentials | formatted | mark-formatted
 	Size int64  `json:"size,omitempty"`
 }
 
@@ -48,6 +48,17 @@ type controlReply struct {
 	// Credentials answer "credentials" (an RBD engine's cephx user, key
 	// and monitors), to a peer of the engine's own user or root only.
 	Credentials *rbd.Credentials `json:"credentials,omitempty"`
+	// Formatted answers "formatted": the image records that its volume was
+	// formatted once.
+	Formatted bool `json:"formatted,omitempty"`
+}
+
+// formatRecord is an image that records beside its data that its volume was
+// formatted once (an RBD image: its metadata; image files carry an xattr
+// that the node sets itself).
+type formatRecord interface {
+	Formatted() (bool, error)
+	MarkFormatted() error
 }
 
 // credentialsHolder is an image that keeps the credentials it was opened
@@ -136,8 +147,23 @@ func serveControl(ln net.Listener, e *engine, shutdown func() error, handoff fun
 						break
 					}
 					return
+				case "formatted", "mark-formatted":
+					fr, ok := e.img.(formatRecord)
+					if !ok {
+						rep.Error = "this image keeps no record of formatting (an image file carries an xattr instead)"
+						break
+					}
+					var err error
+					if req.Op == "formatted" {
+						rep.Formatted, err = fr.Formatted()
+					} else {
+						err = fr.MarkFormatted()
+					}
+					if err != nil {
+						rep.Error = err.Error()
+					}
 				default:
-					rep.Error = fmt.Sprintf("unknown op %q (health, stats, resize, shutdown, handoff, fuse, credentials)", req.Op)
+					rep.Error = fmt.Sprintf("unknown op %q (health, stats, resize, shutdown, handoff, fuse, credentials, formatted, mark-formatted)", req.Op)
 				}
 			}
 			json.NewEncoder(c).Encode(&rep)
@@ -253,6 +279,24 @@ func (c *Control) Shutdown(ctx context.Context) error {
 // its supervisor starts on the same descriptor (an upgrade).
 func (c *Control) Handoff(ctx context.Context) error {
 	_, err := c.call(ctx, controlRequest{Op: "handoff"})
+	return err
+}
+
+// Formatted reports whether the engine's image records that its volume was
+// formatted once (RBD images; an image file answers an error: the node
+// reads its xattr instead).
+func (c *Control) Formatted(ctx context.Context) (bool, error) {
+	rep, err := c.call(ctx, controlRequest{Op: "formatted"})
+	if err != nil {
+		return false, err
+	}
+	return rep.Formatted, nil
+}
+
+// MarkFormatted makes the engine's image record that its volume was
+// formatted (RBD images).
+func (c *Control) MarkFormatted(ctx context.Context) error {
+	_, err := c.call(ctx, controlRequest{Op: "mark-formatted"})
 	return err
 }
 

@@ -310,6 +310,31 @@ func parseMeta(raw string, kind backend.Kind, id string) (*backend.Meta, error) 
 // size, ... An image without it (made by hand) is an error wrapping
 // backend.ErrNotFound; one whose metadata names another object or kind,
 // backend.ErrCorrupt.
+// formattedKey is the image metadata key that records that the node made a
+// filesystem on the volume once (the RBD form of the file pool's xattr).
+const formattedKey = "csi-encdisk.formatted"
+
+// Formatted reports whether the image records that its volume was formatted.
+func (i *Image) Formatted() (bool, error) {
+	_, err := i.img.GetMetadata(formattedKey)
+	if isErrno(err, syscall.ENOENT) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("rbd: metadata of %s: %w", i.name, mapErr(err))
+	}
+	return true, nil
+}
+
+// MarkFormatted records on the image that its volume was formatted (the
+// time, for people).
+func (i *Image) MarkFormatted() error {
+	if err := i.img.SetMetadata(formattedKey, time.Now().UTC().Format(time.RFC3339)); err != nil {
+		return fmt.Errorf("rbd: metadata of %s: %w", i.name, mapErr(err))
+	}
+	return nil
+}
+
 func (i *Image) Meta() (*backend.Meta, error) {
 	raw, err := i.img.GetMetadata(metaKey)
 	if isErrno(err, syscall.ENOENT) {

@@ -294,8 +294,15 @@ func (m *Manager) mountFilesystem(ctx context.Context, v *nodestate.Volume, neve
 		return err
 	}
 	formattedBefore := false
-	if found == "" && !neverFormat && !isRBD(v.Image) {
-		formattedBefore = wasFormatted(v.Image)
+	if found == "" && !neverFormat {
+		if isRBD(v.Image) {
+			// The engine has the RBD image open: it reads the record.
+			if formattedBefore, err = blockdev.DialControl(blockdev.ControlSocketPath(v.RunDir)).Formatted(ctx); err != nil {
+				return fmt.Errorf("ask the engine whether volume %q was formatted before: %w", v.VolumeID, err)
+			}
+		} else {
+			formattedBefore = wasFormatted(v.Image)
+		}
 	}
 	fsType := v.FSType
 	switch {
@@ -312,12 +319,13 @@ func (m *Manager) mountFilesystem(ctx context.Context, v *nodestate.Volume, neve
 		if err := filesystem.Make(ctx, v.Loop, fsType); err != nil {
 			return err
 		}
+		mark := func() error { return markFormatted(v.Image) }
 		if isRBD(v.Image) {
-			// No xattr on an RBD image: restores and clones are guarded
-			// by NeverFormat alone.
-		} else if err := markFormatted(v.Image); err != nil {
+			mark = func() error { return blockdev.DialControl(blockdev.ControlSocketPath(v.RunDir)).MarkFormatted(ctx) }
+		}
+		if err := mark(); err != nil {
 			// The volume works; only the guard against a later mkfs over
-			// its data is missing on this filesystem.
+			// its data is missing.
 			klog.FromContext(ctx).Error(err, "Could not record on the image that the volume was formatted; a later stage that finds no filesystem would format it again", "volumeID", v.VolumeID, "image", v.Image)
 		}
 	case fsType == "":

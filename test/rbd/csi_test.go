@@ -451,6 +451,27 @@ func TestRBDThroughCSI(t *testing.T) {
 	}
 	e.startKMS()
 
+	// A volume formatted once that shows no filesystem now (its data
+	// objects zeroed: what a damaged image or a wrong key looks like) is not
+	// formatted again: the image records the first mkfs.
+	if rec := e.c.CLI(t, "rbd", "image-meta", "get", e.c.Pool+"/"+e.image(src.GetVolumeId()), "csi-encdisk.formatted"); strings.TrimSpace(rec) == "" {
+		t.Fatal("no formatted record on the source image")
+	}
+	zeros := filepath.Join(t.TempDir(), "zeros")
+	if err := os.WriteFile(zeros, make([]byte, 4*mib), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i < 8; i++ { // past the LUKS2 header's keyslots (object 0), over the data's start
+		e.c.CLI(t, "rados", "-p", e.c.Pool, "put", fmt.Sprintf("%s.%016x", prefix, i), zeros)
+	}
+	wp, err := csiclient.NewPublication(src, "ext4", e.dir, "wiped")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.cli.Stage(ctx, wp); status.Code(err) != codes.FailedPrecondition || !strings.Contains(err.Error(), "formatted before") {
+		t.Fatalf("stage of a formatted volume without a filesystem: %v, want FailedPrecondition (formatted before)", err)
+	}
+
 	// Delete everything: no image, no header, no data object, no trash.
 	type obj struct{ id, imageID, prefix string }
 	var all []obj
