@@ -473,11 +473,10 @@ func TestRBDThroughCSI(t *testing.T) {
 	}
 
 	// Delete everything: no image, no header, no data object, no trash.
-	type obj struct{ id, imageID, prefix string }
-	var all []obj
+	var all []rbdObject
 	for _, v := range []*csi.Volume{src, restored, clone, small, big} {
 		iid, pre := e.rbdInfo(v.GetVolumeId())
-		all = append(all, obj{v.GetVolumeId(), iid, pre})
+		all = append(all, rbdObject{v.GetVolumeId(), iid, pre})
 	}
 	e.deleteVolume(src.GetVolumeId()) // parent of the clones and the snapshot, one clone staged: to the trash
 	readBack(t, filepath.Join(c2.StagingPath, "data"), data)
@@ -487,34 +486,7 @@ func TestRBDThroughCSI(t *testing.T) {
 	for _, o := range all[1:] {
 		e.deleteVolume(o.id)
 	}
-	names := e.c.CLI(t, "rbd", "ls", "-p", e.c.Pool)
-	for _, o := range all {
-		if strings.Contains(names, e.image(o.id)) {
-			t.Errorf("image %s left after delete", e.image(o.id))
-		}
-	}
-	// Objects that RBD snapshots kept go when the OSD trims the removed
-	// snapshots, in the background: wait for that.
-	var left []string
-	for deadline := time.Now().Add(90 * time.Second); ; time.Sleep(time.Second) {
-		left = left[:0]
-		for _, ro := range e.radosObjects() {
-			for _, o := range all {
-				if strings.HasPrefix(ro, o.prefix) || ro == "rbd_header."+o.imageID {
-					left = append(left, ro)
-				}
-			}
-		}
-		if len(left) == 0 || time.Now().After(deadline) {
-			break
-		}
-	}
-	if len(left) > 0 {
-		t.Errorf("objects of deleted volumes left: %v", left)
-	}
-	if trash := strings.TrimSpace(e.c.CLI(t, "rbd", "trash", "ls", "-p", e.c.Pool)); trash != "" {
-		t.Errorf("RBD trash not empty: %s", trash)
-	}
+	e.assertGone(all)
 
 	// The key reached no log or file of the driver at -v=10.
 	stopProcess(e.driver)
@@ -729,11 +701,10 @@ func TestRBDUnencryptedThroughCSI(t *testing.T) {
 	e.unstage(p)
 
 	// Delete everything: no image, no data object, no trash entry.
-	type obj struct{ id, imageID, prefix string }
-	all := []obj{{src.GetVolumeId(), imageID, prefix}}
+	all := []rbdObject{{src.GetVolumeId(), imageID, prefix}}
 	for _, v := range []*csi.Volume{restored, clone, enc} {
 		iid, pre := e.rbdInfo(v.GetVolumeId())
-		all = append(all, obj{v.GetVolumeId(), iid, pre})
+		all = append(all, rbdObject{v.GetVolumeId(), iid, pre})
 	}
 	e.deleteVolume(src.GetVolumeId())
 	e.deleteSnapshot(snap)
@@ -741,6 +712,19 @@ func TestRBDUnencryptedThroughCSI(t *testing.T) {
 	for _, o := range all[1:] {
 		e.deleteVolume(o.id)
 	}
+	e.assertGone(all)
+}
+
+// rbdObject is a volume or snapshot with its RBD image's ID and data object
+// prefix (rbdInfo), kept to check after its delete.
+type rbdObject struct{ id, imageID, prefix string }
+
+// assertGone checks that deleted objects left no image, no header, no data
+// object and no trash entry. Objects that RBD snapshots kept go when the
+// OSD trims the removed snapshots, in the background: it waits for that.
+func (e *csiEnv) assertGone(all []rbdObject) {
+	t := e.t
+	t.Helper()
 	names := e.c.CLI(t, "rbd", "ls", "-p", e.c.Pool)
 	for _, o := range all {
 		if strings.Contains(names, e.image(o.id)) {
