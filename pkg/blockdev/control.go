@@ -198,7 +198,8 @@ func sendCredentials(c net.Conn, e *engine) error {
 	if cred.Uid != 0 && int(cred.Uid) != os.Geteuid() {
 		return fmt.Errorf("peer uid %d (pid %d) may not read the credentials", cred.Uid, cred.Pid)
 	}
-	b, err := json.Marshal(&controlReply{Credentials: h.Credentials()})
+	// A controlReply with only its credentials field set.
+	b, err := h.Credentials().AppendJSON(`{"credentials":`, "}\n")
 	if err != nil {
 		return errors.New("marshal the credentials failed")
 	}

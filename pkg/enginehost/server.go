@@ -246,9 +246,16 @@ func (c Client) call(ctx context.Context, req *request) (*reply, error) {
 	if dl, ok := ctx.Deadline(); ok {
 		_ = conn.SetDeadline(dl)
 	}
-	// Marshalled here so that the buffer, which may hold Ceph credentials,
-	// can be wiped.
-	b, err := json.Marshal(req)
+	// The request without its Ceph credentials goes through json.Marshal;
+	// they are spliced in by hand, in one buffer that is wiped
+	// (rbd.Credentials.AppendJSON).
+	plain := *req
+	plain.Credentials = nil
+	b, err := json.Marshal(&plain)
+	if err == nil && req.Credentials != nil {
+		// b ends with the object's closing brace.
+		b, err = req.Credentials.AppendJSON(string(b[:len(b)-1])+`,"credentials":`, "}")
+	}
 	if err != nil {
 		return nil, fmt.Errorf("engine host %s: %s: marshal the request failed", c.Socket, req.Op)
 	}

@@ -121,22 +121,30 @@ func (c *Credentials) Wipe() {
 	}
 }
 
-// WriteTo writes c for ReadCredentials (JSON) and closes w. The JSON is
-// built in one buffer of exact size, wiped afterwards (json.Marshal would
-// leave the key in its pooled buffers, in a long-lived process such as the
-// engine host).
-func (c *Credentials) WriteTo(w io.WriteCloser) error {
+// AppendJSON appends c as JSON (what json.Unmarshal reads back into a
+// Credentials) to a buffer of prefix, suffix and exact room, and returns
+// it; the caller wipes it. json.Marshal would leave the key in its pooled
+// buffers, in long-lived processes (node plugin, engine host, engine).
+func (c *Credentials) AppendJSON(prefix, suffix string) ([]byte, error) {
 	mon, err := json.Marshal(c.Monitors)
-	var user []byte
-	if err == nil {
-		user, err = json.Marshal(c.User)
+	if err != nil {
+		return nil, err
 	}
-	var b []byte
+	user, err := json.Marshal(c.User)
+	if err != nil {
+		return nil, err
+	}
+	const head, mid, keyOpen, tail = `{"monitors":`, `,"userID":`, `,"userKey":"`, `"}`
+	b := make([]byte, 0, len(prefix)+len(head)+len(mon)+len(mid)+len(user)+len(keyOpen)+base64.StdEncoding.EncodedLen(len(c.Key))+len(tail)+len(suffix))
+	b = append(append(append(append(append(b, prefix...), head...), mon...), mid...), user...)
+	b = append(base64.StdEncoding.AppendEncode(append(b, keyOpen...), c.Key), tail...)
+	return append(b, suffix...), nil
+}
+
+// WriteTo writes c for ReadCredentials (JSON, AppendJSON) and closes w.
+func (c *Credentials) WriteTo(w io.WriteCloser) error {
+	b, err := c.AppendJSON("", "")
 	if err == nil {
-		const head, mid, keyOpen, tail = `{"monitors":`, `,"userID":`, `,"userKey":"`, `"}`
-		b = make([]byte, 0, len(head)+len(mon)+len(mid)+len(user)+len(keyOpen)+base64.StdEncoding.EncodedLen(len(c.Key))+len(tail))
-		b = append(append(append(append(b, head...), mon...), mid...), user...)
-		b = append(base64.StdEncoding.AppendEncode(append(b, keyOpen...), c.Key), tail...)
 		_, err = w.Write(b)
 	}
 	clear(b)

@@ -32,3 +32,21 @@ func TestWriteToIsJSON(t *testing.T) {
 		t.Fatalf("read back %v (%v)", &back, err)
 	}
 }
+
+// TestAppendJSONInAnObject: AppendJSON between a prefix and a suffix makes
+// the JSON of an object holding the credentials as one field.
+func TestAppendJSONInAnObject(t *testing.T) {
+	c := &Credentials{Monitors: "127.0.0.1:6789", User: "csi", Key: []byte("AQBzdGF0aWMta2V5LWZvci10ZXN0cw==")}
+	b, err := c.AppendJSON(`{"op":"start","credentials":`, "}")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got struct {
+		Op          string       `json:"op"`
+		Credentials *Credentials `json:"credentials"`
+	}
+	if err := json.Unmarshal(b, &got); err != nil || got.Op != "start" || got.Credentials == nil ||
+		got.Credentials.User != c.User || !bytes.Equal(got.Credentials.Key, c.Key) {
+		t.Fatalf("%s: %+v, %v", b, got, err)
+	}
+}
