@@ -16,6 +16,7 @@ import (
 
 	"github.com/csi-encdisk/csi-encdisk/pkg/fuseserve"
 	"github.com/csi-encdisk/csi-encdisk/pkg/rbd"
+	"github.com/csi-encdisk/csi-encdisk/pkg/unixsock"
 )
 
 // Stats are an engine's counters since it started.
@@ -218,21 +219,28 @@ type Control struct{ socket string }
 // not connect: each call makes its own connection.
 func DialControl(socket string) *Control { return &Control{socket: socket} }
 
-func (c *Control) call(ctx context.Context, req controlRequest) (*controlReply, error) {
-	ctx, cancel := context.WithTimeout(ctx, controlTimeout)
-	defer cancel()
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, "unix", c.socket)
+// send connects (within ctx) and sends req; the caller reads the reply and
+// closes the connection.
+func (c *Control) send(ctx context.Context, req controlRequest) (*net.UnixConn, error) {
+	conn, err := unixsock.Dial(ctx, c.socket)
 	if err != nil {
 		return nil, fmt.Errorf("engine control %s: %w", c.socket, err)
 	}
-	defer conn.Close()
-	if dl, ok := ctx.Deadline(); ok {
-		conn.SetDeadline(dl)
-	}
 	if err := json.NewEncoder(conn).Encode(&req); err != nil {
+		conn.Close()
 		return nil, fmt.Errorf("engine control %s: %s: %w", c.socket, req.Op, err)
 	}
+	return conn, nil
+}
+
+func (c *Control) call(ctx context.Context, req controlRequest) (*controlReply, error) {
+	ctx, cancel := context.WithTimeout(ctx, controlTimeout)
+	defer cancel()
+	conn, err := c.send(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
 	var rep controlReply
 	if err := json.NewDecoder(conn).Decode(&rep); err != nil {
 		return nil, fmt.Errorf("engine control %s: %s: reading reply: %w", c.socket, req.Op, err)
@@ -307,16 +315,12 @@ func (c *Control) MarkFormatted(ctx context.Context) error {
 func (c *Control) FUSE(ctx context.Context) (*os.File, []*os.File, *fuseserve.Session, error) {
 	ctx, cancel := context.WithTimeout(ctx, controlTimeout)
 	defer cancel()
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, "unix", c.socket)
+	conn, err := c.send(ctx, controlRequest{Op: "fuse"})
 	if err != nil {
-		return nil, nil, nil, fmt.Errorf("engine control %s: %w", c.socket, err)
+		return nil, nil, nil, err
 	}
 	defer conn.Close()
-	if err := json.NewEncoder(conn).Encode(&controlRequest{Op: "fuse"}); err != nil {
-		return nil, nil, nil, fmt.Errorf("engine control %s: fuse: %w", c.socket, err)
-	}
-	sess, files, err := fuseserve.ReceiveSession(ctx, conn.(*net.UnixConn))
+	sess, files, err := fuseserve.ReceiveSession(ctx, conn)
 	if err != nil {
 		return nil, nil, nil, fmt.Errorf("engine control %s: fuse: %w", c.socket, err)
 	}
@@ -330,18 +334,11 @@ func (c *Control) FUSE(ctx context.Context) (*os.File, []*os.File, *fuseserve.Se
 func (c *Control) Credentials(ctx context.Context) (*rbd.Credentials, error) {
 	ctx, cancel := context.WithTimeout(ctx, controlTimeout)
 	defer cancel()
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, "unix", c.socket)
+	conn, err := c.send(ctx, controlRequest{Op: "credentials"})
 	if err != nil {
-		return nil, fmt.Errorf("engine control %s: %w", c.socket, err)
+		return nil, err
 	}
 	defer conn.Close()
-	if dl, ok := ctx.Deadline(); ok {
-		_ = conn.SetDeadline(dl)
-	}
-	if err := json.NewEncoder(conn).Encode(&controlRequest{Op: "credentials"}); err != nil {
-		return nil, fmt.Errorf("engine control %s: credentials: %w", c.socket, err)
-	}
 	// The engine closes the connection after its reply. One buffer, wiped
 	// (io.ReadAll would leave the key in the buffers it outgrew).
 	b := make([]byte, 1<<16)

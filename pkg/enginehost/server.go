@@ -237,15 +237,11 @@ type Client struct {
 func (c Client) call(ctx context.Context, req *request) (*reply, error) {
 	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
 	defer cancel()
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, "unix", c.Socket)
+	conn, err := unixsock.Dial(ctx, c.Socket)
 	if err != nil {
 		return nil, fmt.Errorf("engine host %s: %w", c.Socket, err)
 	}
 	defer conn.Close()
-	if dl, ok := ctx.Deadline(); ok {
-		_ = conn.SetDeadline(dl)
-	}
 	// The request without its Ceph credentials goes through json.Marshal;
 	// they are spliced in by hand, in one buffer that is wiped
 	// (rbd.Credentials.AppendJSON).

@@ -1,10 +1,12 @@
 // Package unixsock listens on unix sockets for the driver's gRPC services:
 // it parses endpoint URLs, refuses to take over a live socket or to delete
 // anything that is not a socket, and sets the socket's mode explicitly,
-// whatever the umask.
+// whatever the umask. Dial is the client side of the one-request sockets
+// (engine control, engine host).
 package unixsock
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -129,4 +131,19 @@ func kind(m fs.FileMode) string {
 		return "device"
 	}
 	return "special file"
+}
+
+// Dial connects to the unix socket at path within ctx, and makes ctx's
+// deadline (if any) the connection's, so that a peer that stops answering
+// cannot hold the caller past it.
+func Dial(ctx context.Context, path string) (*net.UnixConn, error) {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "unix", path)
+	if err != nil {
+		return nil, err
+	}
+	if dl, ok := ctx.Deadline(); ok {
+		_ = conn.SetDeadline(dl)
+	}
+	return conn.(*net.UnixConn), nil
 }

@@ -352,21 +352,8 @@ func TestRBDThroughCSI(t *testing.T) {
 	// Expand the staged source online.
 	ctx, cancel := ctxT()
 	defer cancel()
-	if _, err := e.cli.Controller.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: src.GetVolumeId(),
-		CapacityRange: &csi.CapacityRange{RequiredBytes: 256 * mib}}); err != nil {
-		t.Fatal(err)
-	}
-	resp, err := e.cli.Node.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: src.GetVolumeId(), VolumePath: p.StagingPath,
-		CapacityRange: &csi.CapacityRange{RequiredBytes: 256 * mib}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var st unix.Statfs_t
-	if err := unix.Statfs(p.StagingPath, &st); err != nil {
-		t.Fatal(err)
-	}
-	if resp.GetCapacityBytes() < 256*mib || int64(st.Blocks)*st.Bsize < 200*mib {
-		t.Fatalf("after expand: node says %d bytes, the filesystem has %d", resp.GetCapacityBytes(), int64(st.Blocks)*st.Bsize)
+	if got, fs := e.expandOnline(src, p, 256*mib); got < 256*mib || fs < 200*mib {
+		t.Fatalf("after expand: node says %d bytes, the filesystem has %d", got, fs)
 	}
 	readBack(t, filepath.Join(p.StagingPath, "data"), data)
 
@@ -426,7 +413,7 @@ func TestRBDThroughCSI(t *testing.T) {
 	e.c.CLI(t, "ceph", "osd", "pool", "set-quota", e.c.Pool, "max_bytes", "1")
 	quotaOff := func() { e.c.CLI(t, "ceph", "osd", "pool", "set-quota", e.c.Pool, "max_bytes", "0") }
 	t.Cleanup(quotaOff)
-	_, err = e.cli.CreateVolume(ctx, csiclient.VolumeRequest{Name: name("full"), Size: 64 * mib, Access: "ext4", Parameters: e.params})
+	_, err := e.cli.CreateVolume(ctx, csiclient.VolumeRequest{Name: name("full"), Size: 64 * mib, Access: "ext4", Parameters: e.params})
 	if status.Code(err) != codes.ResourceExhausted {
 		t.Errorf("CreateVolume at the pool quota: %v, want ResourceExhausted", err)
 	}
@@ -681,21 +668,8 @@ func TestRBDUnencryptedThroughCSI(t *testing.T) {
 	quotaOff()
 
 	// Expand the staged volume online.
-	if _, err := e.cli.Controller.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: src.GetVolumeId(),
-		CapacityRange: &csi.CapacityRange{RequiredBytes: 256 * mib}}); err != nil {
-		t.Fatal(err)
-	}
-	resp, err := e.cli.Node.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: src.GetVolumeId(), VolumePath: p.StagingPath,
-		CapacityRange: &csi.CapacityRange{RequiredBytes: 256 * mib}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	var st unix.Statfs_t
-	if err := unix.Statfs(p.StagingPath, &st); err != nil {
-		t.Fatal(err)
-	}
-	if resp.GetCapacityBytes() != 256*mib || int64(st.Blocks)*st.Bsize < 200*mib {
-		t.Fatalf("after expand: node says %d bytes, the filesystem has %d", resp.GetCapacityBytes(), int64(st.Blocks)*st.Bsize)
+	if got, fs := e.expandOnline(src, p, 256*mib); got != 256*mib || fs < 200*mib {
+		t.Fatalf("after expand: node says %d bytes, the filesystem has %d", got, fs)
 	}
 	readBack(t, filepath.Join(p.StagingPath, "data"), data)
 	e.unstage(p)
@@ -713,6 +687,30 @@ func TestRBDUnencryptedThroughCSI(t *testing.T) {
 		e.deleteVolume(o.id)
 	}
 	e.assertGone(all)
+}
+
+// expandOnline grows the staged volume v (publication p) to size through
+// ControllerExpandVolume and NodeExpandVolume; it returns the capacity the
+// node reported and the size of the filesystem at the staging path.
+func (e *csiEnv) expandOnline(v *csi.Volume, p *csiclient.Publication, size int64) (node, fs int64) {
+	t := e.t
+	t.Helper()
+	ctx, cancel := ctxT()
+	defer cancel()
+	if _, err := e.cli.Controller.ControllerExpandVolume(ctx, &csi.ControllerExpandVolumeRequest{VolumeId: v.GetVolumeId(),
+		CapacityRange: &csi.CapacityRange{RequiredBytes: size}}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := e.cli.Node.NodeExpandVolume(ctx, &csi.NodeExpandVolumeRequest{VolumeId: v.GetVolumeId(), VolumePath: p.StagingPath,
+		CapacityRange: &csi.CapacityRange{RequiredBytes: size}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(p.StagingPath, &st); err != nil {
+		t.Fatal(err)
+	}
+	return resp.GetCapacityBytes(), int64(st.Blocks) * st.Bsize
 }
 
 // rbdObject is a volume or snapshot with its RBD image's ID and data object
