@@ -4,15 +4,11 @@ package sanity
 
 import (
 	"bytes"
-	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
-	"time"
 
 	"github.com/kubernetes-csi/csi-test/v5/pkg/sanity"
-	"github.com/onsi/ginkgo/v2"
-	"github.com/onsi/gomega"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
@@ -39,34 +35,15 @@ func TestSanityRBD(t *testing.T) {
 	bin := buildBinary(t, dir, "ceph", "pacific")
 	sock := startDriver(t, bin, dir, "10")
 
-	var contexts []*sanity.TestContext
-	for _, encrypted := range []string{"true", "false"} {
+	runSanity(t, "csi-encdisk sanity on Ceph RBD", func(encrypted string) (*sanity.TestConfig, string, string) {
 		cfg := sanity.NewTestConfig()
 		cfg.Address = "unix://" + sock
 		cfg.DialOptions = []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials()),
 			grpc.WithChainUnaryInterceptor(rbdtest.SecretsInterceptor(cluster.Secrets()))}
-		base := filepath.Join(dir, "rbd-encrypted-"+encrypted)
-		if err := os.MkdirAll(base, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		cfg.TargetPath = filepath.Join(base, "target")
-		cfg.StagingPath = filepath.Join(base, "staging")
-		cfg.TestVolumeSize = 64 << 20
-		cfg.TestVolumeExpandSize = 128 << 20
 		cfg.TestVolumeParameters = map[string]string{"encrypted": encrypted, "backend": "rbd", "pool": cluster.Pool}
 		cfg.IdempotentCount = 2
-		c := cfg
-		ginkgo.Describe(fmt.Sprintf("[rbd encrypted=%s]", encrypted), func() {
-			contexts = append(contexts, sanity.GinkgoTest(&c))
-		})
-	}
-	gomega.RegisterFailHandler(ginkgo.Fail)
-	suite, reporter := ginkgo.GinkgoConfiguration()
-	suite.Timeout = 30 * time.Minute
-	ginkgo.RunSpecs(t, "csi-encdisk sanity on Ceph RBD", suite, reporter)
-	for _, c := range contexts {
-		c.Finalize()
-	}
+		return &cfg, filepath.Join(dir, "rbd-encrypted-"+encrypted), "rbd encrypted=" + encrypted
+	})
 
 	// Nothing of the run is left in the pool (csi-sanity deletes what it
 	// made; a deleted parent waits in the trash only while clones live).

@@ -6,7 +6,6 @@ package sanity
 
 import (
 	"context"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -107,11 +106,25 @@ func TestSanity(t *testing.T) {
 	bin := buildBinary(t, dir)
 	sock := startDriver(t, bin, dir, "4")
 
-	var contexts []*sanity.TestContext
-	for _, encrypted := range []string{"true", "false"} {
+	runSanity(t, "csi-encdisk sanity", func(encrypted string) (*sanity.TestConfig, string, string) {
 		cfg := sanity.NewTestConfig()
 		cfg.Address = "unix://" + sock
-		base := filepath.Join(dir, "encrypted-"+encrypted)
+		cfg.TestVolumeParameters = map[string]string{"encrypted": encrypted}
+		cfg.IdempotentCount = 3
+		return &cfg, filepath.Join(dir, "encrypted-"+encrypted), "encrypted=" + encrypted
+	})
+}
+
+// runSanity runs csi-sanity once with encrypted "true" and once with
+// "false", in one Ginkgo suite named title: configure gives each run's
+// configuration (address, parameters, ...), its directory, under which the
+// target and staging paths go, and its label; volumes of 64 MiB grow to
+// 128 MiB.
+func runSanity(t *testing.T, title string, configure func(encrypted string) (cfg *sanity.TestConfig, dir, label string)) {
+	t.Helper()
+	var contexts []*sanity.TestContext
+	for _, encrypted := range []string{"true", "false"} {
+		cfg, base, label := configure(encrypted)
 		if err := os.MkdirAll(base, 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -119,17 +132,14 @@ func TestSanity(t *testing.T) {
 		cfg.StagingPath = filepath.Join(base, "staging")
 		cfg.TestVolumeSize = 64 << 20
 		cfg.TestVolumeExpandSize = 128 << 20
-		cfg.TestVolumeParameters = map[string]string{"encrypted": encrypted}
-		cfg.IdempotentCount = 3
-		c := cfg
-		ginkgo.Describe(fmt.Sprintf("[encrypted=%s]", encrypted), func() {
-			contexts = append(contexts, sanity.GinkgoTest(&c))
+		ginkgo.Describe("["+label+"]", func() {
+			contexts = append(contexts, sanity.GinkgoTest(cfg))
 		})
 	}
 	gomega.RegisterFailHandler(ginkgo.Fail)
 	suite, reporter := ginkgo.GinkgoConfiguration()
 	suite.Timeout = 30 * time.Minute
-	ginkgo.RunSpecs(t, "csi-encdisk sanity", suite, reporter)
+	ginkgo.RunSpecs(t, title, suite, reporter)
 	for _, c := range contexts {
 		c.Finalize()
 	}
