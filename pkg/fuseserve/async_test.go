@@ -82,27 +82,10 @@ func (q *memQueue) Close() {}
 func TestAsyncThroughTheKernel(t *testing.T) {
 	requireRoot(t)
 	const size = 16 << 20
-	m := &memFile{data: make([]byte, size)}
-	m.size.Store(size)
-	a := newAsyncMem(m)
-	dir := t.TempDir()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	dev, sess, err := Mount(ctx, dir, MountOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dev.Close()
-	defer func() { _ = unix.Unmount(dir, unix.MNT_DETACH) }()
-	clones, err := Clones(dev, 2)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer func() {
-		for _, c := range clones {
-			c.Close()
-		}
-	}()
+	m, dir, dev, sess, clones := mountMemFile(t, ctx, MountOptions{}, size, 2)
+	a := newAsyncMem(m)
 	var stats Stats
 	sctx, stop := context.WithCancel(ctx)
 	served := serveInProcess(sctx, dev, sess, a, ServeOptions{Clones: clones, Stats: &stats, BigBuffers: 2, SmallBuffers: 4})
@@ -251,4 +234,32 @@ func exerciseFile(t *testing.T, path string, m *memFile, size int64, g, n int) (
 		t.Errorf("fsync: %v, %d syncs", err, m.syncs.Load())
 	}
 	return f, w
+}
+
+// mountMemFile mounts a new connection on a temporary directory for a
+// memFile of size bytes and makes n clones of it; the test's cleanup closes
+// them and unmounts.
+func mountMemFile(t *testing.T, ctx context.Context, opts MountOptions, size int64, n int) (*memFile, string, *os.File, *Session, []*os.File) {
+	t.Helper()
+	m := &memFile{data: make([]byte, size)}
+	m.size.Store(size)
+	dir := t.TempDir()
+	dev, sess, err := Mount(ctx, dir, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		dev.Close()
+		_ = unix.Unmount(dir, unix.MNT_DETACH)
+	})
+	clones, err := Clones(dev, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		for _, c := range clones {
+			c.Close()
+		}
+	})
+	return m, dir, dev, sess, clones
 }

@@ -7,7 +7,6 @@ import (
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
 )
 
 // enableURing turns on the fuse module's enable_uring (this machine kind's
@@ -28,25 +27,12 @@ func TestURingThroughTheKernel(t *testing.T) {
 	requireRoot(t)
 	enableURing(t)
 	const size = 16 << 20
-	m := &memFile{data: make([]byte, size)}
-	m.size.Store(size)
-	dir := t.TempDir()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	dev, sess, err := Mount(ctx, dir, MountOptions{IOURing: true, MaxWrite: 128 << 10})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dev.Close()
-	defer func() { _ = unix.Unmount(dir, unix.MNT_DETACH) }()
+	m, dir, dev, sess, clones := mountMemFile(t, ctx, MountOptions{IOURing: true, MaxWrite: 128 << 10}, size, 1)
 	if !sess.IOURing() {
 		t.Fatalf("kernel did not take FUSE-over-io_uring (offered flags %#x)", sess.KernelFlags)
 	}
-	clones, err := Clones(dev, 1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer clones[0].Close()
 	var stats Stats
 	served := serveInProcess(ctx, dev, sess, newAsyncMem(m), ServeOptions{Clones: clones, Stats: &stats})
 
