@@ -6,7 +6,6 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
-
 )
 
 // enableURing turns on the fuse module's enable_uring (this machine kind's
