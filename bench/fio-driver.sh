@@ -17,7 +17,10 @@
 # WORKDIR (default a temp dir under /var/tmp), ORDER (which volume runs first:
 # default "plain enc"), FUSE_TRANSPORT (the driver's --fuse-transport:
 # classic, the default, or io_uring; io_uring turns the fuse module's
-# enable_uring on for the run and back off after).
+# enable_uring on for the run and back off after), STAGES (1: also trace
+# one second of the encrypted volume's random reads with perf and print where
+# its FUSE READs spend their time, by stage: bench/fuse-stages.py; needs perf
+# and a kernel with the fuse tracepoints).
 #
 # Usage: sudo bench/fio-driver.sh
 set -euo pipefail
@@ -37,10 +40,22 @@ case $order in
 *) echo "fio-driver.sh: ORDER must be \"plain enc\" or \"enc plain\", got \"$order\"" >&2; exit 1 ;;
 esac
 [ "$(id -u)" = 0 ] || { echo "fio-driver.sh: needs root" >&2; exit 1; }
-for tool in go fio python3; do
+stages=${STAGES:-0}
+case $stages in
+0 | 1) ;;
+*) echo "fio-driver.sh: STAGES must be 0 or 1, got \"$stages\"" >&2; exit 1 ;;
+esac
+tools="go fio python3"
+if [ "$stages" = 1 ]; then tools="$tools perf"; fi
+for tool in $tools; do
   command -v "$tool" >/dev/null || { echo "fio-driver.sh: $tool not found" >&2; exit 1; }
 done
 
+stage_events=(-e fuse:fuse_request_send -e fuse:fuse_request_end -e io_uring:io_uring_submit_req
+  -e io_uring:io_uring_complete -e sched:sched_switch --filter 'prev_comm == "csi-encdisk"')
+if [ "$stages" = 1 ] && ! perf list fuse:fuse_request_send 2>/dev/null | grep -q fuse_request_send; then
+  echo "fio-driver.sh: STAGES=1: this kernel has no fuse tracepoints (fuse:fuse_request_send)" >&2; exit 1
+fi
 load=$(cut -d' ' -f1-3 /proc/loadavg)
 work=${WORKDIR:-$(mktemp -d /var/tmp/fio-driver.XXXXXX)}
 mkdir -p "$work"
@@ -106,6 +121,7 @@ engine_sample() {
   echo "$ticks $cs"
 }
 epid=
+stage_pid=
 
 # run_fio MODE DIR: lay the file out, then the four tests; JSON in $work.
 run_fio() {
@@ -116,11 +132,17 @@ run_fio() {
   for t in seqwrite:write:1M seqread:read:1M randwrite:randwrite:4k randread:randread:4k; do
     IFS=: read -r name rw bs <<<"$t"
     if [ "$mode" = enc ] && [ -n "$epid" ]; then engine_sample "$epid" >"$work/enc.$name.before"; fi
+    if [ "$mode" = enc ] && [ "$name" = randread ] && [ "$stages" = 1 ]; then
+      # One second of tracepoints from the middle of the test.
+      (sleep 1; perf record -q "${stage_events[@]}" -a -o "$work/stages.data" -- sleep 1 >/dev/null 2>&1) &
+      stage_pid=$!
+    fi
     fio --name="$name" --filename="$dir/fio.dat" --size="$filesize" --rw="$rw" --bs="$bs" \
         --ioengine=libaio --iodepth=16 --direct=1 --time_based --runtime="$runtime" \
         --group_reporting --output-format=json --output="$work/$mode.$name.json"
     if [ "$mode" = enc ] && [ -n "$epid" ]; then engine_sample "$epid" >"$work/enc.$name.after"; fi
   done
+  if [ -n "$stage_pid" ]; then wait "$stage_pid"; stage_pid=; fi
   rm -f "$dir/fio.dat"
 }
 epid=$(engine_pid)
@@ -133,7 +155,10 @@ for mode in $order; do
 done
 
 if [ -n "$epid" ] && [ -r "/proc/$epid/status" ]; then
-  awk '/^(VmHWM|VmRSS|VmLck|Threads):/ {print $1, $2, $3}' "/proc/$epid/status" >"$work/enc.status"
+  awk '/^(VmHWM|VmRSS|Threads):/ {print $1, $2, $3}' "/proc/$epid/status" >"$work/enc.status"
+  # Locked: the resident pages of its locked mappings (the engine locks on
+  # fault, so VmLck, the size of those mappings, counts address space only).
+  awk '/^Locked:/ {print $1, $2, $3}' "/proc/$epid/smaps_rollup" >>"$work/enc.status"
   echo "CLK_TCK $(getconf CLK_TCK)" >>"$work/enc.status"
 fi
 echo "CPU:     $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//') ($(nproc) cores)"
@@ -179,5 +204,8 @@ for t in tests:
     print(line)
 if status:
     print(f"engine: peak RSS (VmHWM) {status.get('VmHWM', 0) / 1024:.1f} MiB, RSS at the end {status.get('VmRSS', 0) / 1024:.1f} MiB, "
-          f"locked {status.get('VmLck', 0) / 1024:.1f} MiB, {status.get('Threads', 0)} threads")
+          f"locked {status.get('Locked', 0) / 1024:.1f} MiB, {status.get('Threads', 0)} threads")
 PY
+if [ "$stages" = 1 ]; then
+  perf script -i "$work/stages.data" 2>/dev/null | python3 bench/fuse-stages.py
+fi
