@@ -20,8 +20,7 @@
 # enable_uring on for the run and back off after), STAGES (1: also trace
 # one second of the encrypted volume's random reads with perf and print where
 # its FUSE READs spend their time, by stage: bench/fuse-stages.py; needs perf,
-# Debian package linux-perf,
-# and a kernel with the fuse tracepoints).
+# Debian package linux-perf, and a kernel with the fuse tracepoints).
 #
 # Usage: sudo bench/fio-driver.sh
 set -euo pipefail
