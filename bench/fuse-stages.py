@@ -40,15 +40,30 @@ def summary(name, values):
           f"p90 {v[len(v) * 9 // 10]:6.0f}   ({len(v)})")
 
 
+class Spans:
+    """Durations between a start and a finish event that carry the same key."""
+
+    def __init__(self):
+        self.open = {}
+        self.done = []
+
+    def start(self, key, t):
+        self.open[key] = t
+
+    def finish(self, key, t):
+        if key in self.open:
+            self.done.append(t - self.open.pop(key))
+            return True
+        return False
+
+
 def main():
-    sent = {}          # FUSE request id -> time queued (READs only)
-    total = []         # request to reply
-    ring_sub = {}      # kernel io_uring request -> submit time (image READs)
-    image = []         # image read submit -> completion
-    pending = {}       # engine thread -> completion times not yet answered
-    answered = []      # completion -> reply, same thread
-    replies = switched = 0
-    last_reply = {}    # engine thread -> its last event was a READ reply
+    requests = Spans()  # FUSE READ queued -> answered, by request id
+    image = Spans()     # image read submitted -> completed, by kernel request
+    pending = {}        # engine thread -> completion times not yet answered
+    answered = []       # completion -> reply, same thread
+    replies = switched = switches = 0
+    last_reply = {}     # engine thread -> its last event was a READ reply
     for line in sys.stdin:
         m = EVENT.match(line)
         if not m:
@@ -60,13 +75,12 @@ def main():
         if event == "fuse:fuse_request_send":
             r = re.search(r"req (\d+) opcode 15 ", rest)
             if r:
-                sent[r.group(1)] = t
+                requests.start(r.group(1), t)
         elif event == "fuse:fuse_request_end":
             r = re.search(r"req (\d+) len (\d+)", rest)
             if not r:
                 continue
-            if r.group(1) in sent:
-                total.append(t - sent.pop(r.group(1)))
+            requests.finish(r.group(1), t)
             if int(r.group(2)) != 16 + 4096:
                 continue
             q = pending.get(tid)
@@ -81,19 +95,20 @@ def main():
         elif event == "io_uring:io_uring_submit_req":
             r = re.search(r"req (0x[0-9a-f]+), user_data \S+ opcode READ,", rest)
             if r:
-                ring_sub[r.group(1)] = t
+                image.start(r.group(1), t)
         elif event == "io_uring:io_uring_complete":
             r = re.search(r"req (0x[0-9a-f]+), user_data \S+ result 4096,", rest)
             if not r:
                 continue
-            if r.group(1) in ring_sub:
-                image.append(t - ring_sub.pop(r.group(1)))
+            image.finish(r.group(1), t)
             # Every 4 KiB completion is an image read while fio reads (the
             # replies of the trace's first moments pair from the first one).
             pending.setdefault(tid, []).append(t)
         elif event == "sched:sched_switch":
+            switches += 1
             if after_reply and "prev_state=R " in rest and "next_comm=ksoftirqd" in rest:
                 switched += 1
+    total, image = requests.done, image.done
     if not total:
         print("fuse-stages: no FUSE READ requests in the trace (is the kernel's fuse tracepoint there?)", file=sys.stderr)
         sys.exit(1)
@@ -104,7 +119,7 @@ def main():
     if image and answered:
         rest = statistics.mean(total) - statistics.mean(image) - statistics.mean(answered)
         print(f"  {'the rest (FUSE queue, read, prepare)':<44} mean {rest:6.0f} µs   (difference of the means)")
-    if replies:
+    if replies and switches:
         print(f"  engine thread switched to ksoftirqd after {100 * switched / replies:.0f} % of its {replies} 4 KiB replies")
 
 
