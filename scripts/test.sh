@@ -67,7 +67,7 @@ go test -count=1 -timeout 10m ./test/keys/...
 step "test/container (image built from nothing without a registry, cached; node plugin in a podman container)"
 go test -count=1 -timeout 25m -v ./test/container/...
 
-step "test/k8s tools (etcd, kube-apiserver, kube-scheduler, kubelet, sidecars, helm, pause, node-driver-registrar: cached after the first build, ~30 min cold)"
+step "test/k8s tools (etcd, kube-apiserver, kube-scheduler, kubelet, sidecars, helm, pause, node-driver-registrar: cached after the first build, ~22 min cold)"
 go run ./test/k8s/cmd/buildtools
 
 step "test/k8s (chart, manifests against kube-apiserver, end to end with the CSI sidecars, pods on encrypted PVCs through a real kubelet and containerd)"
