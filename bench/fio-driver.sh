@@ -59,49 +59,24 @@ fi
 load=$(cut -d' ' -f1-3 /proc/loadavg)
 work=${WORKDIR:-$(mktemp -d /var/tmp/fio-driver.XXXXXX)}
 mkdir -p "$work"
-pid=
 uring_param=/sys/module/fuse/parameters/enable_uring
 uring_was=
 if [ "$transport" = io_uring ]; then
   uring_was=$(cat "$uring_param")
   echo Y >"$uring_param"
 fi
-# cleanup: closing fiodriver's stdin makes it unpublish, unstage and delete
-# both volumes and stop the driver (it does the same on SIGTERM, and when
-# this script dies the pipe closes on its own).
+. bench/fiodriver.bash
 cleanup() {
   set +e
-  exec 3>&-
-  if [ -n "$pid" ]; then
-    if ! wait "$pid"; then
-      echo "fio-driver.sh: fiodriver failed:" >&2; cat "$work/fiodriver.log" >&2
-      if [ -f "$work/drv/driver.log" ]; then
-        echo "--- last lines of the driver's log:" >&2; tail -n 20 "$work/drv/driver.log" >&2
-      fi
-    fi
-  fi
+  fiodriver_stop fio-driver.sh "$work"
   if [ -n "$uring_was" ]; then echo "$uring_was" >"$uring_param"; fi
-  if findmnt -rn -o TARGET | grep -q "^$work/"; then
-    echo "fio-driver.sh: mounts left under $work; keeping it" >&2
-  else
-    rm -rf "$work"
-  fi
+  work_remove fio-driver.sh "$work"
 }
 trap cleanup EXIT
 
-go build -o "$work/csi-encdisk" ./cmd/csi-encdisk
-go build -o "$work/fiodriver" ./bench/fiodriver
-mkfifo "$work/ctl"
-"$work/fiodriver" -bin "$work/csi-encdisk" -dir "$work/drv" -size "$size" -fuse-transport "$transport" \
-  <"$work/ctl" >"$work/mounts" 2>"$work/fiodriver.log" &
-pid=$!
-exec 3>"$work/ctl"
-until grep -qx ready "$work/mounts"; do
-  kill -0 "$pid" 2>/dev/null || { echo "fio-driver.sh: fiodriver failed during setup" >&2; exit 1; }
-  sleep 0.2
-done
-enc=$(sed -n 's/^enc=//p' "$work/mounts")
-plain=$(sed -n 's/^plain=//p' "$work/mounts")
+fiodriver_start fio-driver.sh "$work" -size "$size" -fuse-transport "$transport"
+enc=$(fiodriver_mount "$work" enc)
+plain=$(fiodriver_mount "$work" plain)
 
 # engine_pid: the encrypted volume's engine (the one engine of this run's
 # driver: the unencrypted volume has none).

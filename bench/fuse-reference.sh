@@ -44,9 +44,10 @@ pkg-config --exists fuse3 || { echo "fuse-reference.sh: libfuse3 headers not fou
 load=$(cut -d' ' -f1-3 /proc/loadavg)
 work=${WORKDIR:-$(mktemp -d /var/tmp/fuse-reference.XXXXXX)}
 mkdir -p "$work"
-pid= server= loops=()
-# cleanup: unmount and detach what this run made, stop fusepass, and close
-# fiodriver's stdin (it then removes the driver's volumes and stops it).
+server= loops=()
+. bench/fiodriver.bash
+# cleanup: unmount and detach what this run made, stop fusepass and the
+# driver's volumes.
 cleanup() {
   set +e
   for m in "$work/fs-loop" "$work/fs-fusepass"; do
@@ -55,32 +56,13 @@ cleanup() {
   for l in "${loops[@]}"; do losetup -d "$l"; done
   if mountpoint -q "$work/fuse"; then umount "$work/fuse"; fi
   if [ -n "$server" ]; then kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; fi
-  exec 3>&-
-  if [ -n "$pid" ] && ! wait "$pid"; then
-    echo "fuse-reference.sh: fiodriver failed:" >&2; cat "$work/fiodriver.log" >&2
-  fi
-  if findmnt -rn -o TARGET | grep -q "^$work/"; then
-    echo "fuse-reference.sh: mounts left under $work; keeping it" >&2
-  else
-    rm -rf "$work"
-  fi
+  fiodriver_stop fuse-reference.sh "$work"
+  work_remove fuse-reference.sh "$work"
 }
 trap cleanup EXIT
 
-go build -o "$work/csi-encdisk" ./cmd/csi-encdisk
-go build -o "$work/fiodriver" ./bench/fiodriver
 gcc -O2 -Wall -Werror -o "$work/fusepass" bench/fusepass.c $(pkg-config --cflags --libs fuse3)
-
-# The driver's two volumes.
-mkfifo "$work/ctl"
-"$work/fiodriver" -bin "$work/csi-encdisk" -dir "$work/drv" -size 2Gi \
-  <"$work/ctl" >"$work/mounts" 2>"$work/fiodriver.log" &
-pid=$!
-exec 3>"$work/ctl"
-until grep -qx ready "$work/mounts"; do
-  kill -0 "$pid" 2>/dev/null || { echo "fuse-reference.sh: fiodriver failed during setup" >&2; exit 1; }
-  sleep 0.2
-done
+fiodriver_start fuse-reference.sh "$work" -size 2Gi
 
 # The two reference volumes: ext4 made on the image, then a loop device on
 # the image itself or on fusepass's FUSE file of it.
@@ -106,7 +88,7 @@ for n in loop fusepass; do
 done
 
 declare -A dir=([loop]=$work/fs-loop [fusepass]=$work/fs-fusepass
-  [plain]=$(sed -n 's/^plain=//p' "$work/mounts") [enc]=$(sed -n 's/^enc=//p' "$work/mounts"))
+  [plain]=$(fiodriver_mount "$work" plain) [enc]=$(fiodriver_mount "$work" enc))
 volumes=(loop fusepass plain enc)
 for v in "${volumes[@]}"; do
   fio --name=layout --filename="${dir[$v]}/fio.dat" --size=1G --rw=write --bs=1M \
