@@ -27,9 +27,11 @@ import (
 // unstaged cleanly: no mount, loop device or engine left, and the pool never
 // held the plaintext.
 //
-// Today the engine runs inside the node plugin's container and dies with it,
-// so I/O after the restart fails; the test records what happens and does not
-// assert I/O survival (the survival issue will add that assertion).
+// This is the node plugin without an engine host (README, "Volumes that
+// survive restarts and upgrades": the engines survive a restart of the
+// plugin's process, not of its container; TestNodePluginRestartWithEngineHost
+// covers the chart's default). The engine dies with the container, so I/O on
+// the published path must then fail at once, never hang.
 func TestNodePluginRestart(t *testing.T) {
 	start := time.Now()
 	dir := workDir(t)
@@ -108,15 +110,21 @@ func TestNodePluginRestart(t *testing.T) {
 	t.Logf("container restarted, Probe ready again in %s; engine pid(s) on the host after the restart: %v (before: %v)",
 		took.Round(time.Millisecond), left, engines)
 
-	// Today's behaviour, recorded, not asserted: the engine died with the
-	// container, so direct I/O on the published path should fail (the
-	// survival issue will turn this into "0 errors").
+	// The engine died with the container: direct I/O on the published path
+	// fails at once (the FUSE connection is gone), it does not hang.
 	read := ddIO(20*time.Second, "if="+file, "of=/dev/null", "bs=4096", "count=16", "iflag=direct")
 	write := ddIO(20*time.Second, "if=/dev/zero", "of="+filepath.Join(target, "after-restart.dat"), "bs=4096", "count=16", "oflag=direct", "conv=fsync")
-	survived := read.err == nil && !read.hung && write.err == nil && !write.hung
-	t.Logf("I/O after the restart: direct read %s; direct write %s; volume survived the restart: %v", read, write, survived)
-	if read.hung || write.hung {
-		t.Logf("WARNING: I/O on the published path hangs after the restart (a dead FUSE server with a /dev/fuse descriptor still open?)")
+	t.Logf("I/O after the restart: direct read %s; direct write %s", read, write)
+	for _, op := range []struct {
+		what string
+		res  ioResult
+	}{{"read", read}, {"write", write}} {
+		switch {
+		case op.res.hung:
+			t.Errorf("direct %s on the published path hangs after the container restart (a dead FUSE server with a /dev/fuse descriptor still open?)", op.what)
+		case op.res.err == nil:
+			t.Errorf("direct %s on the published path succeeded after the container restart: the engine should have died with the container (engines on the host now: %v)", op.what, left)
+		}
 	}
 
 	// Kubelet tears the volume down: both calls succeed and leave nothing.
@@ -129,12 +137,11 @@ func TestNodePluginRestart(t *testing.T) {
 	if left := sweep.MountsUnder(dir); len(left) != 1 || left[0] != dir {
 		t.Errorf("mounts left under %s after unstage: %v", dir, left)
 	}
-	// The loop device must be detached. Known bug, fixed separately: once the
-	// engine died inside the container, the loop device's backing_file shows a
-	// path of the container's mount namespace and the driver fails to find and
-	// detach it on unstage. This assertion stays; it fails until that fix lands.
+	// The loop device must be detached, although the engine died inside the
+	// container and the loop device's backing_file now names a path of the
+	// container's mount namespace.
 	if now, ours := stillOurs(st.Loop, backing); ours {
-		t.Errorf("KNOWN BUG (being fixed separately): loop device %s is still attached to the volume's engine file after NodeUnstageVolume returned OK "+
+		t.Errorf("loop device %s is still attached to the volume's engine file after NodeUnstageVolume returned OK "+
 			"(engine dead: %v; backing_file as the host reads it: %q, at stage time %q): the driver did not recognise its loop device after the engine died in the container",
 			st.Loop, now.dead, now.path, backing.path)
 	}

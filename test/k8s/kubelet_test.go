@@ -28,12 +28,6 @@ import (
 	"github.com/csi-encdisk/csi-encdisk/test/k8s/harness"
 )
 
-// engineSurvivesNodePluginRestart says whether the engines outlive a restart
-// of the node plugin's pod: with the chart's engine host (the default) they
-// run in its own DaemonSet, and TestKubelet's rollout case asserts 0 I/O
-// errors in the fio pod.
-const engineSurvivesNodePluginRestart = true
-
 // kl is the running world of TestKubelet.
 type kl struct {
 	*e2e
